@@ -1,0 +1,47 @@
+# cdpflow: `make run` (the demo on the embedded default) and `make test` (the whole suite).
+# Both set up .venv on first use; nothing else needs to be installed by hand.
+
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+BEAM_VERSION := 2.73.0
+SAMPLE ?= out/sample
+WAREHOUSE ?= out/cdp.duckdb
+CUSTOMERS ?= 2000
+DAYS ?= 180
+SEED ?= 7
+
+.PHONY: venv run test test-fast bench prism clean
+
+$(VENV)/.installed: setup.py constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Generate a sample (>= 50,000 events), run the batch pipeline on the local runner, print the summary.
+run: venv
+	rm -f $(WAREHOUSE) $(basename $(WAREHOUSE)).segment_changes.jsonl
+	$(BIN)/cdpflow generate --customers $(CUSTOMERS) --days $(DAYS) --seed $(SEED) --out $(SAMPLE)
+	$(BIN)/cdpflow run --input $(SAMPLE)/events --catalog $(SAMPLE)/catalog.csv --rates $(SAMPLE)/rates.csv \
+		--warehouse $(WAREHOUSE)
+
+test: venv
+	$(BIN)/python -m pytest tests
+
+test-fast: venv
+	$(BIN)/python -m pytest -m "not e2e" tests
+
+bench: venv
+	$(BIN)/python benchmarks/pipeline_vs_reference.py
+
+# Prism, Beam's portable local runner, built from the Go module proxy (used by --runner prism).
+prism: .cache/bin/prism
+.cache/bin/prism:
+	mkdir -p .cache/bin
+	GOBIN=$(CURDIR)/.cache/bin go install github.com/apache/beam/sdks/v2/go/cmd/prism@v$(BEAM_VERSION)
+
+clean:
+	rm -rf out .pytest_cache build dist *.egg-info

@@ -1,0 +1,191 @@
+"""The `cdpflow` command.
+
+    cdpflow generate --customers 2000 --days 180 --seed 7 --out out/sample
+    cdpflow run --input out/sample/events --warehouse out/cdp.duckdb \
+        --catalog out/sample/catalog.csv --rates out/sample/rates.csv [--as-of TIME] [--runner R] [--config FILE]
+    cdpflow export TABLE --warehouse out/cdp.duckdb --format jsonl|csv|parquet [--out FILE]
+    cdpflow profile IDENTIFIER --warehouse out/cdp.duckdb
+
+Exit codes: 0 done, 2 bad arguments or input, 1 the run failed.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from datetime import datetime
+from decimal import Decimal
+from typing import List, Optional, Sequence
+
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cdpflow", description="Real-time customer data platform pipeline on Apache Beam.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="write synthetic multi-channel events with ground truth")
+    gen.add_argument("--customers", type=int, default=2000, help="how many real persons (default 2000)")
+    gen.add_argument("--days", type=int, default=180, help="days of history (default 180)")
+    gen.add_argument("--seed", type=int, default=7, help="random seed: same seed, same files (default 7)")
+    gen.add_argument("--out", required=True, help="output folder")
+    gen.add_argument("--end", help="ISO date the history ends at (default 2026-11-01)")
+    gen.add_argument("--noise", type=float, default=1.0, help="multiply every noise rate by this (default 1)")
+
+    run = sub.add_parser("run", help="the batch/backfill pipeline: events -> warehouse")
+    run.add_argument("--input", nargs="+", required=True, help="JSON-lines files, folders or globs")
+    run.add_argument("--warehouse", required=True, help="the DuckDB warehouse file")
+    run.add_argument("--as-of", help="ISO-8601 time features are computed at (default: newest event time)")
+    run.add_argument("--runner", default="direct", help="direct (default) | multiprocess | prism | a Beam runner name")
+    run.add_argument("--config", help="YAML configuration merged over the defaults")
+    run.add_argument("--catalog", help="product catalog CSV for enrichment")
+    run.add_argument("--rates", help="currency rates CSV for enrichment")
+    run.add_argument("--changes-out", help="JSON-lines file segment changes are appended to")
+    run.add_argument("beam_args", nargs=argparse.REMAINDER, help="after --: Beam pipeline options")
+
+    exp = sub.add_parser("export", help="write a warehouse table to a file")
+    exp.add_argument("table", help="events, identity_links, profiles, profile_merges, segment_memberships, dead_letters")
+    exp.add_argument("--warehouse", required=True)
+    exp.add_argument("--format", default="jsonl", choices=("jsonl", "csv", "parquet"))
+    exp.add_argument("--out", help="output file (default TABLE.FORMAT)")
+
+    prof = sub.add_parser("profile", help="show one unified profile")
+    prof.add_argument("identifier", help="an email, phone, user id, 'type:value', or a profile id")
+    prof.add_argument("--warehouse", required=True)
+    prof.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    return parser
+
+
+def cmd_generate(args) -> int:
+    from cdpflow.synthetic import NoiseRates, generate
+    from cdpflow.core.timeutil import parse_ts, to_datetime
+    kwargs = {}
+    if args.end:
+        kwargs["end"] = to_datetime(parse_ts(args.end if "T" in args.end else args.end + "T00:00:00Z"))
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console) as progress:
+        progress.add_task(f"generating {args.customers} customers x {args.days} days", total=None)
+        manifest = generate(args.out, customers=args.customers, days=args.days, seed=args.seed,
+                            noise=NoiseRates().scale(args.noise), **kwargs)
+    table = Table(title=f"generated into {args.out}")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for key, value in _flatten(manifest.get("counts", {})):
+        table.add_row(key, str(value))
+    console.print(table)
+    return 0
+
+
+def _flatten(mapping, prefix=""):
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def cmd_run(args) -> int:
+    from cdpflow.config import load_config
+    from cdpflow.core.timeutil import format_ts, parse_ts
+    from cdpflow.pipelines.batch import reference_overrides, run_batch
+    beam_args = [a for a in args.beam_args if a != "--"]
+    config = load_config(args.config, enrichment=reference_overrides(args.catalog, args.rates))
+    as_of = parse_ts(args.as_of) if args.as_of else None
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console) as progress:
+        progress.add_task(f"running the batch pipeline on {args.runner}", total=None)
+        summary = run_batch(args.input, args.warehouse, config, as_of, args.runner, beam_args, args.changes_out)
+    table = Table(title=f"cdpflow run -> {args.warehouse}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    rate = summary.read / summary.seconds if summary.seconds else 0
+    rows = [
+        ("events read", summary.read),
+        ("  of which replayed from the warehouse", summary.replayed),
+        ("accepted", summary.accepted),
+        ("dead letters", summary.dead_lettered),
+        ("duplicates dropped", summary.deduplicated),
+        ("profiles", summary.written.get("profiles", 0)),
+        ("identifiers", summary.written.get("identity_links", 0)),
+        ("merges", summary.written.get("profile_merges", 0)),
+        ("as of", format_ts(summary.as_of) if summary.as_of else "-"),
+        ("seconds", f"{summary.seconds:.1f}"),
+        ("events/s", f"{rate:,.0f}"),
+    ]
+    for key, value in rows:
+        table.add_row(key, str(value))
+    console.print(table)
+    seg = Table(title="segment sizes (open memberships)")
+    seg.add_column("segment")
+    seg.add_column("profiles", justify="right")
+    for name, size in summary.segment_sizes.items():
+        seg.add_row(name, str(size))
+    console.print(seg)
+    console.print(f"segment changes appended to {summary.changes_file}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from cdpflow.warehouse import DuckDBWarehouse
+    out = args.out or f"{args.table}.{args.format}"
+    with DuckDBWarehouse(args.warehouse, read_only=True) as wh:
+        count = wh.export(args.table, args.format, out)
+    console.print(f"wrote {count} rows of {args.table} to {out}")
+    return 0
+
+
+def _show(value):
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value.normalize()) if value == value.to_integral() else str(value.quantize(Decimal("0.01")))
+    return "" if value is None else str(value)
+
+
+def cmd_profile(args) -> int:
+    import orjson
+    from cdpflow.warehouse import DuckDBWarehouse
+    with DuckDBWarehouse(args.warehouse, read_only=True) as wh:
+        found = wh.profile(args.identifier)
+    if found is None:
+        err_console.print(f"no profile holds {args.identifier!r}")
+        return 2
+    if args.json:
+        console.print_json(orjson.dumps(found, default=_show).decode())
+        return 0
+    profile = Table(title=f"profile {found['profile']['profile_id']}")
+    profile.add_column("field")
+    profile.add_column("value")
+    for key, value in found["profile"].items():
+        if key != "traits":
+            profile.add_row(key, _show(value))
+    console.print(profile)
+    for title, rows in (("identifiers", found["identifiers"]), ("segments", found["segments"]), ("merges", found["merges"])):
+        table = Table(title=title)
+        for column in (rows[0].keys() if rows else ["(none)"]):
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*(_show(v) for v in row.values()))
+        console.print(table)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=os.environ.get("CDPFLOW_LOG", "WARNING"))
+    args = _parser().parse_args(argv)
+    handlers = {"generate": cmd_generate, "run": cmd_run, "export": cmd_export, "profile": cmd_profile}
+    from cdpflow.core.segments import RuleError
+    from cdpflow.warehouse import WarehouseError
+    try:
+        return handlers[args.command](args)
+    except (FileNotFoundError, RuleError, WarehouseError, ValueError) as err:
+        err_console.print(f"[red]cdpflow {args.command}: {err}[/red]")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

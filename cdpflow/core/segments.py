@@ -1,0 +1,158 @@
+"""Declarative segment rules (YAML) evaluated against a profile's features and traits.
+
+A rules file looks like:
+
+    version: rules-v1                  # recorded as model_version on memberships
+    segments:
+      - name: young_urban_runners
+        description: age 25-34, in these cities, into running, 2+ orders in 90 days
+        when:
+          all:
+            - age: {between: [25, 34]}
+            - city: {in: [London, Berlin, New York]}
+            - interests: {contains: running}
+            - orders_90d: {gte: 2}
+
+A condition is `all: [...]`, `any: [...]`, `not: {...}`, or `field: {operator: value}` (several
+fields in one mapping must all hold). Operators: eq, ne, in, not_in, gt, gte, lt, lte, between
+(inclusive), contains (a list field holds the value), contains_any, exists. Strings compare
+case-insensitively. A field is looked up in the profile's features, then in its traits; a
+missing field fails every operator except `exists: false` and `ne`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Callable, Dict, List, Mapping, Sequence
+
+import yaml
+
+_MISSING = object()
+
+
+class RuleError(ValueError):
+    """A segment definition that cannot be understood."""
+
+
+def _fold(value: Any) -> Any:
+    return value.casefold() if isinstance(value, str) else value
+
+
+def _num(value: Any):
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float, Decimal)):
+        return value
+    return None
+
+
+def _compare(op: Callable[[Any, Any], bool]):
+    def check(actual, expected):
+        a, e = _num(actual), _num(expected)
+        if a is None or e is None:
+            return False
+        if isinstance(a, Decimal) != isinstance(e, Decimal):
+            a, e = Decimal(str(a)), Decimal(str(e))
+        return op(a, e)
+    return check
+
+
+def _as_list(actual):
+    return actual if isinstance(actual, (list, tuple)) else []
+
+
+_OPERATORS: Dict[str, Callable[[Any, Any], bool]] = {
+    "eq": lambda a, e: a is not _MISSING and _fold(a) == _fold(e),
+    "ne": lambda a, e: a is _MISSING or _fold(a) != _fold(e),
+    "in": lambda a, e: a is not _MISSING and _fold(a) in {_fold(x) for x in e},
+    "not_in": lambda a, e: a is not _MISSING and _fold(a) not in {_fold(x) for x in e},
+    "gt": _compare(lambda a, e: a > e),
+    "gte": _compare(lambda a, e: a >= e),
+    "lt": _compare(lambda a, e: a < e),
+    "lte": _compare(lambda a, e: a <= e),
+    "between": lambda a, e: _compare(lambda x, y: x >= y)(a, e[0]) and _compare(lambda x, y: x <= y)(a, e[1]),
+    "contains": lambda a, e: _fold(e) in {_fold(x) for x in _as_list(a)},
+    "contains_any": lambda a, e: bool({_fold(x) for x in _as_list(a)} & {_fold(x) for x in e}),
+    "exists": lambda a, e: (a is not _MISSING and a is not None) == bool(e),
+}
+
+_LIST_OPERATORS = {"in", "not_in", "contains_any"}
+
+
+def _compile(condition: Any, where: str) -> Callable[[Mapping[str, Any]], bool]:
+    if not isinstance(condition, dict) or not condition:
+        raise RuleError(f"{where}: a condition must be a non-empty mapping, got {condition!r}")
+    checks = []
+    for key, value in condition.items():
+        if key in ("all", "any"):
+            if not isinstance(value, list) or not value:
+                raise RuleError(f"{where}: '{key}' takes a non-empty list")
+            parts = [_compile(v, f"{where}.{key}[{i}]") for i, v in enumerate(value)]
+            checks.append((lambda ps: lambda p: all(c(p) for c in ps))(parts) if key == "all"
+                          else (lambda ps: lambda p: any(c(p) for c in ps))(parts))
+        elif key == "not":
+            inner = _compile(value, f"{where}.not")
+            checks.append(lambda p, inner=inner: not inner(p))
+        else:
+            if not isinstance(value, dict) or not value:
+                raise RuleError(f"{where}.{key}: expected {{operator: value}}, got {value!r}")
+            for op, expected in value.items():
+                if op not in _OPERATORS:
+                    raise RuleError(f"{where}.{key}: unknown operator {op!r} (known: {', '.join(_OPERATORS)})")
+                if op in _LIST_OPERATORS and not isinstance(expected, list):
+                    raise RuleError(f"{where}.{key}: '{op}' takes a list")
+                if op == "between" and (not isinstance(expected, list) or len(expected) != 2):
+                    raise RuleError(f"{where}.{key}: 'between' takes [low, high]")
+                fn = _OPERATORS[op]
+                checks.append(lambda p, key=key, fn=fn, expected=expected: fn(_lookup(p, key), expected))
+    return lambda profile: all(check(profile) for check in checks)
+
+
+def _lookup(profile: Mapping[str, Any], key: str) -> Any:
+    if key in profile and profile[key] is not None:
+        return profile[key]
+    traits = profile.get("traits") or {}
+    return traits.get(key, _MISSING) if key in traits else profile.get(key, _MISSING)
+
+
+@dataclass(frozen=True)
+class Segment:
+    name: str
+    description: str
+    matches: Callable[[Mapping[str, Any]], bool]
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    version: str
+    segments: Sequence[Segment]
+
+    def evaluate(self, profile: Mapping[str, Any]) -> List[str]:
+        """Names of the segments the profile belongs to, in definition order."""
+        return [s.name for s in self.segments if s.matches(profile)]
+
+
+def parse_rules(document: Mapping[str, Any]) -> RuleSet:
+    """Builds a RuleSet from the parsed YAML document.
+
+    Raises:
+      RuleError: a definition is malformed (the message says where).
+    """
+    if not isinstance(document, dict):
+        raise RuleError("the rules document must be a mapping with 'segments'")
+    segments, names = [], set()
+    for i, spec in enumerate(document.get("segments") or []):
+        where = f"segments[{i}]"
+        if not isinstance(spec, dict) or not spec.get("name") or "when" not in spec:
+            raise RuleError(f"{where}: each segment needs 'name' and 'when'")
+        name = str(spec["name"])
+        if name in names or name.startswith("lifecycle:"):
+            raise RuleError(f"{where}: segment name {name!r} is repeated or reserved")
+        names.add(name)
+        segments.append(Segment(name, str(spec.get("description", "")), _compile(spec["when"], f"{where}.when")))
+    return RuleSet(str(document.get("version", "rules-v1")), tuple(segments))
+
+
+def load_rules(path: str) -> RuleSet:
+    with open(path, encoding="utf-8") as handle:
+        return parse_rules(yaml.safe_load(handle))

@@ -1,0 +1,1 @@
+"""Pipeline factories and their launchers (batch/backfill now; streaming and training later)."""

@@ -1,0 +1,1 @@
+"""Engine-specific options and launchers: one module per engine."""

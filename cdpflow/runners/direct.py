@@ -1,0 +1,43 @@
+"""Local runners: the in-process FnApiRunner, its multi-process mode, and Prism.
+
+Why not plain `DirectRunner`: it tries Prism first, and Prism's binary is downloaded at run
+time from a code-hosting site unless `--prism_location` names a local one. cdpflow picks the
+engine explicitly instead:
+  direct        FnApiRunner in this process (batch; the embedded default)
+  multiprocess  FnApiRunner with 2 SDK worker processes (`--direct_num_workers`)
+  prism         PrismRunner with a binary built by `go install` (`make prism`); the path comes
+                from --prism_location, $CDPFLOW_PRISM or .cache/bin/prism
+  anything else is passed to Beam as the runner's name (DataflowRunner, FlinkRunner, ...).
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Tuple
+
+LOCAL_RUNNERS = ("direct", "multiprocess", "prism")
+
+
+def prism_binary() -> str:
+    """The local Prism binary, or a clear error saying how to build it."""
+    candidates = [os.environ.get("CDPFLOW_PRISM"), os.path.join(".cache", "bin", "prism")]
+    for path in candidates:
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            return os.path.abspath(path)
+    raise FileNotFoundError(
+        "no Prism binary: build it with `make prism` (go install) or set CDPFLOW_PRISM to its path")
+
+
+def runner_for(name: str, pipeline_args: List[str]) -> Tuple[object, List[str]]:
+    """The runner object (or name) and the pipeline arguments to use for a runner choice."""
+    args = list(pipeline_args)
+    if name in ("direct", "multiprocess"):
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+        if name == "multiprocess" and not any(a.startswith("--direct_num_workers") for a in args):
+            args += ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+        return FnApiRunner(), args
+    if name == "prism":
+        from apache_beam.runners.portability.prism_runner import PrismRunner
+        if not any(a.startswith("--prism_location") for a in args):
+            args.append(f"--prism_location={prism_binary()}")
+        return PrismRunner(), args
+    return name, args

@@ -1,0 +1,152 @@
+"""The warehouse table contract, one definition for DuckDB (embedded) and BigQuery.
+
+Every sink and every reader of the warehouse goes through these definitions: the DuckDB DDL
+and the BigQuery schema are both generated from them, so the two warehouses cannot drift.
+Timestamps are UTC; in staged rows they travel as integer microseconds since the epoch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+# Logical type -> (DuckDB type, BigQuery type)
+_TYPES = {
+    "STRING": ("VARCHAR", "STRING"),
+    "INT64": ("BIGINT", "INT64"),
+    "FLOAT64": ("DOUBLE", "FLOAT64"),
+    "NUMERIC": ("DECIMAL(38, 9)", "NUMERIC"),
+    "BOOL": ("BOOLEAN", "BOOL"),
+    "TIMESTAMP": ("TIMESTAMPTZ", "TIMESTAMP"),
+    "JSON": ("JSON", "JSON"),
+}
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str
+    description: str
+    mode: str = "NULLABLE"  # NULLABLE | REQUIRED | REPEATED
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    description: str
+    columns: Tuple[Column, ...]
+    key: Tuple[str, ...] = ()
+
+    @property
+    def column_names(self) -> List[str]:
+        return [c.name for c in self.columns]
+
+    def duckdb_ddl(self) -> str:
+        """CREATE TABLE statement for DuckDB."""
+        cols = []
+        for c in self.columns:
+            sql_type = _TYPES[c.type][0] + ("[]" if c.mode == "REPEATED" else "")
+            null = " NOT NULL" if c.mode == "REQUIRED" else ""
+            cols.append(f'"{c.name}" {sql_type}{null}')
+        return f'CREATE TABLE IF NOT EXISTS "{self.name}" (\n  ' + ",\n  ".join(cols) + "\n)"
+
+    def bigquery_schema(self) -> List[Dict[str, str]]:
+        """The table's schema as BigQuery's JSON schema fields."""
+        return [{"name": c.name, "type": _TYPES[c.type][1], "mode": c.mode,
+                 "description": c.description} for c in self.columns]
+
+
+def _c(name, type_, description, mode="NULLABLE"):
+    return Column(name, type_, description, mode)
+
+
+EVENTS = Table("events", "One row per accepted event (after validation and deduplication).", (
+    _c("message_id", "STRING", "The event's messageId: unique key, used for deduplication.", "REQUIRED"),
+    _c("profile_id", "STRING", "The unified profile the event belongs to (current survivor)."),
+    _c("type", "STRING", "identify, track, page, screen, alias or group.", "REQUIRED"),
+    _c("event", "STRING", "The track event name, or the page/screen name."),
+    _c("timestamp", "TIMESTAMP", "Event time, UTC, corrected for device clock skew.", "REQUIRED"),
+    _c("received_at", "TIMESTAMP", "When the collector received the event, UTC.", "REQUIRED"),
+    _c("channel", "STRING", "web, mobile, server, pos ... as sent."),
+    _c("revenue", "NUMERIC", "Order revenue in the event's currency (Order Completed)."),
+    _c("currency", "STRING", "ISO 4217 currency of revenue."),
+    _c("revenue_reporting", "NUMERIC", "Revenue converted to the reporting currency at the event date's rate."),
+    _c("schema_version", "STRING", "The JSON Schema applied, e.g. track/v1."),
+    _c("identifiers", "JSON", "The normalised identifiers the event carried: [[type, value], ...]."),
+    _c("enrichment", "JSON", "Device/OS/browser from the user agent, UTM campaign, product categories and brands."),
+    _c("raw", "JSON", "The event exactly as received (the rest of its fields); replays start from here.", "REQUIRED"),
+), key=("message_id",))
+
+IDENTITY_LINKS = Table("identity_links", "Which profile each normalised identifier belongs to.", (
+    _c("identifier_type", "STRING", "user_id, anonymous_id, email, phone, loyalty_id, device_id, or any externalIds type.", "REQUIRED"),
+    _c("identifier_value", "STRING", "The identifier as normalised (emails lowercased, phones E.164).", "REQUIRED"),
+    _c("profile_id", "STRING", "The profile that holds it (current survivor).", "REQUIRED"),
+    _c("first_seen", "TIMESTAMP", "Event time of the first event carrying it.", "REQUIRED"),
+    _c("last_seen", "TIMESTAMP", "Event time of the latest event carrying it.", "REQUIRED"),
+), key=("identifier_type", "identifier_value"))
+
+PROFILE_MERGES = Table("profile_merges", "Every merge of two profiles, as it happened.", (
+    _c("survivor_id", "STRING", "The profile that remained (the smaller id).", "REQUIRED"),
+    _c("absorbed_id", "STRING", "The profile that was merged into the survivor.", "REQUIRED"),
+    _c("cause_message_id", "STRING", "The event whose identifiers joined the two.", "REQUIRED"),
+    _c("reason", "STRING", "Why they merged, e.g. 'shared email'.", "REQUIRED"),
+    _c("merged_at", "TIMESTAMP", "Event time of the causing event.", "REQUIRED"),
+), key=("absorbed_id",))
+
+PROFILES = Table("profiles", "One row per unified profile: traits, features as of a time, lifecycle.", (
+    _c("profile_id", "STRING", "Deterministic profile id (p_ + hash of the identifier that created it).", "REQUIRED"),
+    _c("user_id", "STRING", "The latest user id seen on the profile."),
+    _c("email", "STRING", "The latest email trait (normalised)."),
+    _c("phone", "STRING", "The latest phone trait (E.164)."),
+    _c("first_name", "STRING", "Latest first_name trait."),
+    _c("last_name", "STRING", "Latest last_name trait."),
+    _c("age", "INT64", "Age in years: the age trait, or computed from birthday at as_of."),
+    _c("city", "STRING", "Latest city trait."),
+    _c("country", "STRING", "Latest country trait."),
+    _c("interests", "STRING", "Latest interests trait (lowercased).", "REPEATED"),
+    _c("traits", "JSON", "All traits, the value with the latest event time winning per trait."),
+    _c("identifier_count", "INT64", "How many identifiers the profile holds."),
+    _c("first_seen", "TIMESTAMP", "Event time of its first event."),
+    _c("last_seen", "TIMESTAMP", "Event time of its latest event."),
+    _c("event_count", "INT64", "Events up to as_of."),
+    _c("orders_total", "INT64", "Orders (Order Completed) up to as_of: lifetime frequency."),
+    _c("revenue_total", "NUMERIC", "Revenue up to as_of in the reporting currency: lifetime monetary value."),
+    _c("avg_order_value", "NUMERIC", "revenue_total / orders_total."),
+    _c("last_order_at", "TIMESTAMP", "Event time of the latest order."),
+    _c("recency_days", "FLOAT64", "Days from the latest order to as_of (null without orders)."),
+    _c("orders_30d", "INT64", "Orders in the 30 days up to as_of."),
+    _c("orders_90d", "INT64", "Orders in the 90 days up to as_of."),
+    _c("orders_365d", "INT64", "Orders in the 365 days up to as_of."),
+    _c("revenue_30d", "NUMERIC", "Revenue in the 30 days up to as_of (reporting currency)."),
+    _c("revenue_90d", "NUMERIC", "Revenue in the 90 days up to as_of (reporting currency)."),
+    _c("revenue_365d", "NUMERIC", "Revenue in the 365 days up to as_of (reporting currency)."),
+    _c("email_opens_30d", "INT64", "Email Opened events in the last 30 days."),
+    _c("email_clicks_30d", "INT64", "Email Link Clicked events in the last 30 days."),
+    _c("unsubscribed", "BOOL", "True if the latest subscription event up to as_of is Unsubscribed."),
+    _c("page_views_30d", "INT64", "page and screen events in the last 30 days."),
+    _c("product_views_30d", "INT64", "Product Viewed events in the last 30 days."),
+    _c("top_category", "STRING", "The product category with the most views and purchases."),
+    _c("lifecycle_stage", "STRING", "prospect, new, active, at_risk or lapsed (thresholds in the configuration)."),
+    _c("as_of", "TIMESTAMP", "The time the features were computed at.", "REQUIRED"),
+    _c("updated_at", "TIMESTAMP", "Processing time of the run that wrote the row.", "REQUIRED"),
+), key=("profile_id",))
+
+SEGMENT_MEMBERSHIPS = Table("segment_memberships", "Segment membership spans; an open span has no exited_at.", (
+    _c("profile_id", "STRING", "The member profile.", "REQUIRED"),
+    _c("segment", "STRING", "Segment name (lifecycle segments are named lifecycle:<stage>).", "REQUIRED"),
+    _c("source", "STRING", "rule, lifecycle or model.", "REQUIRED"),
+    _c("entered_at", "TIMESTAMP", "as_of of the run that first found the profile in the segment.", "REQUIRED"),
+    _c("exited_at", "TIMESTAMP", "as_of of the run that found it no longer in the segment (null while a member)."),
+    _c("model_version", "STRING", "Version of the rules or model that assigned it."),
+), key=("profile_id", "segment", "entered_at"))
+
+DEAD_LETTERS = Table("dead_letters", "Records that could not be accepted, with their raw payload.", (
+    _c("dead_letter_id", "STRING", "Hash of stage and raw payload, so replays do not repeat a row.", "REQUIRED"),
+    _c("raw", "STRING", "The record exactly as read.", "REQUIRED"),
+    _c("stage", "STRING", "The stage that refused it: parse, validate, normalize, dedup.", "REQUIRED"),
+    _c("error", "STRING", "What was wrong, in words.", "REQUIRED"),
+    _c("schema_version", "STRING", "The schema applied (none if the kind was unknown)."),
+    _c("received_at", "TIMESTAMP", "receivedAt of the record if it had one, else when it was read."),
+), key=("dead_letter_id",))
+
+ALL_TABLES: Dict[str, Table] = {t.name: t for t in (
+    EVENTS, IDENTITY_LINKS, PROFILE_MERGES, PROFILES, SEGMENT_MEMBERSHIPS, DEAD_LETTERS)}

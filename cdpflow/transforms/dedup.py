@@ -1,0 +1,64 @@
+"""Dedup: drops repeated messageIds within a configurable horizon (batch: grouped by messageId).
+
+Input: PCollection[NormalizedEvent]. Outputs: `unique` (one event per messageId) and
+`dead_letters` (stage `dedup`: a repeat received after the horizon). Counters: received,
+succeeded (kept), deduplicated, dead_lettered.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Tuple
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.metrics import Metrics
+
+from cdpflow.core.dedup import split_copies
+from cdpflow.core.timeutil import US_PER_SECOND, format_ts
+from cdpflow.schemas.records import DeadLetter, NormalizedEvent
+from cdpflow.transforms import DEAD_LETTERS
+
+UNIQUE = "unique"
+
+
+class _PickFirstFn(beam.DoFn):
+    def __init__(self, horizon_us: int):
+        self.horizon_us = horizon_us
+        self.received = Metrics.counter(self.__class__, "received")
+        self.succeeded = Metrics.counter(self.__class__, "succeeded")
+        self.deduplicated = Metrics.counter(self.__class__, "deduplicated")
+        self.dead_lettered = Metrics.counter(self.__class__, "dead_lettered")
+
+    def process(self, element: Tuple[str, Iterable[NormalizedEvent]]):
+        _, copies = element
+        copies = list(copies)
+        self.received.inc(len(copies))
+        kept, duplicates, too_late = split_copies(copies, self.horizon_us)
+        self.succeeded.inc()
+        self.deduplicated.inc(len(duplicates))
+        yield kept
+        for late in too_late:
+            self.dead_lettered.inc()
+            yield pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter(
+                late.raw, "dedup",
+                f"messageId {late.message_id} was first received at {format_ts(kept.received_at)}, "
+                f"more than the dedup horizon ({self.horizon_us // US_PER_SECOND} s) before this copy",
+                late.schema_version, late.received_at))
+
+
+class Dedup(beam.PTransform):
+    """PCollection[NormalizedEvent] -> {'unique': ..., 'dead_letters': ...}.
+
+    Args:
+      horizon_hours: how long after the first copy a repeat still counts as a duplicate.
+    """
+
+    def __init__(self, horizon_hours: float = 168):
+        super().__init__()
+        self.horizon_us = int(horizon_hours * 3600 * US_PER_SECOND)
+
+    def expand(self, events):
+        results = (events
+                   | "KeyByMessageId" >> beam.Map(lambda e: (e.message_id, e))
+                   | "GroupCopies" >> beam.GroupByKey()
+                   | "PickFirst" >> beam.ParDo(_PickFirstFn(self.horizon_us)).with_outputs(DEAD_LETTERS, main=UNIQUE))
+        return {UNIQUE: results[UNIQUE], DEAD_LETTERS: results[DEAD_LETTERS]}

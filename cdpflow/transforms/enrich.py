@@ -1,0 +1,85 @@
+"""Enrich: product catalog, reporting-currency revenue, user agent, UTM campaign.
+
+Input: PCollection[NormalizedEvent]; output: the same events with `enrichment` (device/OS/
+browser, campaign, products with category and brand) and `revenue_reporting` set. The catalog
+and the rates are side inputs (`LoadReferenceData` reads them once in batch; a streaming job can
+give a periodically refreshed PCollection instead).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from cdpflow.core.enrich import Rates, campaign, load_catalog, parse_user_agent, products
+from cdpflow.schemas.records import NormalizedEvent
+
+
+class LoadReferenceData(beam.PTransform):
+    """PBegin -> a one-element PCollection holding `loader(path)` (for use as a singleton side input)."""
+
+    def __init__(self, path: Optional[str], loader: Callable):
+        super().__init__()
+        self.path = path
+        self.loader = loader
+
+    def expand(self, pbegin):
+        return pbegin | "Path" >> beam.Create([self.path]) | "Load" >> beam.Map(self.loader)
+
+
+class _EnrichFn(beam.DoFn):
+    def __init__(self):
+        self.received = Metrics.counter(self.__class__, "received")
+        self.succeeded = Metrics.counter(self.__class__, "succeeded")
+        self.no_rate = Metrics.counter(self.__class__, "revenue_without_rate")
+        self.unknown_products = Metrics.counter(self.__class__, "products_not_in_catalog")
+
+    def process(self, event: NormalizedEvent, catalog, rates: Rates):
+        self.received.inc()
+        enrichment = {}
+        user_agent = event.context.get("userAgent")
+        if isinstance(user_agent, str) and user_agent:
+            enrichment["user_agent"] = parse_user_agent(user_agent)
+        utm = campaign(event.context)
+        if utm:
+            enrichment["campaign"] = utm
+        if event.type == "track":
+            items = products(event.properties, catalog)
+            if items:
+                enrichment["products"] = items
+                self.unknown_products.inc(sum(1 for i in items if i["product_id"] not in catalog))
+        reporting = None
+        if event.revenue is not None:
+            reporting = rates.convert(event.revenue, event.currency, event.timestamp)
+            if reporting is None:
+                # Kept, not refused: the order is real, only its conversion is unknown.
+                self.no_rate.inc()
+        self.succeeded.inc()
+        yield event.replace(enrichment=enrichment, revenue_reporting=reporting)
+
+
+class Enrich(beam.PTransform):
+    """PCollection[NormalizedEvent] -> PCollection[NormalizedEvent], enriched.
+
+    Args:
+      catalog: PCollection with one catalog dict (see `cdpflow.core.enrich.load_catalog`).
+      rates: PCollection with one `Rates`.
+    """
+
+    def __init__(self, catalog, rates):
+        super().__init__()
+        self.catalog = catalog
+        self.rates = rates
+
+    def expand(self, events):
+        return events | "Enrich" >> beam.ParDo(
+            _EnrichFn(), beam.pvalue.AsSingleton(self.catalog), beam.pvalue.AsSingleton(self.rates)
+        ).with_input_types(NormalizedEvent, dict, Rates).with_output_types(NormalizedEvent)
+
+
+def rates_loader(reporting_currency: str) -> Callable[[Optional[str]], Rates]:
+    return lambda path: Rates.load(path, reporting_currency)
+
+
+__all__ = ["Enrich", "LoadReferenceData", "load_catalog", "rates_loader"]

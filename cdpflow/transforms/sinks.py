@@ -1,0 +1,66 @@
+"""Sinks: table rows staged as JSON-lines shards, then committed to the warehouse by one writer.
+
+Why staging: DuckDB admits one writing process, and BigQuery's batch path loads files too. Beam
+workers (any number of them) write shards under `<staging>/<table>/`; after the pipeline has
+finished, `cdpflow.warehouse` loads every table in one transaction. A failed run leaves the
+warehouse as it was.
+
+Rows are dicts with the table contract's column names; timestamps are integer microseconds,
+amounts Decimal (written as strings).
+"""
+from __future__ import annotations
+
+import os
+from decimal import Decimal
+from typing import Any, Dict
+
+import apache_beam as beam
+import orjson
+
+from cdpflow.schemas.records import DeadLetter, NormalizedEvent
+
+
+def _default(value: Any):
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    raise TypeError(f"cannot stage {type(value).__name__}")
+
+
+def to_json_line(row: Dict[str, Any]) -> str:
+    return orjson.dumps(row, default=_default).decode("utf-8")
+
+
+def event_row(event: NormalizedEvent) -> Dict[str, Any]:
+    """An accepted event as an `events` row."""
+    return {
+        "message_id": event.message_id, "profile_id": event.profile_id, "type": event.type,
+        "event": event.event, "timestamp": event.timestamp, "received_at": event.received_at,
+        "channel": event.channel, "revenue": event.revenue, "currency": event.currency,
+        "revenue_reporting": event.revenue_reporting, "schema_version": event.schema_version,
+        "identifiers": [list(i) for i in event.identifiers], "enrichment": event.enrichment,
+        "raw": event.raw,
+    }
+
+
+def dead_letter_row(letter: DeadLetter) -> Dict[str, Any]:
+    return {"dead_letter_id": letter.dead_letter_id, "raw": letter.raw, "stage": letter.stage,
+            "error": letter.error, "schema_version": letter.schema_version,
+            "received_at": letter.received_at}
+
+
+class WriteStaged(beam.PTransform):
+    """PCollection[dict] -> JSON-lines shards under `<staging>/<name>/part-*.jsonl`.
+
+    Rows keep only the columns that do not start with '_' (internal fields stay in the pipeline).
+    """
+
+    def __init__(self, staging_dir: str, name: str):
+        super().__init__()
+        self.prefix = os.path.join(staging_dir, name, "part")
+
+    def expand(self, rows):
+        return (rows
+                | "ToJson" >> beam.Map(lambda r: to_json_line({k: v for k, v in r.items() if not k.startswith("_")}))
+                | "Write" >> beam.io.WriteToText(self.prefix, file_name_suffix=".jsonl"))

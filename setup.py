@@ -1,0 +1,51 @@
+"""Packaging for cdpflow.
+
+`pip install .` installs the package and the `cdpflow` command. The same file is what
+Dataflow workers install when a job is submitted with `--setup_file ./setup.py`.
+"""
+import setuptools
+
+# One Beam version everywhere (Python SDK, Prism, Java jars). 2.73.0 is the newest release for
+# which the Python SDK (PyPI), Prism (`go install ...@v2.73.0`) and Beam's Java artifacts used by
+# the expansion service (beam-sdks-java-expansion-service, beam-sdks-java-io-kafka,
+# beam-model-pipeline) all resolve from the registries we build from; 2.74/2.75 lack
+# beam-model-pipeline and the expansion service there, 2.76 lacks the Java core, and 2.77's Java
+# side is not served at all. See docs/versions.md for what was probed.
+BEAM_VERSION = "2.73.0"
+
+INSTALL_REQUIRES = [
+    f"apache-beam=={BEAM_VERSION}",
+    "duckdb==1.5.5",
+    "fastjsonschema>=2.20,<3",
+    "orjson>=3.10,<4",
+    "phonenumbers>=8.13,<10",
+    "pyarrow>=14",
+    "PyYAML>=6,<7",
+    "rich>=13,<16",
+    "ua-parser>=1.0,<2",
+    "ua-parser-builtins",
+]
+
+EXTRAS_REQUIRE = {
+    "gcp": [f"apache-beam[gcp]=={BEAM_VERSION}", "google-cloud-bigquery>=3.20,<4"],
+    "kafka": ["kafka-python>=2.0.2"],
+    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "redis>=5", "prometheus-client>=0.20"],
+    "ml": ["scikit-learn>=1.4", "joblib>=1.3"],
+    "dev": ["pytest>=8", "hypothesis>=6.100"],
+}
+
+setuptools.setup(
+    name="cdpflow",
+    version="0.1.0",
+    description="Real-time customer data platform pipeline on Apache Beam",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10,<3.13",
+    packages=setuptools.find_packages(include=["cdpflow", "cdpflow.*"]),
+    package_data={"cdpflow": ["schemas/events/*/*.json", "config/*.yaml"]},
+    include_package_data=True,
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["cdpflow=cdpflow.cli:main"]},
+)

@@ -1,0 +1,163 @@
+"""End to end: the batch pipeline on generated data, checked against independent references."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+import orjson
+import phonenumbers
+import pytest
+
+from cdpflow.config import load_config
+from cdpflow.pipelines.batch import run_batch
+from cdpflow.warehouse import DuckDBWarehouse
+from tests.oracles import components_of
+
+pytestmark = pytest.mark.e2e
+
+
+def config_for(sample):
+    return load_config(enrichment={"catalog": str(sample / "catalog.csv"), "rates": str(sample / "rates.csv")})
+
+
+def oracle_identifiers(event):
+    """Identifiers of an event, extracted here without cdpflow's normalisation code."""
+    found = set()
+    for key, id_type in (("userId", "user_id"), ("anonymousId", "anonymous_id")):
+        if event.get(key) not in (None, ""):
+            found.add((id_type, str(event[key]).strip()))
+    if event.get("type") == "alias" and event.get("previousId"):
+        found.add(("anonymous_id", str(event["previousId"]).strip()))
+    context = event.get("context") or {}
+    for traits in (event.get("traits") if event.get("type") != "group" else None, context.get("traits")):
+        traits = traits or {}
+        email = traits.get("email")
+        if isinstance(email, str) and "@" in email:
+            found.add(("email", email.strip().lower()))
+        if traits.get("phone"):
+            try:
+                number = phonenumbers.parse(str(traits["phone"]), "US")
+                if phonenumbers.is_valid_number(number):
+                    found.add(("phone", phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)))
+            except phonenumbers.NumberParseException:
+                pass
+    if (context.get("device") or {}).get("id"):
+        found.add(("device_id", str(context["device"]["id"])))
+    for ext in context.get("externalIds") or []:
+        found.add((ext["type"].lower(), str(ext["id"])))
+    return found
+
+
+def partition_from_links(wh):
+    groups = {}
+    for row in wh.query("SELECT identifier_type, identifier_value, profile_id FROM identity_links"):
+        groups.setdefault(row["profile_id"], set()).add((row["identifier_type"], row["identifier_value"]))
+    return {frozenset(g) for g in groups.values()}
+
+
+def profiles_by_identifiers(wh):
+    """Profile rows keyed by their identifier sets (never by id), without processing-time columns."""
+    ids = {}
+    for row in wh.query("SELECT identifier_type, identifier_value, profile_id FROM identity_links"):
+        ids.setdefault(row["profile_id"], set()).add((row["identifier_type"], row["identifier_value"]))
+    out = {}
+    for row in wh.query("SELECT * FROM profiles"):
+        key = frozenset(ids[row.pop("profile_id")])
+        row.pop("updated_at")
+        out[key] = row
+    return out
+
+
+@pytest.fixture(scope="module")
+def first_run(sample, tmp_path_factory):
+    warehouse = str(tmp_path_factory.mktemp("wh") / "cdp.duckdb")
+    summary = run_batch([str(sample / "events")], warehouse, config_for(sample))
+    return warehouse, summary
+
+
+def test_conservation_from_the_counters(sample, first_run):
+    warehouse, summary = first_run
+    c = summary.counter
+    lines = sum(1 for path in glob.glob(str(sample / "events" / "*.jsonl")) for line in open(path) if line.strip())
+    assert summary.read == lines
+    assert summary.read == summary.accepted + summary.dead_lettered + summary.deduplicated
+    assert c("_ParseAndValidateFn", "received") == c("_ParseAndValidateFn", "succeeded") + c("_ParseAndValidateFn", "dead_lettered")
+    assert c("_NormalizeFn", "received") == c("_NormalizeFn", "succeeded") + c("_NormalizeFn", "dead_lettered")
+    assert c("_PickFirstFn", "received") == c("_NormalizeFn", "succeeded")
+    assert c("_EnrichFn", "received") == c("_EnrichFn", "succeeded") == summary.accepted
+    assert c("_ResolveInOrderFn", "succeeded") == summary.accepted
+    manifest = json.loads((sample / "manifest.json").read_text())
+    files = [f for name, f in manifest["files"].items() if name.startswith("events/")]
+    assert summary.dead_lettered == sum(f["malformed_json"] + f["schema_violation"] for f in files)
+    assert summary.deduplicated == sum(f["duplicate"] for f in files)
+    with DuckDBWarehouse(warehouse, read_only=True) as wh:
+        assert wh.count("events") == summary.accepted
+        letters = wh.query("SELECT raw, stage, error FROM dead_letters")
+        # identical broken lines collapse into one dead letter row; none is lost otherwise
+        assert len(letters) == len({(r["raw"], r["stage"]) for r in letters}) <= summary.dead_lettered
+        assert len(letters) >= summary.dead_lettered - 2
+        assert all(r["raw"] and r["error"] for r in letters)
+        assert {r["stage"] for r in letters} <= {"parse", "validate", "normalize", "dedup"}
+
+
+def test_identity_partition_equals_an_independent_union_find(first_run):
+    warehouse, _ = first_run
+    with DuckDBWarehouse(warehouse, read_only=True) as wh:
+        raws = [r["raw"] for r in wh.query("SELECT raw::VARCHAR AS raw FROM events")]
+        expected = components_of([sorted(oracle_identifiers(orjson.loads(r))) for r in raws])
+        assert partition_from_links(wh) == expected
+        # every event points at the profile holding its identifiers
+        stray = wh.query("""SELECT count(*) AS n FROM events e WHERE NOT EXISTS (
+                              SELECT 1 FROM identity_links l WHERE l.profile_id = e.profile_id)""")
+        assert stray[0]["n"] == 0
+        merges = wh.query("SELECT count(*) AS n FROM profile_merges")[0]["n"]
+        assert merges > 0
+
+
+def test_features_segments_and_changes_are_written(first_run):
+    warehouse, summary = first_run
+    with DuckDBWarehouse(warehouse, read_only=True) as wh:
+        profiles = wh.count("profiles")
+        assert profiles == len({r["profile_id"] for r in wh.query("SELECT profile_id FROM identity_links")})
+        stages = {r["lifecycle_stage"] for r in wh.query("SELECT DISTINCT lifecycle_stage FROM profiles")}
+        assert {"prospect", "active"} <= stages
+        lifecycle = wh.query("SELECT count(*) AS n FROM segment_memberships WHERE source = 'lifecycle'")[0]["n"]
+        assert lifecycle == profiles  # one lifecycle segment per profile
+        orders = wh.query("SELECT sum(orders_total) AS n FROM profiles")[0]["n"]
+        assert orders == wh.query("SELECT count(*) AS n FROM events WHERE event = 'Order Completed'")[0]["n"]
+        open_spans = wh.count("segment_memberships")
+    changes = [orjson.loads(l) for l in open(summary.changes_file)]
+    assert len(changes) == open_spans and {c["direction"] for c in changes} == {"enter"}
+    assert len({c["idempotency_key"] for c in changes}) == len(changes)
+
+
+def test_replay_gives_the_same_profiles_and_no_new_changes(sample, first_run, tmp_path):
+    warehouse, summary = first_run
+    copy = str(tmp_path / "again.duckdb")
+    with DuckDBWarehouse(warehouse, read_only=True) as wh:
+        before_links, before_profiles = partition_from_links(wh), profiles_by_identifiers(wh)
+        before_letters = wh.count("dead_letters")
+    shutil.copy(warehouse, copy)
+    again = run_batch([str(sample / "events")], copy, config_for(sample))
+    assert again.replayed == summary.accepted
+    assert again.accepted == summary.accepted
+    # every input line that was accepted or a duplicate before is now a repeat of a warehouse event
+    assert again.deduplicated == summary.read - summary.dead_lettered
+    assert again.dead_lettered == summary.dead_lettered
+    with DuckDBWarehouse(copy, read_only=True) as wh:
+        assert partition_from_links(wh) == before_links
+        assert profiles_by_identifiers(wh) == before_profiles
+        assert wh.count("dead_letters") == before_letters  # the same refusals are not stored twice
+    assert not os.path.exists(again.changes_file) or os.path.getsize(again.changes_file) == 0
+
+
+def test_multiprocess_runner_gives_the_same_partition(sample, first_run, tmp_path):
+    warehouse, summary = first_run
+    other = str(tmp_path / "mp.duckdb")
+    mp = run_batch([str(sample / "events")], other, config_for(sample), runner="multiprocess")
+    assert mp.read == summary.read and mp.accepted == summary.accepted
+    with DuckDBWarehouse(warehouse, read_only=True) as a, DuckDBWarehouse(other, read_only=True) as b:
+        assert partition_from_links(a) == partition_from_links(b)
+        assert profiles_by_identifiers(a) == profiles_by_identifiers(b)
