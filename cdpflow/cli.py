@@ -38,16 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--end", help="ISO date the history ends at (default 2026-11-01)")
     gen.add_argument("--noise", type=float, default=1.0, help="multiply every noise rate by this (default 1)")
 
+    from cdpflow.pipelines.batch import add_run_arguments
     run = sub.add_parser("run", help="the batch/backfill pipeline: events -> warehouse")
-    run.add_argument("--input", nargs="+", required=True, help="JSON-lines files, folders or globs")
-    run.add_argument("--warehouse", required=True, help="the DuckDB warehouse file")
-    run.add_argument("--as-of", help="ISO-8601 time features are computed at (default: newest event time)")
-    run.add_argument("--runner", default="direct", help="direct (default) | multiprocess | prism | a Beam runner name")
-    run.add_argument("--config", help="YAML configuration merged over the defaults")
-    run.add_argument("--catalog", help="product catalog CSV for enrichment")
-    run.add_argument("--rates", help="currency rates CSV for enrichment")
-    run.add_argument("--changes-out", help="JSON-lines file segment changes are appended to")
-    run.add_argument("beam_args", nargs=argparse.REMAINDER, help="after --: Beam pipeline options")
+    add_run_arguments(run)
 
     exp = sub.add_parser("export", help="write a warehouse table to a file")
     exp.add_argument("table", help="events, identity_links, profiles, profile_merges, segment_memberships, dead_letters")
@@ -75,7 +68,8 @@ def cmd_generate(args) -> int:
     table = Table(title=f"generated into {args.out}")
     table.add_column("what")
     table.add_column("count", justify="right")
-    for key, value in _flatten(manifest.get("counts", {})):
+    counts = {"events": manifest.get("events", {}), "noise": manifest.get("noise", {})}
+    for key, value in _flatten(counts):
         table.add_row(key, str(value))
     console.print(table)
     return 0
@@ -90,15 +84,11 @@ def _flatten(mapping, prefix=""):
 
 
 def cmd_run(args) -> int:
-    from cdpflow.config import load_config
-    from cdpflow.core.timeutil import format_ts, parse_ts
-    from cdpflow.pipelines.batch import reference_overrides, run_batch
-    beam_args = [a for a in args.beam_args if a != "--"]
-    config = load_config(args.config, enrichment=reference_overrides(args.catalog, args.rates))
-    as_of = parse_ts(args.as_of) if args.as_of else None
+    from cdpflow.core.timeutil import format_ts
+    from cdpflow.pipelines.batch import run_from_args
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console) as progress:
         progress.add_task(f"running the batch pipeline on {args.runner}", total=None)
-        summary = run_batch(args.input, args.warehouse, config, as_of, args.runner, beam_args, args.changes_out)
+        summary = run_from_args(args)
     table = Table(title=f"cdpflow run -> {args.warehouse}")
     table.add_column("what")
     table.add_column("value", justify="right")

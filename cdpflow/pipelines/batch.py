@@ -237,25 +237,31 @@ def reference_overrides(catalog: Optional[str], rates: Optional[str]) -> Optiona
     return found or None
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of a batch run, shared by `cdpflow run` and this module's launcher."""
+    parser.add_argument("--input", nargs="+", required=True, help="JSON-lines files, folders or globs")
+    parser.add_argument("--warehouse", required=True, help="the DuckDB warehouse file")
+    parser.add_argument("--as-of", help="ISO-8601 time features are computed at (default: newest event time)")
+    parser.add_argument("--runner", default="direct", help="direct (default) | multiprocess | prism | a Beam runner name")
+    parser.add_argument("--config", help="YAML configuration merged over the defaults")
+    parser.add_argument("--catalog", help="product catalog CSV for enrichment")
+    parser.add_argument("--rates", help="currency rates CSV for enrichment")
+    parser.add_argument("--changes-out", help="JSON-lines file segment changes are appended to")
+    parser.add_argument("beam_args", nargs=argparse.REMAINDER, help="after --: Beam pipeline options")
+
+
+def run_from_args(args: argparse.Namespace) -> RunSummary:
+    """Runs the batch pipeline from parsed `add_run_arguments` flags."""
+    config = load_config(args.config, enrichment=reference_overrides(args.catalog, args.rates))
+    return run_batch(args.input, args.warehouse, config, parse_ts(args.as_of) if args.as_of else None,
+                     args.runner, [a for a in args.beam_args if a != "--"], args.changes_out)
+
+
 def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     """Module launcher: `python -m cdpflow.pipelines.batch --input ... --warehouse ... [-- beam args]`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", nargs="+", required=True, help="JSON-lines files, folders or globs")
-    parser.add_argument("--warehouse", required=True, help="the DuckDB file")
-    parser.add_argument("--as-of", help="ISO-8601 time features are computed at (default: newest event)")
-    parser.add_argument("--runner", default="direct", help="direct | multiprocess | prism | a Beam runner")
-    parser.add_argument("--config", help="YAML merged over the defaults")
-    parser.add_argument("--catalog", help="catalog.csv for enrichment")
-    parser.add_argument("--rates", help="rates.csv for enrichment")
-    argv = list(argv) if argv is not None else None
-    beam_args: List[str] = []
-    if argv and "--" in argv:
-        cut = argv.index("--")
-        argv, beam_args = argv[:cut], argv[cut + 1:]
-    known = parser.parse_args(argv)
-    config = load_config(known.config, enrichment=reference_overrides(known.catalog, known.rates))
-    return run_batch(known.input, known.warehouse, config,
-                     parse_ts(known.as_of) if known.as_of else None, known.runner, beam_args)
+    add_run_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
