@@ -28,7 +28,7 @@ run: venv
 	$(BIN)/cdpflow run --input $(SAMPLE)/events --catalog $(SAMPLE)/catalog.csv --rates $(SAMPLE)/rates.csv \
 		--warehouse $(WAREHOUSE)
 
-test: venv
+test: venv prism
 	$(BIN)/python -m pytest tests
 
 test-fast: venv

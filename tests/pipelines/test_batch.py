@@ -153,10 +153,12 @@ def test_replay_gives_the_same_profiles_and_no_new_changes(sample, first_run, tm
     assert not os.path.exists(again.changes_file) or os.path.getsize(again.changes_file) == 0
 
 
-def test_multiprocess_runner_gives_the_same_partition(sample, first_run, tmp_path):
+@pytest.mark.parametrize("runner", ["multiprocess", "prism"])
+def test_other_local_runners_give_the_same_result(sample, first_run, tmp_path, runner):
+    # prism needs the binary `make prism` builds (make test does); without it the run says so
     warehouse, summary = first_run
-    other = str(tmp_path / "mp.duckdb")
-    mp = run_batch([str(sample / "events")], other, config_for(sample), runner="multiprocess")
+    other = str(tmp_path / f"{runner}.duckdb")
+    mp = run_batch([str(sample / "events")], other, config_for(sample), runner=runner)
     assert mp.read == summary.read and mp.accepted == summary.accepted
     with DuckDBWarehouse(warehouse, read_only=True) as a, DuckDBWarehouse(other, read_only=True) as b:
         assert partition_from_links(a) == partition_from_links(b)
