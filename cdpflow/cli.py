@@ -52,7 +52,54 @@ def _parser() -> argparse.ArgumentParser:
     prof.add_argument("identifier", help="an email, phone, user id, 'type:value', or a profile id")
     prof.add_argument("--warehouse", required=True)
     prof.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    ident = sub.add_parser("identity", help="identity resolution: quality report")
+    ident_sub = ident.add_subparsers(dest="identity_command", required=True)
+    report = ident_sub.add_parser("report", help="pairwise precision/recall against a ground-truth file")
+    report.add_argument("--truth", required=True, help="identities.csv: person_id,identifier_type,identifier_value")
+    report.add_argument("--warehouse", required=True)
+    report.add_argument("--json", action="store_true", help="print JSON")
     return parser
+
+
+def identity_report(warehouse: str, truth_path: str):
+    """The IdentityReport of a warehouse against a truth file."""
+    from cdpflow.core.evaluation import evaluate, load_truth
+    from cdpflow.warehouse import DuckDBWarehouse
+    with DuckDBWarehouse(warehouse, read_only=True) as wh:
+        links = {(r["identifier_type"], r["identifier_value"]): r["profile_id"]
+                 for r in wh.query("SELECT identifier_type, identifier_value, profile_id FROM identity_links")}
+    return evaluate(links, load_truth(truth_path))
+
+
+def cmd_identity(args) -> int:
+    import dataclasses
+    import orjson
+    report = identity_report(args.warehouse, args.truth)
+    if args.json:
+        console.print_json(orjson.dumps(dataclasses.asdict(report), option=orjson.OPT_NON_STR_KEYS).decode())
+        return 0
+    table = Table(title="identity resolution against the truth")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in (("pairwise precision", f"{report.precision:.4f}"), ("pairwise recall", f"{report.recall:.4f}"),
+                       ("identifiers compared", report.identifiers), ("persons", report.persons),
+                       ("profiles", report.profiles), ("pairs predicted", report.predicted_pairs),
+                       ("pairs true", report.true_pairs), ("pairs correct", report.correct_pairs)):
+        table.add_row(key, str(value))
+    console.print(table)
+    spread = Table(title="profiles per person")
+    spread.add_column("profiles holding one person's identifiers", justify="right")
+    spread.add_column("persons", justify="right")
+    for n, persons in report.profiles_per_person.items():
+        spread.add_row(str(n), str(persons))
+    console.print(spread)
+    biggest = Table(title="biggest profiles")
+    for column in ("profile_id", "identifiers", "persons"):
+        biggest.add_column(column)
+    for row in report.biggest:
+        biggest.add_row(*(str(v) for v in row))
+    console.print(biggest)
+    return 0
 
 
 def cmd_generate(args) -> int:
@@ -167,7 +214,8 @@ def cmd_profile(args) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=os.environ.get("CDPFLOW_LOG", "WARNING"))
     args = _parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "run": cmd_run, "export": cmd_export, "profile": cmd_profile}
+    handlers = {"generate": cmd_generate, "run": cmd_run, "export": cmd_export, "profile": cmd_profile,
+                "identity": cmd_identity}
     from cdpflow.core.segments import RuleError
     from cdpflow.warehouse import WarehouseError
     try:

@@ -43,3 +43,92 @@ def components_of(events: Iterable[Iterable[Hashable]]) -> Set[FrozenSet]:
         for other in identifiers[1:]:
             uf.union(identifiers[0], other)
     return uf.components()
+
+
+class SequentialIdentityReference:
+    """Merge protection applied to events one by one, the simple way (for comparison with the store).
+
+    Profiles are recomputed from scratch as connected components of the accepted link sets, without
+    quarantined identifiers as bridges. Rules: an event's target is the profile of its
+    highest-priority known non-quarantined identifier; other known identifiers' profiles merge
+    into it unless a per-type maximum would be exceeded; new identifiers join it unless their type
+    is full (then they stand alone); an identifier whose partners (seen with it within `window`)
+    are in profiles holding more than `max_profiles` accounts (types limited to one) is quarantined.
+    """
+
+    def __init__(self, priority, limits, max_profiles, window):
+        self.rank = {t: i for i, t in enumerate(priority)}
+        self.limits = limits
+        self.max_profiles = max_profiles
+        self.window = window
+        self.nodes: list = []
+        self.linksets: list = []
+        self.quarantined: set = set()
+        self.seen: dict = {}  # identifier -> [(partner, ts)]
+
+    def key(self, identifier):
+        return self.rank.get(identifier[0], len(self.rank)), identifier[0], identifier[1]
+
+    def components(self):
+        uf = UnionFind()
+        for node in self.nodes:
+            uf.add(node)
+        for linkset in self.linksets:
+            usable = [i for i in linkset if i not in self.quarantined]
+            for other in usable[1:]:
+                uf.union(usable[0], other)
+        return {node: uf.find(node) for node in self.nodes}
+
+    def count(self, comp, root, id_type):
+        return sum(1 for node, r in comp.items() if r == root and node[0] == id_type)
+
+    def resolve(self, ts, identifiers):
+        ids = sorted(set(identifiers), key=self.key)
+        comp = self.components()
+        known = [i for i in ids if i in comp]
+        new = [i for i in ids if i not in comp]
+        usable = [i for i in known if i not in self.quarantined]
+        group = set()  # identifiers that end in the target through this event
+        target = comp[usable[0]] if usable else None
+        members = {n for n, r in comp.items() if r == target} if target is not None else set()
+        for identifier in usable[1:]:
+            other = {n for n, r in comp.items() if r == comp[identifier]}
+            if identifier in members:
+                continue
+            if any(self.limits.get(t) is not None and
+                   sum(1 for n in members if n[0] == t) + sum(1 for n in other if n[0] == t) > self.limits[t]
+                   for t in {n[0] for n in members | other}):
+                continue
+            members |= other
+        for identifier in new:
+            self.nodes.append(identifier)
+            if target is None:
+                target, members = identifier, {identifier}
+                continue
+            limit = self.limits.get(identifier[0])
+            if limit is not None and sum(1 for n in members if n[0] == identifier[0]) + 1 > limit:
+                continue
+            members.add(identifier)
+        linkset = [i for i in ids if i in members and i not in self.quarantined]
+        if len(linkset) > 1:
+            self.linksets.append(linkset)
+        for i in ids:
+            if i not in self.quarantined:
+                self.seen.setdefault(i, []).extend((j, ts) for j in ids if j != i)
+        account_types = {t for t, n in self.limits.items() if n == 1}
+        comp = self.components()
+        for identifier in ids:
+            if identifier in self.quarantined:
+                continue
+            partner_roots = {comp[j] for j, t in self.seen.get(identifier, ()) if abs(t - ts) <= self.window}
+            accounts = {n for n, r in comp.items()
+                        if r in partner_roots and n[0] in account_types and n != identifier}
+            if len(accounts) > self.max_profiles:
+                self.quarantined.add(identifier)
+                comp = self.components()
+
+    def partition(self):
+        groups = {}
+        for node, root in self.components().items():
+            groups.setdefault(root, set()).add(node)
+        return {frozenset(g) for g in groups.values()}

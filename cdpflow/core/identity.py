@@ -1,137 +1,482 @@
-"""Identity resolution: the identity graph as a union-find over identifiers, with merges recorded.
+"""Identity resolution: the identity graph, its merge-protection rules, and the store it lives in.
 
-Each identifier (type, normalised value) is owned by the profile it was first attributed to
-(its *anchor*, which never changes); profiles are joined by union, the smaller id surviving.
-An event's profile is the root of its identifiers' anchors. Profile ids are deterministic:
-`p_` + a hash of the highest-priority identifier of the event that created the profile, so a
-replay in the same order gives the same ids.
+The graph lives in one SQLite database (WAL mode) that every worker process opens: a file beside
+the warehouse for the embedded demo and batch runs, `:memory:` for tests and the reference. Each
+call to `IdentityStore.resolve_batch` is one `BEGIN IMMEDIATE` transaction, so the unions a
+batch makes are atomic even when they span keys and workers, and a retried bundle sees the
+decision recorded for each messageId and changes nothing (idempotent). docs/identity.md says how
+the same design moves to Redis (Lua scripts) for a cluster.
 
-`IdentityGraph.resolve` is idempotent by messageId: a retried event gets the decision that was
-recorded for it back, and changes nothing. Merge protection (per-type limits, blocked values,
-fan-out quarantine) is not applied here yet.
+The model:
+- a node per identifier (type, normalised value);
+- a profile is a set of nodes; profiles are named by their *founders*: the identifiers that
+  created them (`p_` + hash of the founder), and a profile's id is the smallest founder id in it,
+  so a union keeps the smaller id (the survivor) and replays give the same ids;
+- every accepted event adds a *link set* (its identifiers that ended in one profile); profiles
+  are the connected components of the link sets, which is what a split re-derives.
+
+Rules, applied to each event in order (`IdentityRules`):
+1. blocked values (empty, null-like, test addresses, all-zero phones...) are ignored; an event
+   carrying a forgotten (suppressed) identifier is not attributed at all;
+2. the event's target is the profile of its highest-priority known, non-quarantined identifier
+   (none if it has none: then its first new identifier founds a profile);
+3. each other known identifier's profile is merged into the target unless the union would exceed
+   a per-type maximum (a type limited to one can never hold two values) or cross a manual split:
+   then the link is refused and recorded as a conflict;
+4. each new identifier joins the target unless that exceeds its type's maximum; a refused one
+   founds a profile of its own;
+5. fan-out: an identifier whose partners (identifiers seen on events with it, within
+   `quarantine_window_days` of event time) belong to profiles holding more than
+   `quarantine_max_profiles` distinct accounts (identifiers of the types limited to one per
+   profile: user_id, loyalty_id) is quarantined: recorded, it merges nothing any more, and its
+   profile is re-derived from the link sets without it (the merges it caused are undone);
+6. the event belongs to the profile of its highest-priority non-quarantined identifier.
 """
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+import json
+import os
+import re
+import sqlite3
+from dataclasses import dataclass, field
+from typing import Dict, FrozenSet, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple
 
 from cdpflow.schemas.records import Identifier
 
 DEFAULT_PRIORITY = ("user_id", "email", "phone", "loyalty_id", "device_id", "anonymous_id")
+DEFAULT_LIMITS = {"user_id": 1, "email": 5, "phone": 5, "loyalty_id": 1, "device_id": 20, "anonymous_id": 100}
+NULL_LIKE = r"(?i)^(null|none|nil|undefined|unknown|n/?a|-|0|test|anonymous|\[object object\])$"
+DEFAULT_BLOCKED = {
+    "*": [NULL_LIKE],
+    "email": [r"(?i)^(test|noreply|no-reply|donotreply|example|none|null)@", r"(?i)@(example\.(com|org|net)|test\.com|mailinator\.com)$"],
+    "phone": [r"^\+?\d?0{6,}$", r"^\+?1?(\d)\1{9}$"],
+}
+
+US_PER_DAY = 86_400 * 1_000_000
+
+OK, SUPPRESSED, BLOCKED = "ok", "suppressed", "blocked"
 
 
-class Merge(NamedTuple):
-    survivor_id: str
-    absorbed_id: str
-    cause_message_id: str
-    reason: str
-    merged_at: int  # event time of the cause, UTC microseconds
+def node_key(identifier: Identifier) -> str:
+    return f"{identifier[0]}\x00{identifier[1]}"
 
 
-class Resolution(NamedTuple):
-    message_id: str
-    anchor_id: str  # the profile the event was first attributed to; never changes
-    profile_id: str  # the root at the time of resolution
-    merges: Tuple[Merge, ...]
+def key_identifier(key: str) -> Identifier:
+    id_type, value = key.split("\x00", 1)
+    return id_type, value
 
 
 def profile_id_for(identifier: Identifier) -> str:
-    """The deterministic id of a profile created by this identifier."""
-    digest = hashlib.sha256(f"{identifier[0]}\x00{identifier[1]}".encode("utf-8")).hexdigest()
+    """The deterministic id of a profile founded by this identifier."""
+    digest = hashlib.sha256(node_key(identifier).encode("utf-8")).hexdigest()
     return "p_" + digest[:20]
 
 
-@dataclass
-class _Seen:
-    first: int
-    last: int
+def identifier_hash(identifier: Identifier) -> str:
+    """How a forgotten identifier is remembered: only as a hash, so that it can be recognised, not read."""
+    return hashlib.sha256(("forget\x00" + node_key(identifier)).encode("utf-8")).hexdigest()
 
 
-class IdentityGraph:
-    """An in-memory identity graph; the store behind it can be swapped for a shared one.
+@dataclass(frozen=True)
+class IdentityRules:
+    """Merge protection. Build with `from_config` from the `identity` section of the configuration."""
+
+    priority: Tuple[str, ...] = DEFAULT_PRIORITY
+    max_per_profile: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
+    blocked: Mapping[str, Sequence[str]] = field(default_factory=lambda: dict(DEFAULT_BLOCKED))
+    quarantine_max_profiles: int = 3
+    quarantine_window_days: float = 90
+    separations: FrozenSet[Tuple[Identifier, Identifier]] = frozenset()
+    suppressed: FrozenSet[str] = frozenset()  # identifier_hash values
+
+    @classmethod
+    def from_config(cls, section: Optional[Mapping] = None, separations=(), suppressed=()) -> "IdentityRules":
+        section = dict(section or {})
+        quarantine = section.get("quarantine") or {}
+        return cls(
+            priority=tuple(section.get("priority") or DEFAULT_PRIORITY),
+            # null in the configuration lifts a default limit
+            max_per_profile={t: n for t, n in {**DEFAULT_LIMITS, **(section.get("max_per_profile") or {})}.items()
+                             if n is not None},
+            blocked={**DEFAULT_BLOCKED, **(section.get("blocked") or {})},
+            quarantine_max_profiles=int(quarantine.get("max_profiles", 3)),
+            quarantine_window_days=float(quarantine.get("window_days", 90)),
+            separations=frozenset((tuple(a), tuple(b)) for a, b in separations),
+            suppressed=frozenset(suppressed),
+        )
+
+    def __post_init__(self):
+        compiled = {t: [re.compile(p) for p in patterns] for t, patterns in self.blocked.items()}
+        object.__setattr__(self, "_blocked", compiled)
+        object.__setattr__(self, "_rank", {t: i for i, t in enumerate(self.priority)})
+
+    def rank(self, identifier: Identifier):
+        """Sort key: priority of the type, then type and value (a total, deterministic order)."""
+        return self._rank.get(identifier[0], len(self._rank)), identifier[0], identifier[1]
+
+    def is_blocked(self, identifier: Identifier) -> bool:
+        value = identifier[1]
+        for pattern in self._blocked.get("*", []) + self._blocked.get(identifier[0], []):
+            if pattern.search(value):
+                return True
+        return False
+
+    def limit(self, id_type: str) -> Optional[int]:
+        return self.max_per_profile.get(id_type)
+
+    @property
+    def account_types(self) -> Tuple[str, ...]:
+        """Types limited to one per profile: what fan-out quarantine counts."""
+        return tuple(sorted(t for t, n in self.max_per_profile.items() if n == 1))
+
+    @property
+    def window_us(self) -> int:
+        return int(self.quarantine_window_days * US_PER_DAY)
+
+
+class Decision(NamedTuple):
+    """What the store decided for one event."""
+
+    message_id: str
+    status: str  # ok | suppressed | blocked
+    key: Optional[str]  # node key of the identifier the event is attributed to
+    profile_id: Optional[str]  # its profile when decided (the final one may differ after merges)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS node(key TEXT PRIMARY KEY, type TEXT NOT NULL, value TEXT NOT NULL,
+    owner TEXT NOT NULL, founder INTEGER NOT NULL DEFAULT 0, quarantined INTEGER NOT NULL DEFAULT 0,
+    first_seen INTEGER NOT NULL, last_seen INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS node_owner ON node(owner);
+CREATE TABLE IF NOT EXISTS profile(pid TEXT PRIMARY KEY, root TEXT NOT NULL, founder_key TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS profile_root ON profile(root);
+CREATE TABLE IF NOT EXISTS counts(root TEXT NOT NULL, type TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY(root, type));
+CREATE TABLE IF NOT EXISTS linkset(members TEXT PRIMARY KEY, message_id TEXT NOT NULL, ts INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS linkset_member(key TEXT NOT NULL, members TEXT NOT NULL, PRIMARY KEY(key, members));
+CREATE TABLE IF NOT EXISTS decision(message_id TEXT PRIMARY KEY, status TEXT NOT NULL, key TEXT, profile TEXT, worker INTEGER);
+CREATE TABLE IF NOT EXISTS merge(seq INTEGER PRIMARY KEY AUTOINCREMENT, survivor TEXT NOT NULL, absorbed TEXT NOT NULL,
+    cause TEXT NOT NULL, reason TEXT NOT NULL, ts INTEGER NOT NULL, undone_at INTEGER, undone_by TEXT);
+CREATE TABLE IF NOT EXISTS conflict(seq INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT NOT NULL, value TEXT NOT NULL,
+    profiles TEXT NOT NULL, rule TEXT NOT NULL, cause TEXT NOT NULL, ts INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS fanout(key TEXT NOT NULL, partner TEXT NOT NULL, ts INTEGER NOT NULL,
+    PRIMARY KEY(key, partner, ts));
+"""
+
+
+class IdentityStore:
+    """The shared identity graph in SQLite.
 
     Args:
-      priority: identifier types from most to least trusted; decides which identifier names a
-        new profile. Types not listed rank after the listed ones, alphabetically.
+      path: database file (shared by worker processes) or ":memory:".
+      rules: merge protection.
+      worker: recorded with each decision (the process id by default), so tests can tell who worked.
     """
 
-    def __init__(self, priority: Sequence[str] = DEFAULT_PRIORITY):
-        self._rank = {t: i for i, t in enumerate(priority)}
-        self._owner: Dict[Identifier, str] = {}
-        self._parent: Dict[str, str] = {}
-        self._seen: Dict[Identifier, _Seen] = {}
-        self._decisions: Dict[str, Resolution] = {}
-        self.merges: List[Merge] = []
+    def __init__(self, path: str, rules: IdentityRules = IdentityRules(), worker: Optional[int] = None):
+        self.path = path
+        self.rules = rules
+        self.worker = os.getpid() if worker is None else worker
+        # isolation_level=None: transactions are ours (BEGIN IMMEDIATE takes the write lock up
+        # front, so two workers never interleave the reads and writes of one union).
+        self.db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+        if path != ":memory:":
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
 
-    def _priority_key(self, identifier: Identifier):
-        return (self._rank.get(identifier[0], len(self._rank)), identifier[0], identifier[1])
+    def close(self):
+        self.db.close()
 
-    def find(self, profile_id: str) -> str:
-        """The current survivor for a profile id (itself if never absorbed)."""
-        root = profile_id
-        while self._parent.get(root, root) != root:
-            root = self._parent[root]
-        # Path compression: later finds on this chain are one step.
-        while profile_id != root:
-            self._parent[profile_id], profile_id = root, self._parent[profile_id]
-        return root
+    # ---------------------------------------------------------------- small reads and writes
+    def _root_of_pid(self, pid: str) -> str:
+        return self.db.execute("SELECT root FROM profile WHERE pid = ?", (pid,)).fetchone()[0]
 
-    def resolve(self, message_id: str, timestamp: int, identifiers: Iterable[Identifier]) -> Resolution:
-        """Attributes one event to a profile, creating or merging profiles as its identifiers demand.
+    def _node(self, key: str):
+        return self.db.execute("SELECT owner, quarantined FROM node WHERE key = ?", (key,)).fetchone()
 
-        Args:
-          message_id: the event's messageId (the idempotency key).
-          timestamp: event time, UTC microseconds (for first/last seen and the merge record).
-          identifiers: the event's normalised identifiers; at least one.
+    def _root(self, key: str) -> str:
+        return self.db.execute(
+            "SELECT p.root FROM node n JOIN profile p ON p.pid = n.owner WHERE n.key = ?", (key,)).fetchone()[0]
+
+    def _count(self, root: str, id_type: str) -> int:
+        row = self.db.execute("SELECT n FROM counts WHERE root = ? AND type = ?", (root, id_type)).fetchone()
+        return row[0] if row else 0
+
+    def _bump(self, root: str, id_type: str, n: int = 1):
+        self.db.execute("INSERT INTO counts(root, type, n) VALUES (?, ?, ?) "
+                        "ON CONFLICT(root, type) DO UPDATE SET n = n + excluded.n", (root, id_type, n))
+
+    def _conflict(self, identifier: Identifier, profiles: Iterable[str], rule: str, cause: str, ts: int):
+        self.db.execute("INSERT INTO conflict(type, value, profiles, rule, cause, ts) VALUES (?, ?, ?, ?, ?, ?)",
+                        (identifier[0], identifier[1], json.dumps(sorted(set(profiles))), rule, cause, ts))
+
+    def _found(self, identifier: Identifier, ts: int) -> str:
+        pid = profile_id_for(identifier)
+        key = node_key(identifier)
+        self.db.execute("INSERT OR REPLACE INTO profile(pid, root, founder_key) VALUES (?, ?, ?)", (pid, pid, key))
+        self.db.execute("INSERT INTO node(key, type, value, owner, founder, first_seen, last_seen) VALUES (?, ?, ?, ?, 1, ?, ?)",
+                        (key, identifier[0], identifier[1], pid, ts, ts))
+        self._bump(pid, identifier[0])
+        return pid
+
+    def _separated(self, left_root: str, right_root: str) -> bool:
+        for a, b in self.rules.separations:
+            ra, rb = self._root_if_known(a), self._root_if_known(b)
+            if ra and rb and {ra, rb} == {left_root, right_root}:
+                return True
+        return False
+
+    def _root_if_known(self, identifier: Identifier) -> Optional[str]:
+        row = self.db.execute("SELECT p.root FROM node n JOIN profile p ON p.pid = n.owner WHERE n.key = ?",
+                              (node_key(identifier),)).fetchone()
+        return row[0] if row else None
+
+    def _merge_refusal(self, target: str, other: str) -> Optional[str]:
+        for id_type in self.rules.priority + tuple(sorted(set(self.rules.max_per_profile) - set(self.rules.priority))):
+            limit = self.rules.limit(id_type)
+            if limit is not None and self._count(target, id_type) + self._count(other, id_type) > limit:
+                return f"max_per_profile:{id_type}"
+        if self.rules.separations and self._separated(target, other):
+            return "manual_split"
+        return None
+
+    def _attach_refusal(self, target: str, identifier: Identifier) -> Optional[str]:
+        limit = self.rules.limit(identifier[0])
+        if limit is not None and self._count(target, identifier[0]) + 1 > limit:
+            return f"max_per_profile:{identifier[0]}"
+        for a, b in self.rules.separations:
+            other = b if a == identifier else a if b == identifier else None
+            if other is not None and self._root_if_known(other) == target:
+                return "manual_split"
+        return None
+
+    def _union(self, survivor: str, absorbed: str):
+        # Flattened union-find: every founder points straight at its root, so a find is one
+        # indexed read; a union rewrites the absorbed profile's founders (few per profile).
+        self.db.execute("UPDATE profile SET root = ? WHERE root = ?", (survivor, absorbed))
+        for id_type, n in self.db.execute("SELECT type, n FROM counts WHERE root = ?", (absorbed,)).fetchall():
+            self._bump(survivor, id_type, n)
+        self.db.execute("DELETE FROM counts WHERE root = ?", (absorbed,))
+
+    # ---------------------------------------------------------------- resolution
+    def resolve_batch(self, events: Iterable[Tuple[str, int, Sequence[Identifier]]]) -> List[Decision]:
+        """Resolves events (message_id, event time in UTC microseconds, identifiers) in the order given, atomically.
 
         Returns:
-          The event's anchor, its root profile now, and the merges it caused.
+          One Decision per event; an event already decided gets its recorded decision back.
         """
-        recorded = self._decisions.get(message_id)
-        if recorded is not None:
-            return recorded
-        ordered = sorted(set(identifiers), key=self._priority_key)
-        if not ordered:
-            raise ValueError(f"event {message_id} has no identifiers")
-        known = [i for i in ordered if i in self._owner]
-        merges: List[Merge] = []
-        if not known:
-            anchor = profile_id_for(ordered[0])
-            self._parent.setdefault(anchor, anchor)
-            root = self.find(anchor)
-        else:
-            anchor = self._owner[known[0]]
-            roots: Dict[str, List[str]] = {}
-            for identifier in known:
-                roots.setdefault(self.find(self._owner[identifier]), []).append(identifier[0])
-            root = min(roots)
-            for absorbed in sorted(roots):
-                if absorbed == root:
-                    continue
-                self._parent[absorbed] = root
-                types = "+".join(sorted(set(roots[absorbed]) | set(roots[root])))
-                merges.append(Merge(root, absorbed, message_id, f"shared {types}", timestamp))
-        for identifier in ordered:
-            if identifier not in self._owner:
-                self._owner[identifier] = root
-                self._seen[identifier] = _Seen(timestamp, timestamp)
+        decisions = []
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for message_id, ts, identifiers in events:
+                decisions.append(self._resolve(message_id, ts, identifiers))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return decisions
+
+    def resolve(self, message_id: str, ts: int, identifiers: Sequence[Identifier]) -> Decision:
+        return self.resolve_batch([(message_id, ts, identifiers)])[0]
+
+    def _resolve(self, message_id: str, ts: int, identifiers: Sequence[Identifier]) -> Decision:
+        row = self.db.execute("SELECT status, key, profile FROM decision WHERE message_id = ?", (message_id,)).fetchone()
+        if row is not None:
+            return Decision(message_id, row[0], row[1], row[2])
+        rules = self.rules
+        if rules.suppressed and any(identifier_hash(tuple(i)) in rules.suppressed for i in identifiers):
+            return self._decide(message_id, SUPPRESSED, None, None)
+        ids = sorted({tuple(i) for i in identifiers if not rules.is_blocked(tuple(i))}, key=rules.rank)
+        if not ids:
+            return self._decide(message_id, BLOCKED, None, None)
+        known, new, quarantined = [], [], set()
+        for identifier in ids:
+            node = self._node(node_key(identifier))
+            if node is None:
+                new.append(identifier)
             else:
-                seen = self._seen[identifier]
-                seen.first = min(seen.first, timestamp)
-                seen.last = max(seen.last, timestamp)
-        self.merges.extend(merges)
-        resolution = Resolution(message_id, anchor, root, tuple(merges))
-        self._decisions[message_id] = resolution
-        return resolution
+                known.append(identifier)
+                if node[1]:
+                    quarantined.add(identifier)
+                self.db.execute("UPDATE node SET first_seen = min(first_seen, ?), last_seen = max(last_seen, ?) WHERE key = ?",
+                                (ts, ts, node_key(identifier)))
+        usable = [i for i in known if i not in quarantined]
+        # A quarantined identifier attracts nothing: without a usable known identifier the event
+        # founds a new profile from its new identifiers.
+        target = self._root(node_key(usable[0])) if usable else None
+        for identifier in usable[1:]:
+            other = self._root(node_key(identifier))
+            if other == target:
+                continue
+            refusal = self._merge_refusal(target, other)
+            if refusal:
+                self._conflict(identifier, (target, other), refusal, message_id, ts)
+                continue
+            survivor, absorbed = min(target, other), max(target, other)
+            bridge = sorted({i[0] for i in ids if i in known and self._root(node_key(i)) in (target, other)})
+            self._union(survivor, absorbed)
+            self.db.execute("INSERT INTO merge(survivor, absorbed, cause, reason, ts) VALUES (?, ?, ?, ?, ?)",
+                            (survivor, absorbed, message_id, "shared " + "+".join(bridge), ts))
+            target = survivor
+        for identifier in new:
+            if target is None:
+                target = self._found(identifier, ts)
+                continue
+            refusal = self._attach_refusal(target, identifier)
+            if refusal:
+                own = self._found(identifier, ts)
+                self._conflict(identifier, (target, own), refusal, message_id, ts)
+                continue
+            self.db.execute("INSERT INTO node(key, type, value, owner, founder, first_seen, last_seen) VALUES (?, ?, ?, ?, 0, ?, ?)",
+                            (node_key(identifier), identifier[0], identifier[1], target, ts, ts))
+            self._bump(target, identifier[0])
+        roots = {i: self._root(node_key(i)) for i in ids}
+        members = [i for i in ids if roots[i] == target and i not in quarantined]
+        if len(members) > 1:
+            text = json.dumps([node_key(i) for i in members])
+            if self.db.execute("INSERT OR IGNORE INTO linkset(members, message_id, ts) VALUES (?, ?, ?)",
+                               (text, message_id, ts)).rowcount:
+                self.db.executemany("INSERT OR IGNORE INTO linkset_member(key, members) VALUES (?, ?)",
+                                    [(node_key(i), text) for i in members])
+        self._fan_out(ids, roots, quarantined, message_id, ts)
+        attributed = next((i for i in ids if not self._node(node_key(i))[1]), ids[0])
+        return self._decide(message_id, OK, node_key(attributed), self._root(node_key(attributed)))
 
+    def _decide(self, message_id, status, key, profile) -> Decision:
+        self.db.execute("INSERT INTO decision(message_id, status, key, profile, worker) VALUES (?, ?, ?, ?, ?)",
+                        (message_id, status, key, profile, self.worker))
+        return Decision(message_id, status, key, profile)
+
+    # ---------------------------------------------------------------- fan-out quarantine
+    def _fan_out(self, ids, roots, quarantined, message_id, ts):
+        # Who was seen with whom, and when. What is counted are the *accounts* (identifiers of
+        # a type limited to one per profile: user_id, loyalty_id) in the partners' current
+        # profiles: two accounts can never merge, so the count cannot collapse when the
+        # identifier's own merges succeed, and a user id joining its own cookies counts nothing.
+        keys = [node_key(i) for i in ids]
+        self.db.executemany("INSERT OR IGNORE INTO fanout(key, partner, ts) VALUES (?, ?, ?)",
+                            [(node_key(i), k, ts) for i in ids if i not in quarantined for k in keys if k != node_key(i)])
+        account_types = self.rules.account_types
+        if not account_types:
+            return
+        marks = ",".join("?" * len(account_types))
+        window = self.rules.window_us
+        for identifier in ids:
+            key = node_key(identifier)
+            if identifier in quarantined or self._node(key)[1]:
+                continue
+            accounts = {r[0] for r in self.db.execute(
+                "SELECT DISTINCT a.key FROM fanout f JOIN node n ON n.key = f.partner "
+                "JOIN profile p ON p.pid = n.owner JOIN profile q ON q.root = p.root "
+                f"JOIN node a ON a.owner = q.pid WHERE f.key = ? AND f.ts BETWEEN ? AND ? "
+                f"AND a.type IN ({marks}) AND a.key != ?",
+                (key, ts - window, ts + window, *account_types, key))}
+            if len(accounts) > self.rules.quarantine_max_profiles:
+                profiles = {self._root(a) for a in accounts}
+                self._quarantine(identifier, profiles, message_id, ts)
+
+    def _quarantine(self, identifier: Identifier, seen: Set[str], message_id: str, ts: int):
+        key = node_key(identifier)
+        self.db.execute("UPDATE node SET quarantined = 1 WHERE key = ?", (key,))
+        self._conflict(identifier, seen, "fan_out_quarantine", message_id, ts)
+        self.split_profile(self._root(key), message_id, ts, f"quarantine of {identifier[0]}")
+
+    def split_profile(self, root: str, cause: str, ts: int, why: str) -> List[str]:
+        """Re-derives one profile from its link sets (quarantined identifiers bridge nothing).
+
+        Returns:
+          The ids of the profiles it now consists of.
+        """
+        founders = [r[0] for r in self.db.execute("SELECT pid FROM profile WHERE root = ?", (root,))]
+        marks = ",".join("?" * len(founders))
+        nodes = {r[0]: r for r in self.db.execute(
+            f"SELECT key, type, value, owner, founder, quarantined FROM node WHERE owner IN ({marks})", founders)}
+        parent = {k: k for k in nodes}
+
+        def find(k):
+            while parent[k] != k:
+                parent[k] = parent[parent[k]]
+                k = parent[k]
+            return k
+
+        member_keys = list(nodes)
+        linksets = set()
+        for start in range(0, len(member_keys), 500):
+            chunk = member_keys[start:start + 500]
+            linksets.update(r[0] for r in self.db.execute(
+                f"SELECT members FROM linkset_member WHERE key IN ({','.join('?' * len(chunk))})", chunk))
+        for text in sorted(linksets):
+            usable = [k for k in json.loads(text) if k in nodes and not nodes[k][5]]
+            for k in usable[1:]:
+                a, b = find(usable[0]), find(k)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+        components: Dict[str, List[str]] = {}
+        for k in sorted(nodes):
+            components.setdefault(find(k), []).append(k)
+        self.db.execute("DELETE FROM counts WHERE root = ?", (root,))
+        new_roots = []
+        for keys in components.values():
+            own_founders = [k for k in keys if nodes[k][4]]
+            if not own_founders:
+                promoted = min(keys, key=lambda k: self.rules.rank(key_identifier(k)))
+                pid = profile_id_for(key_identifier(promoted))
+                self.db.execute("INSERT OR REPLACE INTO profile(pid, root, founder_key) VALUES (?, ?, ?)", (pid, pid, promoted))
+                self.db.execute("UPDATE node SET founder = 1 WHERE key = ?", (promoted,))
+                own_founders = [promoted]
+            founder_pids = {profile_id_for(key_identifier(k)) for k in own_founders}
+            new_root = min(founder_pids)
+            new_roots.append(new_root)
+            self.db.executemany("UPDATE profile SET root = ? WHERE pid = ?", [(new_root, p) for p in founder_pids])
+            for k in keys:
+                if nodes[k][3] not in founder_pids:
+                    self.db.execute("UPDATE node SET owner = ? WHERE key = ?", (new_root, k))
+                self._bump(new_root, nodes[k][1])
+        for seq, survivor, absorbed in self.db.execute(
+                f"SELECT seq, survivor, absorbed FROM merge WHERE undone_at IS NULL AND survivor IN ({marks})",
+                founders).fetchall():
+            if self._root_of_pid(survivor) != self._root_of_pid(absorbed):
+                self.db.execute("UPDATE merge SET undone_at = ?, undone_by = ? WHERE seq = ?", (ts, f"{why} ({cause})", seq))
+        return sorted(new_roots)
+
+    # ---------------------------------------------------------------- read-outs
     def profile_of(self, identifier: Identifier) -> Optional[str]:
-        """The current profile of an identifier, or None if it was never seen."""
-        owner = self._owner.get(identifier)
-        return self.find(owner) if owner is not None else None
+        return self._root_if_known(tuple(identifier))
 
-    def links(self) -> Iterator[Tuple[str, str, str, int, int]]:
-        """(identifier_type, identifier_value, current profile, first_seen, last_seen) for every identifier."""
-        for identifier in sorted(self._owner):
-            seen = self._seen[identifier]
-            yield identifier[0], identifier[1], self.find(self._owner[identifier]), seen.first, seen.last
+    def final_profile(self, message_id: str) -> Tuple[str, Optional[str]]:
+        """(status, current profile) of a decided event."""
+        row = self.db.execute(
+            "SELECT d.status, p.root FROM decision d LEFT JOIN node n ON n.key = d.key "
+            "LEFT JOIN profile p ON p.pid = n.owner WHERE d.message_id = ?", (message_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no identity decision for message {message_id}")
+        return row[0], row[1]
+
+    def links(self) -> List[Dict]:
+        return [dict(zip(("identifier_type", "identifier_value", "profile_id", "first_seen", "last_seen", "quarantined"), r))
+                for r in self.db.execute(
+                    "SELECT n.type, n.value, p.root, n.first_seen, n.last_seen, n.quarantined FROM node n "
+                    "JOIN profile p ON p.pid = n.owner ORDER BY n.type, n.value")]
+
+    def merges(self) -> List[Dict]:
+        return [dict(zip(("survivor_id", "absorbed_id", "cause_message_id", "reason", "merged_at", "undone_at", "undone_by"), r))
+                for r in self.db.execute(
+                    "SELECT survivor, absorbed, cause, reason, ts, undone_at, undone_by FROM merge ORDER BY seq")]
+
+    def conflicts(self) -> List[Dict]:
+        return [{"identifier_type": t, "identifier_value": v, "profiles": json.loads(p), "rule": rule,
+                 "cause_message_id": cause, "event_time": ts}
+                for t, v, p, rule, cause, ts in self.db.execute(
+                    "SELECT type, value, profiles, rule, cause, ts FROM conflict ORDER BY seq")]
+
+    def partition(self) -> Set[FrozenSet[Identifier]]:
+        """The profiles as sets of identifiers (how runs are compared)."""
+        groups: Dict[str, Set[Identifier]] = {}
+        for link in self.links():
+            groups.setdefault(link["profile_id"], set()).add((link["identifier_type"], link["identifier_value"]))
+        return {frozenset(g) for g in groups.values()}
+
+    def workers(self) -> Dict[int, int]:
+        """Decisions per worker process id."""
+        return dict(self.db.execute("SELECT worker, count(*) FROM decision GROUP BY worker").fetchall())

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sqlite3
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -43,20 +44,23 @@ from cdpflow.transforms.capture import ReadEvents
 from cdpflow.transforms.dedup import UNIQUE, Dedup
 from cdpflow.transforms.enrich import Enrich, LoadReferenceData, rates_loader
 from cdpflow.transforms.features import ComputeFeatures
-from cdpflow.transforms.identity import EVENTS, LINKS, MERGES, ResolveIdentity
+from cdpflow.core.identity import IdentityRules, IdentityStore
+from cdpflow.transforms.identity import CONFLICTS, EVENTS, LINKS, MERGES, ResolveIdentity
 from cdpflow.transforms.normalize import NORMALIZED, Normalize
 from cdpflow.transforms.segments import CHANGES, MEMBERSHIPS, AssignSegments
 from cdpflow.transforms.sinks import WriteStaged, dead_letter_row, event_row
 from cdpflow.transforms.validate import VALID, ParseAndValidate
 from cdpflow.warehouse import DuckDBWarehouse
 
-REPLACED_TABLES = ("events", "identity_links", "profile_merges", "profiles", "segment_memberships")
+REPLACED_TABLES = ("events", "identity_links", "profile_merges", "identity_conflicts", "profiles", "segment_memberships")
+IDENTITY_STORE = "identity.sqlite"
 PREVIOUS_MEMBERSHIPS = "previous_memberships.jsonl"
 
 
 def build_pipeline(pipeline: beam.Pipeline, inputs: Sequence[str], staging_dir: str,
                    config: Dict[str, Any], as_of: Optional[int] = None,
-                   previous_memberships: Optional[str] = None) -> Dict[str, beam.PCollection]:
+                   previous_memberships: Optional[str] = None, identity_store: Optional[str] = None,
+                   identity_rules: Optional[IdentityRules] = None) -> Dict[str, beam.PCollection]:
     """Wires the batch graph into `pipeline`.
 
     Args:
@@ -66,6 +70,8 @@ def build_pipeline(pipeline: beam.Pipeline, inputs: Sequence[str], staging_dir: 
       config: see `cdpflow/config/default.yaml`.
       as_of: time features are computed at (UTC microseconds); default the newest event time.
       previous_memberships: JSON-lines file of the warehouse's segment_memberships before the run.
+      identity_store: the identity store's SQLite file (default: `identity.sqlite` in staging_dir).
+      identity_rules: merge protection (default: from config, without suppressions or splits).
 
     Returns:
       The main PCollections by table name (for tests).
@@ -78,7 +84,10 @@ def build_pipeline(pipeline: beam.Pipeline, inputs: Sequence[str], staging_dir: 
     catalog = pipeline | "LoadCatalog" >> LoadReferenceData(enrichment.get("catalog"), load_catalog)
     rates = pipeline | "LoadRates" >> LoadReferenceData(enrichment.get("rates"), rates_loader(config["reporting_currency"]))
     enriched = unique[UNIQUE] | "Enrich" >> Enrich(catalog, rates)
-    identity = enriched | "ResolveIdentity" >> ResolveIdentity(config["identity"]["priority"])
+    identity = enriched | "ResolveIdentity" >> ResolveIdentity(
+        identity_store or os.path.join(staging_dir, IDENTITY_STORE),
+        identity_rules or IdentityRules.from_config(config["identity"]),
+        ordered=config["identity"].get("mode", "ordered") == "ordered")
 
     if as_of is None:
         as_of_pc = (identity[EVENTS]
@@ -97,12 +106,13 @@ def build_pipeline(pipeline: beam.Pipeline, inputs: Sequence[str], staging_dir: 
     segments = profiles | "AssignSegments" >> AssignSegments(
         config["segments"], previous, as_of_pc, config["lifecycle"])
 
-    dead_letters = ((parsed[DEAD_LETTERS], normalized[DEAD_LETTERS], unique[DEAD_LETTERS])
+    dead_letters = ((parsed[DEAD_LETTERS], normalized[DEAD_LETTERS], unique[DEAD_LETTERS], identity[DEAD_LETTERS])
                     | "AllDeadLetters" >> beam.Flatten())
     outputs = {
         "events": identity[EVENTS] | "EventRows" >> beam.Map(event_row),
         "identity_links": identity[LINKS],
         "profile_merges": identity[MERGES],
+        "identity_conflicts": identity[CONFLICTS],
         "profiles": profiles,
         "segment_memberships": segments[MEMBERSHIPS],
         "segment_changes": segments[CHANGES],
@@ -135,15 +145,21 @@ class RunSummary:
 
     @property
     def dead_lettered(self) -> int:
-        return sum(self.counter(s, "dead_lettered") for s in ("_ParseAndValidateFn", "_NormalizeFn", "_PickFirstFn"))
+        return sum(self.counter(s, "dead_lettered")
+                   for s in ("_ParseAndValidateFn", "_NormalizeFn", "_PickFirstFn", "_AttachProfileFn"))
 
     @property
     def deduplicated(self) -> int:
         return self.counter("_PickFirstFn", "deduplicated")
 
     @property
+    def suppressed(self) -> int:
+        """Events of forgotten identifiers: dropped on purpose, counted, stored nowhere."""
+        return self.counter("_AttachProfileFn", "suppressed")
+
+    @property
     def accepted(self) -> int:
-        return self.counter("_PickFirstFn", "succeeded")
+        return self.counter("_AttachProfileFn", "succeeded")
 
 
 def collect_counters(result) -> Dict[str, int]:
@@ -188,18 +204,21 @@ def run_batch(inputs: Sequence[str], warehouse: str, config: Dict[str, Any], as_
                 if replayed:
                     all_inputs.append(replay_path)
             previous = wh.memberships()
+            rules = IdentityRules.from_config(config["identity"], wh.separations(), wh.suppressions())
         with open(previous_path, "wb") as handle:
             for row in previous:
                 handle.write(orjson.dumps(row) + b"\n")
         runner_obj, args = runner_for(runner, list(pipeline_args))
         options = PipelineOptions(args)
         pipeline = beam.Pipeline(runner=runner_obj, options=options)
+        store_path = os.path.join(staging, IDENTITY_STORE)
         build_pipeline(pipeline, all_inputs, os.path.join(staging, "tables"), config, as_of,
-                       previous_path if previous else None)
+                       previous_path if previous else None, store_path, rules)
         result = pipeline.run()
         result.wait_until_finish()
         counters = collect_counters(result)
         tables = os.path.join(staging, "tables")
+        keep_identity_store(store_path, identity_store_path(warehouse))
         with DuckDBWarehouse(warehouse) as wh:
             written = wh.commit(tables, REPLACED_TABLES, {"dead_letters": "dead_letter_id"})
             sizes = {r["segment"]: r["n"] for r in wh.query(
@@ -212,6 +231,23 @@ def run_batch(inputs: Sequence[str], warehouse: str, config: Dict[str, Any], as_
                           staged_as_of[0]["as_of"] if staged_as_of else as_of, sizes, changes_file)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def identity_store_path(warehouse: str) -> str:
+    """Where the identity graph of a warehouse's latest run is kept (beside the warehouse)."""
+    return os.path.splitext(warehouse)[0] + ".identity.sqlite"
+
+
+def keep_identity_store(store_path: str, destination: str) -> None:
+    """Copies the run's identity store beside the warehouse (SQLite's online backup, WAL included)."""
+    source = IdentityStore(store_path)
+    try:
+        target = sqlite3.connect(destination + ".tmp")
+        source.db.backup(target)
+        target.close()
+        os.replace(destination + ".tmp", destination)
+    finally:
+        source.close()
 
 
 def _staged_lines(tables: str, name: str) -> List[bytes]:

@@ -29,6 +29,13 @@ class Column:
     mode: str = "NULLABLE"  # NULLABLE | REQUIRED | REPEATED
 
 
+def duckdb_column(column: Column, nullable: bool = False) -> str:
+    """A column definition for DuckDB (`nullable` drops NOT NULL, for ALTER TABLE ADD COLUMN)."""
+    sql_type = _TYPES[column.type][0] + ("[]" if column.mode == "REPEATED" else "")
+    null = " NOT NULL" if column.mode == "REQUIRED" and not nullable else ""
+    return f'"{column.name}" {sql_type}{null}'
+
+
 @dataclass(frozen=True)
 class Table:
     name: str
@@ -42,11 +49,7 @@ class Table:
 
     def duckdb_ddl(self) -> str:
         """CREATE TABLE statement for DuckDB."""
-        cols = []
-        for c in self.columns:
-            sql_type = _TYPES[c.type][0] + ("[]" if c.mode == "REPEATED" else "")
-            null = " NOT NULL" if c.mode == "REQUIRED" else ""
-            cols.append(f'"{c.name}" {sql_type}{null}')
+        cols = [duckdb_column(c) for c in self.columns]
         return f'CREATE TABLE IF NOT EXISTS "{self.name}" (\n  ' + ",\n  ".join(cols) + "\n)"
 
     def bigquery_schema(self) -> List[Dict[str, str]]:
@@ -82,6 +85,7 @@ IDENTITY_LINKS = Table("identity_links", "Which profile each normalised identifi
     _c("profile_id", "STRING", "The profile that holds it (current survivor).", "REQUIRED"),
     _c("first_seen", "TIMESTAMP", "Event time of the first event carrying it.", "REQUIRED"),
     _c("last_seen", "TIMESTAMP", "Event time of the latest event carrying it.", "REQUIRED"),
+    _c("quarantined", "BOOL", "True once fan-out quarantine stopped it from merging profiles."),
 ), key=("identifier_type", "identifier_value"))
 
 PROFILE_MERGES = Table("profile_merges", "Every merge of two profiles, as it happened.", (
@@ -90,7 +94,33 @@ PROFILE_MERGES = Table("profile_merges", "Every merge of two profiles, as it hap
     _c("cause_message_id", "STRING", "The event whose identifiers joined the two.", "REQUIRED"),
     _c("reason", "STRING", "Why they merged, e.g. 'shared email'.", "REQUIRED"),
     _c("merged_at", "TIMESTAMP", "Event time of the causing event.", "REQUIRED"),
-), key=("absorbed_id",))
+    _c("undone_at", "TIMESTAMP", "Event time at which a quarantine undid the merge (null while it holds)."),
+    _c("undone_by", "STRING", "What undid it, e.g. 'quarantine of device_id (<message id>)'."),
+), key=("absorbed_id", "merged_at"))
+
+IDENTITY_CONFLICTS = Table("identity_conflicts", "Links that merge protection refused, and quarantined identifiers.", (
+    _c("identifier_type", "STRING", "Type of the identifier whose link was refused or that was quarantined.", "REQUIRED"),
+    _c("identifier_value", "STRING", "Its normalised value.", "REQUIRED"),
+    _c("profiles", "STRING", "The profiles involved (as they were at that moment).", "REPEATED"),
+    _c("rule", "STRING", "max_per_profile:<type>, manual_split, or fan_out_quarantine.", "REQUIRED"),
+    _c("cause_message_id", "STRING", "The event that asked for the link.", "REQUIRED"),
+    _c("event_time", "TIMESTAMP", "Its event time.", "REQUIRED"),
+))
+
+IDENTITY_SUPPRESSIONS = Table("identity_suppressions", "Forgotten identifiers, kept only as hashes so replays cannot bring them back.", (
+    _c("identifier_hash", "STRING", "sha256 of the identifier (type and normalised value), salted with 'forget'.", "REQUIRED"),
+    _c("suppressed_at", "TIMESTAMP", "When `cdpflow forget` ran.", "REQUIRED"),
+    _c("request_id", "STRING", "Groups the identifiers of one forget request."),
+), key=("identifier_hash",))
+
+IDENTITY_SEPARATIONS = Table("identity_separations", "Pairs of identifiers a manual split keeps in different profiles.", (
+    _c("left_type", "STRING", "Identifier on one side of the split.", "REQUIRED"),
+    _c("left_value", "STRING", "", "REQUIRED"),
+    _c("right_type", "STRING", "Identifier on the other side.", "REQUIRED"),
+    _c("right_value", "STRING", "", "REQUIRED"),
+    _c("created_at", "TIMESTAMP", "When `cdpflow identity split` ran.", "REQUIRED"),
+    _c("reason", "STRING", "Why, as given to the command."),
+))
 
 PROFILES = Table("profiles", "One row per unified profile: traits, features as of a time, lifecycle.", (
     _c("profile_id", "STRING", "Deterministic profile id (p_ + hash of the identifier that created it).", "REQUIRED"),
@@ -142,11 +172,12 @@ SEGMENT_MEMBERSHIPS = Table("segment_memberships", "Segment membership spans; an
 DEAD_LETTERS = Table("dead_letters", "Records that could not be accepted, with their raw payload.", (
     _c("dead_letter_id", "STRING", "Hash of stage and raw payload, so replays do not repeat a row.", "REQUIRED"),
     _c("raw", "STRING", "The record exactly as read.", "REQUIRED"),
-    _c("stage", "STRING", "The stage that refused it: parse, validate, normalize, dedup.", "REQUIRED"),
+    _c("stage", "STRING", "The stage that refused it: parse, validate, normalize, dedup, identity.", "REQUIRED"),
     _c("error", "STRING", "What was wrong, in words.", "REQUIRED"),
     _c("schema_version", "STRING", "The schema applied (none if the kind was unknown)."),
     _c("received_at", "TIMESTAMP", "receivedAt of the record if it had one, else when it was read."),
 ), key=("dead_letter_id",))
 
 ALL_TABLES: Dict[str, Table] = {t.name: t for t in (
-    EVENTS, IDENTITY_LINKS, PROFILE_MERGES, PROFILES, SEGMENT_MEMBERSHIPS, DEAD_LETTERS)}
+    EVENTS, IDENTITY_LINKS, PROFILE_MERGES, IDENTITY_CONFLICTS, PROFILES, SEGMENT_MEMBERSHIPS, DEAD_LETTERS,
+    IDENTITY_SUPPRESSIONS, IDENTITY_SEPARATIONS)}

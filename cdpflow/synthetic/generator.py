@@ -423,6 +423,7 @@ class _Device:
     model: str = ""
     os_version: str = ""
     logged_in: bool = False
+    fresh: bool = True  # no session yet on this cookie / install
 
     @property
     def source(self) -> str:
@@ -944,6 +945,7 @@ class _World:
             # Cleared cookies: a fresh anonymousId, signed out.
             device.anonymous_id = _uuid4(rng)
             device.logged_in = False
+            device.fresh = True
         s = _Session(person, device, t)
         s.referrer = "" if campaign else rng.choice(_REFERRERS)
         if campaign is None and device.source == "web" and rng.random() < 0.2:
@@ -962,7 +964,12 @@ class _World:
             page = self._view(s, "Category", f"/c/{category}", f"{category.title()} | Example Shop",
                               {"category": category})
 
-        if person.user_id and not device.logged_in and (buy or rng.random() < 0.3):
+        # Account holders mostly sign in on a new browser or install ("remember me", app sign-in
+        # walls); a signed-out returning visitor signs in now and then. Some cookies and installs
+        # still never sign in: their identifiers cannot be linked to the person by anybody.
+        login_odds = 0.9 if device.fresh else 0.4
+        device.fresh = False
+        if person.user_id and not device.logged_in and (buy or rng.random() < login_odds):
             self._login(s)
         elif device.logged_in and rng.random() < 0.2:
             # Sites commonly re-identify signed-in visitors on page load.

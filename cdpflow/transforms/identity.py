@@ -1,91 +1,155 @@
-"""ResolveIdentity (batch): attributes every event to a unified profile.
+"""ResolveIdentity: attributes every event to a unified profile through the shared identity store.
 
 Input: PCollection[NormalizedEvent]. Outputs (a dict of PCollections):
-  `events`: the events with `profile_id` set to the profile's final survivor,
-  `identity_links`: one row per identifier (type, value, profile_id, first_seen, last_seen),
-  `profile_merges`: one row per merge (survivor_id, absorbed_id, cause_message_id, reason, merged_at).
+  `events`: the accepted events with `profile_id` set to their profile after the whole input,
+  `identity_links`, `profile_merges`, `identity_conflicts`: rows of those tables,
+  `dead_letters`: events whose every identifier is a blocked value (stage `identity`).
+Events that carry a forgotten identifier are dropped and counted (`suppressed`), never stored.
 
-Why one worker resolves the whole batch: the identity graph is global while Beam's state is per
-key, and a batch must be resolved in event-time order (timestamp, then messageId) to give the
-same profile ids and merge records on every replay. Only the small (time, messageId,
-identifiers) tuples travel to that worker; the events themselves are joined back by messageId.
-A union-find over a few million identifiers fits one worker's memory; the streaming job
-resolves per bundle against a shared store instead.
+Two ways to feed the store (`cdpflow.core.identity.IdentityStore`, one SQLite file shared by
+every worker process):
+  ordered (batch default): the (time, messageId, identifiers) keys are sorted into event-time
+      order on one worker and resolved in transactions of `batch_size`, so a backfill or a replay
+      gives exactly the sequential result, profile ids included;
+  parallel: each worker resolves its own batches of events (BatchElements) in arrival order, as a
+      stream does; unions are still atomic (one transaction per batch) and idempotent by
+      messageId, so a retried bundle or a restarted job changes nothing.
+Either way the events learn their final profile only after every event has been resolved: the
+count of resolved events is a singleton side input, which Beam computes completely first.
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Sequence, Tuple
+from typing import Iterable, List, Tuple
 
 import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
-from cdpflow.core.identity import DEFAULT_PRIORITY, IdentityGraph
-from cdpflow.schemas.records import Identifier, NormalizedEvent
+from cdpflow.core.identity import BLOCKED, OK, SUPPRESSED, IdentityRules, IdentityStore
+from cdpflow.core.timeutil import format_ts
+from cdpflow.schemas.records import DeadLetter, Identifier, NormalizedEvent
+from cdpflow.transforms import DEAD_LETTERS
 
-EVENTS, LINKS, MERGES = "events", "identity_links", "profile_merges"
-_RESOLVED = "resolved"
+EVENTS, LINKS, MERGES, CONFLICTS = "events", "identity_links", "profile_merges", "identity_conflicts"
 
 _Key = Tuple[int, str, Tuple[Identifier, ...]]
 
 
-class _ResolveInOrderFn(beam.DoFn):
-    def __init__(self, priority: Sequence[str]):
-        self.priority = tuple(priority)
+class _StoreFn(beam.DoFn):
+    """A DoFn holding one connection to the identity store per worker."""
+
+    def __init__(self, store_path: str, rules: IdentityRules):
+        self.store_path = store_path
+        self.rules = rules
+        self.store = None
+
+    def setup(self):
+        self.store = IdentityStore(self.store_path, self.rules)
+
+    def teardown(self):
+        if self.store is not None:
+            self.store.close()
+
+
+class _ResolveFn(_StoreFn):
+    def __init__(self, store_path, rules, batch_size: int, ordered: bool):
+        super().__init__(store_path, rules)
+        self.batch_size = batch_size
+        self.ordered = ordered
         self.received = Metrics.counter(self.__class__, "received")
         self.succeeded = Metrics.counter(self.__class__, "succeeded")
-        self.merges = Metrics.counter(self.__class__, "merges")
-        self.profiles = Metrics.counter(self.__class__, "profiles")
+        self.batch = Metrics.distribution(self.__class__, "batch_size")
 
-    def process(self, keys: List[_Key]):
-        graph = IdentityGraph(self.priority)
-        anchors = []
-        # Event-time order, ties by messageId: the order a replay will see again.
-        for timestamp, message_id, identifiers in sorted(keys):
-            self.received.inc()
-            anchors.append((message_id, graph.resolve(message_id, timestamp, identifiers).anchor_id))
-        for message_id, anchor in anchors:
+    def process(self, keys: List[_Key]) -> Iterable[int]:
+        # Ordered: the whole input in event-time order (ties by messageId), as a replay sees it.
+        # Parallel: within a batch, still in event-time order, to stay close to the batch result.
+        keys = sorted(keys)
+        for start in range(0, len(keys), self.batch_size):
+            chunk = keys[start:start + self.batch_size]
+            self.received.inc(len(chunk))
+            self.batch.update(len(chunk))
+            self.store.resolve_batch((mid, ts, ids) for ts, mid, ids in chunk)
+            self.succeeded.inc(len(chunk))
+        yield len(keys)
+
+
+class _AttachProfileFn(_StoreFn):
+    def __init__(self, store_path, rules):
+        super().__init__(store_path, rules)
+        self.received = Metrics.counter(self.__class__, "received")
+        self.succeeded = Metrics.counter(self.__class__, "succeeded")
+        self.dead_lettered = Metrics.counter(self.__class__, "dead_lettered")
+        self.suppressed = Metrics.counter(self.__class__, "suppressed")
+
+    def process(self, event: NormalizedEvent, resolved: int):
+        self.received.inc()
+        status, profile_id = self.store.final_profile(event.message_id)
+        if status == OK:
             self.succeeded.inc()
-            yield pvalue.TaggedOutput(_RESOLVED, (message_id, graph.find(anchor)))
-        roots = set()
-        for id_type, value, profile_id, first_seen, last_seen in graph.links():
-            roots.add(profile_id)
-            yield pvalue.TaggedOutput(LINKS, {
-                "identifier_type": id_type, "identifier_value": value, "profile_id": profile_id,
-                "first_seen": first_seen, "last_seen": last_seen})
-        for merge in graph.merges:
-            self.merges.inc()
-            yield pvalue.TaggedOutput(MERGES, merge._asdict())
-        self.profiles.inc(len(roots))
+            yield event.replace(profile_id=profile_id)
+        elif status == SUPPRESSED:
+            # A forgotten person's event: counted, never written anywhere (not even as a dead letter).
+            self.suppressed.inc()
+        else:
+            assert status == BLOCKED, status
+            self.dead_lettered.inc()
+            yield pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter(
+                event.raw, "identity",
+                "every identifier is a blocked value: " + ", ".join(f"{t}={v!r}" for t, v in event.identifiers),
+                event.schema_version, event.received_at))
 
 
-def _attach(element):
-    message_id, grouped = element
-    profiles = list(grouped["profile"])
-    for event in grouped["event"]:
-        yield event.replace(profile_id=profiles[0])
+class _ReadGraphFn(_StoreFn):
+    def process(self, _, resolved: int):
+        for link in self.store.links():
+            yield pvalue.TaggedOutput(LINKS, link)
+        for merge in self.store.merges():
+            yield pvalue.TaggedOutput(MERGES, merge)
+        for conflict in self.store.conflicts():
+            yield pvalue.TaggedOutput(CONFLICTS, conflict)
 
 
 class ResolveIdentity(beam.PTransform):
-    """PCollection[NormalizedEvent] -> {'events', 'identity_links', 'profile_merges'}.
+    """PCollection[NormalizedEvent] -> {'events', 'identity_links', 'profile_merges', 'identity_conflicts', 'dead_letters'}.
 
     Args:
-      priority: identifier types, most trusted first (names new profiles).
+      store_path: the identity store's SQLite file, reachable by every worker.
+      rules: merge protection (`IdentityRules.from_config`).
+      ordered: resolve in event-time order on one worker (True) or in parallel batches.
+      batch_size: events per store transaction.
     """
 
-    def __init__(self, priority: Sequence[str] = DEFAULT_PRIORITY):
+    def __init__(self, store_path: str, rules: IdentityRules = IdentityRules(), ordered: bool = True,
+                 batch_size: int = 500):
         super().__init__()
-        self.priority = tuple(priority)
+        self.store_path = store_path
+        self.rules = rules
+        self.ordered = ordered
+        self.batch_size = batch_size
 
     def expand(self, events):
-        resolved = (events
-                    | "IdentityKeys" >> beam.Map(lambda e: (e.timestamp, e.message_id, e.identifiers))
-                    | "CollectKeys" >> beam.combiners.ToList()
-                    | "ResolveInOrder" >> beam.ParDo(_ResolveInOrderFn(self.priority))
-                    .with_outputs(_RESOLVED, LINKS, MERGES))
-        with_profiles = (
-            {"event": events | "KeyEvents" >> beam.Map(lambda e: (e.message_id, e)),
-             "profile": resolved[_RESOLVED]}
-            | "JoinProfiles" >> beam.CoGroupByKey()
-            | "AttachProfile" >> beam.FlatMap(_attach).with_output_types(NormalizedEvent))
-        return {EVENTS: with_profiles, LINKS: resolved[LINKS], MERGES: resolved[MERGES]}
+        keys = events | "IdentityKeys" >> beam.Map(lambda e: (e.timestamp, e.message_id, e.identifiers))
+        if self.ordered:
+            batches = keys | "CollectKeys" >> beam.combiners.ToList()
+        else:
+            batches = keys | "BatchKeys" >> beam.BatchElements(min_batch_size=self.batch_size // 5,
+                                                                max_batch_size=self.batch_size)
+        resolved = (batches
+                    | "Resolve" >> beam.ParDo(_ResolveFn(self.store_path, self.rules, self.batch_size, self.ordered))
+                    | "CountResolved" >> beam.CombineGlobally(sum))
+        barrier = beam.pvalue.AsSingleton(resolved)
+        attached = (events
+                    | "AttachProfile" >> beam.ParDo(_AttachProfileFn(self.store_path, self.rules), barrier)
+                    .with_outputs(DEAD_LETTERS, main=EVENTS))
+        tables = (events.pipeline
+                  | "GraphReadout" >> beam.Create([None])
+                  | "ReadGraph" >> beam.ParDo(_ReadGraphFn(self.store_path, self.rules), barrier)
+                  .with_outputs(LINKS, MERGES, CONFLICTS))
+        return {EVENTS: attached[EVENTS], DEAD_LETTERS: attached[DEAD_LETTERS],
+                LINKS: tables[LINKS], MERGES: tables[MERGES], CONFLICTS: tables[CONFLICTS]}
+
+
+def describe_conflict(row) -> str:
+    """One line for a conflict row, for reports."""
+    return (f"{row['rule']}: {row['identifier_type']}={row['identifier_value']} "
+            f"profiles {', '.join(row['profiles'])} at {format_ts(row['event_time'])} ({row['cause_message_id']})")

@@ -16,7 +16,7 @@ import orjson
 import pyarrow as pa
 
 from cdpflow.core.normalize import normalize_email, normalize_phone
-from cdpflow.schemas.tables import ALL_TABLES, Table
+from cdpflow.schemas.tables import ALL_TABLES, Table, duckdb_column
 
 _ARROW = {
     "STRING": pa.string(), "INT64": pa.int64(), "FLOAT64": pa.float64(),
@@ -36,6 +36,8 @@ def _arrow_value(column, value):
         return None
     if column.type == "JSON":
         return value if isinstance(value, str) and column.name == "raw" else orjson.dumps(value).decode()
+    if column.type == "BOOL":
+        return bool(value)
     if column.type == "NUMERIC":
         return Decimal(str(value)).quantize(Decimal("0.000000001"))
     return value
@@ -83,6 +85,15 @@ class DuckDBWarehouse:
         if not read_only:
             for table in ALL_TABLES.values():
                 self.con.execute(table.duckdb_ddl())
+                self._add_missing_columns(table)
+
+    def _add_missing_columns(self, table: Table):
+        # A warehouse written by an older cdpflow gains the columns added since (all nullable).
+        have = {r[0] for r in self.con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table.name]).fetchall()}
+        for column in table.columns:
+            if column.name not in have:
+                self.con.execute(f'ALTER TABLE "{table.name}" ADD COLUMN {duckdb_column(column, nullable=True)}')
 
     def close(self):
         self.con.close()
@@ -224,3 +235,13 @@ class DuckDBWarehouse:
                 "SELECT survivor_id, absorbed_id, cause_message_id, reason, merged_at FROM profile_merges "
                 "WHERE survivor_id = ? ORDER BY merged_at", [profile_id]),
         }
+
+    # Identity governance -------------------------------------------------------------------
+    def suppressions(self) -> List[str]:
+        """Hashes of forgotten identifiers."""
+        return [r[0] for r in self.con.execute("SELECT identifier_hash FROM identity_suppressions").fetchall()]
+
+    def separations(self) -> List[tuple]:
+        """Pairs of identifiers that manual splits keep apart: [((type, value), (type, value)), ...]."""
+        return [((a, b), (c, d)) for a, b, c, d in self.con.execute(
+            "SELECT left_type, left_value, right_type, right_value FROM identity_separations").fetchall()]

@@ -1,61 +1,163 @@
+"""The identity store against independent references: union-find, and a sequential rules reference."""
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdpflow.core.identity import IdentityGraph, profile_id_for
-from tests.oracles import components_of
+from cdpflow.core.identity import (BLOCKED, OK, SUPPRESSED, IdentityRules, IdentityStore, identifier_hash,
+                                   profile_id_for)
+from tests.oracles import SequentialIdentityReference, components_of
 
 TYPES = ("user_id", "email", "phone", "anonymous_id", "loyalty_id", "device_id")
-identifier = st.tuples(st.sampled_from(TYPES), st.integers(0, 12).map(str))
-events = st.lists(st.lists(identifier, min_size=1, max_size=4), min_size=1, max_size=40)
+DAY = 86_400 * 1_000_000
+identifier = st.tuples(st.sampled_from(TYPES), st.integers(1, 9).map(lambda n: f"v{n}"))
+events = st.lists(st.tuples(st.integers(0, 30), st.lists(identifier, min_size=1, max_size=4)), min_size=1, max_size=40)
+
+UNLIMITED = IdentityRules(max_per_profile={}, blocked={}, quarantine_max_profiles=10 ** 6)
+LIMITED = IdentityRules(max_per_profile={"user_id": 1, "loyalty_id": 1, "email": 2, "device_id": 3},
+                        blocked={}, quarantine_max_profiles=2, quarantine_window_days=10)
 
 
-def partition(graph, all_ids):
-    groups = {}
-    for item in all_ids:
-        groups.setdefault(graph.profile_of(item), set()).add(item)
-    return {frozenset(g) for g in groups.values()}
+def resolve_all(store, ordered_events, chunks=None):
+    batch = [(f"m{index}", day * DAY, ids) for index, (day, ids) in ordered_events]
+    size = chunks or len(batch)
+    for start in range(0, len(batch), size):
+        store.resolve_batch(batch[start:start + size])
+    return store
+
+
+@settings(max_examples=150, deadline=None)
+@given(events=events, order=st.randoms(use_true_random=False), chunk=st.integers(1, 7))
+def test_without_limits_the_partition_is_the_union_find_in_any_arrival_order(events, order, chunk):
+    arrival = list(enumerate(events))
+    order.shuffle(arrival)
+    store = resolve_all(IdentityStore(":memory:", UNLIMITED), arrival, chunk)
+    assert store.partition() == components_of([ids for _, ids in events])
+
+
+def event_time_order(events):
+    return sorted(enumerate(events), key=lambda item: (item[1][0] * DAY, f"m{item[0]}"))
 
 
 @settings(max_examples=200, deadline=None)
-@given(events=events, order=st.randoms(use_true_random=False))
-def test_partition_equals_union_find_in_any_arrival_order(events, order):
+@given(events=events)
+def test_with_limits_event_time_order_equals_the_sequential_reference(events):
+    ordered = event_time_order(events)
+    store = resolve_all(IdentityStore(":memory:", LIMITED), ordered)
+    reference = SequentialIdentityReference(LIMITED.priority, dict(LIMITED.max_per_profile),
+                                            LIMITED.quarantine_max_profiles, LIMITED.window_us)
+    for index, (day, ids) in ordered:
+        reference.resolve(day * DAY, ids)
+    assert store.partition() == reference.partition()
+    assert {(l["identifier_type"], l["identifier_value"]) for l in store.links() if l["quarantined"]} == reference.quarantined
+
+
+def assert_limits_hold(store, rules):
+    per_profile = {}
+    for link in store.links():
+        per_profile.setdefault(link["profile_id"], []).append(link["identifier_type"])
+    for types in per_profile.values():
+        for id_type, limit in rules.max_per_profile.items():
+            assert types.count(id_type) <= limit, (types, id_type)
+
+
+@settings(max_examples=150, deadline=None)
+@given(events=events, order=st.randoms(use_true_random=False), chunk=st.integers(1, 7))
+def test_with_limits_every_limit_holds_in_any_arrival_order_and_retries_change_nothing(events, order, chunk):
     arrival = list(enumerate(events))
     order.shuffle(arrival)
-    graph = IdentityGraph()
-    for index, ids in arrival:
-        graph.resolve(f"m{index}", index, ids)
-    all_ids = {i for ids in events for i in ids}
-    assert partition(graph, all_ids) == components_of(events)
+    store = resolve_all(IdentityStore(":memory:", LIMITED), arrival, chunk)
+    assert_limits_hold(store, LIMITED)
+    before = (store.partition(), store.merges(), store.conflicts())
+    # a retried bundle: the same events again, in another order
+    order.shuffle(arrival)
+    resolve_all(store, arrival, chunk)
+    assert (store.partition(), store.merges(), store.conflicts()) == before
 
 
-@settings(max_examples=100, deadline=None)
-@given(events=events)
-def test_replayed_messages_change_nothing_and_same_order_gives_same_ids(events):
-    first, second = IdentityGraph(), IdentityGraph()
-    for index, ids in enumerate(events):
-        first.resolve(f"m{index}", index, ids)
-        second.resolve(f"m{index}", index, ids)
-        # a retried bundle: the same message again, maybe with its identifiers listed differently
-        assert second.resolve(f"m{index}", index, list(reversed(ids))) == second.resolve(f"m{index}", index, ids)
-    assert list(first.links()) == list(second.links())
-    assert first.merges == second.merges
+def test_a_family_email_does_not_join_two_accounts():
+    store = IdentityStore(":memory:", IdentityRules())
+    store.resolve("1", 1, [("user_id", "mum"), ("email", "family@x.com")])
+    store.resolve("2", 2, [("user_id", "son"), ("anonymous_id", "c-son")])
+    decision = store.resolve("3", 3, [("user_id", "son"), ("email", "family@x.com")])
+    assert decision.profile_id == store.profile_of(("user_id", "son")) != store.profile_of(("user_id", "mum"))
+    assert store.profile_of(("email", "family@x.com")) == store.profile_of(("user_id", "mum"))
+    (conflict,) = store.conflicts()
+    assert (conflict["rule"], conflict["identifier_value"], conflict["cause_message_id"]) == (
+        "max_per_profile:user_id", "family@x.com", "3")
+    assert store.merges() == []
 
 
-def test_merge_keeps_the_smaller_id_and_records_the_cause():
-    graph = IdentityGraph()
-    a = graph.resolve("m1", 10, [("email", "a@x.com")]).profile_id
-    b = graph.resolve("m2", 20, [("user_id", "u1")]).profile_id
-    assert a == profile_id_for(("email", "a@x.com")) and b == profile_id_for(("user_id", "u1"))
-    joined = graph.resolve("m3", 30, [("email", "a@x.com"), ("user_id", "u1")])
-    assert joined.profile_id == min(a, b)
-    (merge,) = joined.merges
-    assert (merge.survivor_id, merge.absorbed_id, merge.cause_message_id, merge.merged_at) == (min(a, b), max(a, b), "m3", 30)
-    assert merge.reason == "shared email+user_id"
-    links = {(t, v): (p, f, l) for t, v, p, f, l in graph.links()}
-    assert links[("email", "a@x.com")] == (min(a, b), 10, 30)
+def test_a_kiosk_device_is_quarantined_and_its_merges_are_undone():
+    rules = IdentityRules(quarantine_max_profiles=3, quarantine_window_days=30)
+    store = IdentityStore(":memory:", rules)
+    for n in range(1, 6):
+        store.resolve(f"own{n}", n * DAY, [("loyalty_id", f"L{n}"), ("email", f"p{n}@x.com")])
+    # anonymous shoppers at the kiosk: their cookies merge into the kiosk's profile
+    store.resolve("anon1", 9 * DAY, [("device_id", "kiosk"), ("anonymous_id", "walk-in-1")])
+    store.resolve("anon2", 9 * DAY + 1, [("device_id", "kiosk"), ("anonymous_id", "walk-in-2")])
+    # card holders at the kiosk, one after another; two loyalty cards can never merge
+    for n in range(1, 6):
+        store.resolve(f"kiosk{n}", (10 + n) * DAY, [("loyalty_id", f"L{n}"), ("device_id", "kiosk")])
+        if n < 4:
+            assert not any(c["rule"] == "fan_out_quarantine" for c in store.conflicts())
+    (quarantine,) = [c for c in store.conflicts() if c["rule"] == "fan_out_quarantine"]
+    assert (quarantine["identifier_value"], quarantine["cause_message_id"]) == ("kiosk", "kiosk4")
+    partition = store.partition()
+    for n in range(1, 6):
+        assert frozenset({("loyalty_id", f"L{n}"), ("email", f"p{n}@x.com")}) in partition
+    assert frozenset({("device_id", "kiosk")}) in partition
+    assert frozenset({("anonymous_id", "walk-in-1")}) in partition  # the merges it caused are undone
+    merges = store.merges()
+    assert merges and all(m["undone_at"] is not None and "quarantine of device_id" in m["undone_by"] for m in merges)
+    # once quarantined it merges nothing any more
+    store.resolve("later", 20 * DAY, [("device_id", "kiosk"), ("anonymous_id", "walk-in-3")])
+    assert store.profile_of(("anonymous_id", "walk-in-3")) != store.profile_of(("device_id", "kiosk"))
 
 
-def test_new_profile_is_named_by_the_highest_priority_identifier():
-    graph = IdentityGraph(priority=("user_id", "email"))
-    resolution = graph.resolve("m", 1, [("anonymous_id", "c1"), ("email", "e@x.com"), ("user_id", "u9")])
-    assert resolution.profile_id == profile_id_for(("user_id", "u9"))
+def test_a_user_id_joining_its_own_cookies_and_a_family_email_are_not_quarantined():
+    store = IdentityStore(":memory:", IdentityRules(quarantine_max_profiles=2))
+    for n in range(6):
+        store.resolve(f"c{n}", n, [("anonymous_id", f"cookie{n}")])
+        store.resolve(f"l{n}", 100 + n, [("anonymous_id", f"cookie{n}"), ("user_id", "u")])
+    store.resolve("mum", 200, [("user_id", "mum"), ("email", "home@x.com")])
+    store.resolve("son", 201, [("user_id", "u"), ("email", "home@x.com")])
+    assert not any(c["rule"] == "fan_out_quarantine" for c in store.conflicts())
+    assert len({store.profile_of(("anonymous_id", f"cookie{n}")) for n in range(6)}) == 1
+
+
+def test_blocked_values_suppressed_identifiers_and_manual_splits():
+    forgotten = ("email", "gone@x.com")
+    rules = IdentityRules(separations=frozenset({(("user_id", "a"), ("user_id", "b"))}),
+                          suppressed=frozenset({identifier_hash(forgotten)}), max_per_profile={})
+    store = IdentityStore(":memory:", rules)
+    assert store.resolve("1", 1, [("email", "test@example.com"), ("anonymous_id", "undefined")]).status == BLOCKED
+    assert store.resolve("2", 2, [forgotten, ("user_id", "z")]).status == SUPPRESSED
+    assert store.profile_of(("user_id", "z")) is None
+    store.resolve("3", 3, [("user_id", "a"), ("email", "shared@x.com")])
+    store.resolve("4", 4, [("user_id", "b"), ("phone", "+15550001")])
+    decision = store.resolve("5", 5, [("user_id", "b"), ("email", "shared@x.com")])
+    assert decision.status == OK and store.profile_of(("user_id", "a")) != store.profile_of(("user_id", "b"))
+    assert [c["rule"] for c in store.conflicts()] == ["manual_split"]
+
+
+def test_profile_ids_are_deterministic_and_the_smaller_survives():
+    def run():
+        store = IdentityStore(":memory:", IdentityRules())
+        store.resolve("1", 1, [("anonymous_id", "c1")])
+        store.resolve("2", 2, [("user_id", "u1")])
+        store.resolve("3", 3, [("user_id", "u1"), ("anonymous_id", "c1")])
+        return store
+    first, second = run(), run()
+    assert first.links() == second.links() and first.merges() == second.merges()
+    ids = sorted([profile_id_for(("anonymous_id", "c1")), profile_id_for(("user_id", "u1"))])
+    (merge,) = first.merges()
+    assert (merge["survivor_id"], merge["absorbed_id"], merge["cause_message_id"]) == (ids[0], ids[1], "3")
+    assert merge["reason"] == "shared anonymous_id+user_id"
+
+
+def test_the_store_is_shared_through_its_file(tmp_path):
+    path = str(tmp_path / "graph.sqlite")
+    one, two = IdentityStore(path, IdentityRules(), worker=1), IdentityStore(path, IdentityRules(), worker=2)
+    one.resolve("1", 1, [("user_id", "u"), ("email", "e@x.com")])
+    two.resolve("2", 2, [("email", "e@x.com"), ("phone", "+15550002")])
+    assert one.profile_of(("phone", "+15550002")) == two.profile_of(("user_id", "u"))
+    assert one.workers() == {1: 1, 2: 1}
