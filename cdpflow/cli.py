@@ -58,6 +58,20 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--truth", required=True, help="identities.csv: person_id,identifier_type,identifier_value")
     report.add_argument("--warehouse", required=True)
     report.add_argument("--json", action="store_true", help="print JSON")
+    split = ident_sub.add_parser("split", help="undo a wrong merge; the split holds in every later run")
+    split.add_argument("profile", help="the profile (its id, or any of its identifiers)")
+    split.add_argument("--warehouse", required=True)
+    split.add_argument("--merge", help="undo only the merge that absorbed this profile id (default: every merge)")
+    split.add_argument("--reason", default="manual split", help="recorded with the split")
+    split.add_argument("--runner", default="direct")
+    split.add_argument("--config", help="YAML configuration merged over the defaults")
+    split.add_argument("--catalog", help="product catalog CSV, as given to `cdpflow run`")
+    split.add_argument("--rates", help="currency rates CSV, as given to `cdpflow run`")
+
+    forget = sub.add_parser("forget", help="delete a person (profile, links, events) and keep replays from bringing them back")
+    forget.add_argument("identifier", help="any identifier of the person, or the profile id")
+    forget.add_argument("--warehouse", required=True)
+    forget.add_argument("--changes-out", help="JSON-lines file the segment exits are appended to")
     return parser
 
 
@@ -72,6 +86,8 @@ def identity_report(warehouse: str, truth_path: str):
 
 
 def cmd_identity(args) -> int:
+    if args.identity_command == "split":
+        return cmd_split(args)
     import dataclasses
     import orjson
     report = identity_report(args.warehouse, args.truth)
@@ -99,6 +115,64 @@ def cmd_identity(args) -> int:
     for row in report.biggest:
         biggest.add_row(*(str(v) for v in row))
     console.print(biggest)
+    return 0
+
+
+def _now_us() -> int:
+    import time
+    return int(time.time() * 1_000_000)
+
+
+def cmd_split(args) -> int:
+    from cdpflow.config import load_config
+    from cdpflow.core.identity import profile_id_for
+    from cdpflow.pipelines.batch import reference_overrides, run_batch
+    from cdpflow.warehouse import DuckDBWarehouse
+    with DuckDBWarehouse(args.warehouse) as wh:
+        profile_id = wh.resolve_profile_id(args.profile)
+        if profile_id is None:
+            err_console.print(f"no profile holds {args.profile!r}")
+            return 2
+        merges = [m for m in wh.merges_into(profile_id) if args.merge in (None, m["absorbed_id"])]
+        if not merges:
+            err_console.print(f"profile {profile_id} has no merge to undo" + (f" that absorbed {args.merge}" if args.merge else ""))
+            return 2
+        founders = {}
+        for row in wh.query("SELECT identifier_type, identifier_value FROM identity_links WHERE profile_id = ?", [profile_id]):
+            identifier = (row["identifier_type"], row["identifier_value"])
+            founders[profile_id_for(identifier)] = identifier
+        pairs = [(founders[m["survivor_id"]], founders[m["absorbed_id"]]) for m in merges
+                 if m["survivor_id"] in founders and m["absorbed_id"] in founders]
+        added = wh.add_separations(pairs, _now_us(), args.reason)
+    console.print(f"recorded {added} separation(s) for {len(merges)} merge(s) of {profile_id}; re-deriving the warehouse")
+    config = load_config(args.config, enrichment=reference_overrides(args.catalog, args.rates))
+    summary = run_batch([], args.warehouse, config, runner=args.runner)
+    console.print(f"profiles now: {summary.written.get('profiles', 0)}, merges: {summary.written.get('profile_merges', 0)}")
+    return 0
+
+
+def cmd_forget(args) -> int:
+    import orjson
+    from cdpflow.core.timeutil import format_ts
+    from cdpflow.transforms.segments import idempotency_key
+    from cdpflow.warehouse import DuckDBWarehouse
+    now = _now_us()
+    with DuckDBWarehouse(args.warehouse) as wh:
+        done = wh.forget(args.identifier, now)
+    if done is None:
+        err_console.print(f"no profile holds {args.identifier!r}")
+        return 2
+    changes_file = args.changes_out or os.path.splitext(args.warehouse)[0] + ".segment_changes.jsonl"
+    cause = f"forget:{done['request_id']}"
+    with open(changes_file, "ab") as handle:
+        for row in done["closed_memberships"]:
+            handle.write(orjson.dumps({
+                "idempotency_key": idempotency_key(row["profile_id"], row["segment"], "exit", cause),
+                "profile_id": row["profile_id"], "segment": row["segment"], "source": row["source"],
+                "direction": "exit", "at": format_ts(now), "cause_message_id": cause,
+                "model_version": row["model_version"]}) + b"\n")
+    console.print(f"forgot profile {done['profile_id']}: {done['identifiers']} identifiers suppressed, "
+                  f"deleted {done['deleted']}, {len(done['closed_memberships'])} segment exits appended to {changes_file}")
     return 0
 
 
@@ -215,7 +289,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=os.environ.get("CDPFLOW_LOG", "WARNING"))
     args = _parser().parse_args(argv)
     handlers = {"generate": cmd_generate, "run": cmd_run, "export": cmd_export, "profile": cmd_profile,
-                "identity": cmd_identity}
+                "identity": cmd_identity, "forget": cmd_forget}
     from cdpflow.core.segments import RuleError
     from cdpflow.warehouse import WarehouseError
     try:

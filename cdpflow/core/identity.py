@@ -39,6 +39,7 @@ import json
 import os
 import re
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple
 
@@ -180,10 +181,28 @@ class IdentityStore:
         # isolation_level=None: transactions are ours (BEGIN IMMEDIATE takes the write lock up
         # front, so two workers never interleave the reads and writes of one union).
         self.db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
-        if path != ":memory:":
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
+        self._initialise(path)
+
+    def _initialise(self, path: str):
+        # Several workers open a new store at once; switching to WAL and creating the tables
+        # can meet another worker's lock before any busy handler applies, so retry a while.
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if path != ":memory:" and self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                self.db.execute("BEGIN IMMEDIATE")
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    self.db.execute(statement)
+                self.db.execute("COMMIT")
+                return
+            except sqlite3.OperationalError as err:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                if "locked" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def close(self):
         self.db.close()

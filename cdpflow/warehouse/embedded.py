@@ -245,3 +245,70 @@ class DuckDBWarehouse:
         """Pairs of identifiers that manual splits keep apart: [((type, value), (type, value)), ...]."""
         return [((a, b), (c, d)) for a, b, c, d in self.con.execute(
             "SELECT left_type, left_value, right_type, right_value FROM identity_separations").fetchall()]
+
+    def forget(self, identifier: str, now_us: int) -> Optional[Dict[str, Any]]:
+        """Deletes the profile holding `identifier`, its links and its events; suppresses its identifiers.
+
+        Dead letters whose raw text contains one of the identifiers go too. The open segment
+        memberships are closed and returned, so that the caller can publish their exits (the
+        destinations must drop the person as well).
+
+        Returns:
+          What was deleted (counts, the closed memberships), or None if no profile holds it.
+        """
+        import hashlib
+        from cdpflow.core.identity import identifier_hash
+        profile_id = self.resolve_profile_id(identifier)
+        if profile_id is None:
+            return None
+        identifiers = [(r["identifier_type"], r["identifier_value"]) for r in self.query(
+            "SELECT identifier_type, identifier_value FROM identity_links WHERE profile_id = ?", [profile_id])]
+        request_id = hashlib.sha256(f"{profile_id}\x00{now_us}".encode()).hexdigest()[:16]
+        closed = self.query("SELECT profile_id, segment, source, model_version FROM segment_memberships "
+                            "WHERE profile_id = ? AND exited_at IS NULL", [profile_id])
+        counts = {}
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            for id_type, value in identifiers:
+                self.con.execute("INSERT INTO identity_suppressions SELECT ?, make_timestamp(?), ? "
+                                 "WHERE NOT EXISTS (SELECT 1 FROM identity_suppressions WHERE identifier_hash = ?)",
+                                 [identifier_hash((id_type, value)), now_us, request_id,
+                                  identifier_hash((id_type, value))])
+            for table in ("events", "identity_links", "profiles", "segment_memberships"):
+                counts[table] = self.con.execute(f'DELETE FROM "{table}" WHERE profile_id = ?', [profile_id]).fetchone()[0]
+            counts["profile_merges"] = self.con.execute(
+                "DELETE FROM profile_merges WHERE survivor_id = ? OR absorbed_id = ?", [profile_id, profile_id]).fetchone()[0]
+            letters = 0
+            for _, value in identifiers:
+                letters += self.con.execute("DELETE FROM dead_letters WHERE contains(lower(raw), lower(?))", [value]).fetchone()[0]
+            counts["dead_letters"] = letters
+            self.con.execute("COMMIT")
+        except Exception:
+            self.con.execute("ROLLBACK")
+            raise
+        return {"profile_id": profile_id, "request_id": request_id, "identifiers": len(identifiers),
+                "deleted": counts, "closed_memberships": closed}
+
+    def add_separations(self, pairs, now_us: int, reason: str) -> int:
+        """Records pairs of identifiers that must stay in different profiles; returns how many were new."""
+        added = 0
+        for (lt, lv), (rt, rv) in pairs:
+            exists = self.con.execute(
+                "SELECT count(*) FROM identity_separations WHERE left_type = ? AND left_value = ? "
+                "AND right_type = ? AND right_value = ?", [lt, lv, rt, rv]).fetchone()[0]
+            if not exists:
+                self.con.execute("INSERT INTO identity_separations VALUES (?, ?, ?, ?, make_timestamp(?), ?)",
+                                 [lt, lv, rt, rv, now_us, reason])
+                added += 1
+        return added
+
+    def merges_into(self, profile_id: str) -> List[Dict[str, Any]]:
+        """Merges (not undone) whose survivor is, or was absorbed into, this profile."""
+        found, frontier = [], [profile_id]
+        while frontier:
+            current = frontier.pop()
+            rows = self.query("SELECT survivor_id, absorbed_id, cause_message_id, reason FROM profile_merges "
+                              "WHERE survivor_id = ? AND undone_at IS NULL", [current])
+            found.extend(rows)
+            frontier.extend(r["absorbed_id"] for r in rows)
+        return found
