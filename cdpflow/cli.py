@@ -100,7 +100,9 @@ def cmd_identity(args) -> int:
     for key, value in (("pairwise precision", f"{report.precision:.4f}"), ("pairwise recall", f"{report.recall:.4f}"),
                        ("identifiers compared", report.identifiers), ("persons", report.persons),
                        ("profiles", report.profiles), ("pairs predicted", report.predicted_pairs),
-                       ("pairs true", report.true_pairs), ("pairs correct", report.correct_pairs)):
+                       ("pairs true", report.true_pairs), ("pairs correct", report.correct_pairs),
+                       ("shared identifiers (left out of the pairs)", report.shared_identifiers),
+                       ("  of which in a profile of one of their owners", report.shared_with_an_owner)):
         table.add_row(key, str(value))
     console.print(table)
     spread = Table(title="profiles per person")

@@ -91,15 +91,34 @@ class SequentialIdentityReference:
         group = set()  # identifiers that end in the target through this event
         target = comp[usable[0]] if usable else None
         members = {n for n, r in comp.items() if r == target} if target is not None else set()
-        for identifier in usable[1:]:
-            other = {n for n, r in comp.items() if r == comp[identifier]}
+        lead, others = (usable[0] if usable else None), usable[1:]
+        account_types = {t for t, n in self.limits.items() if n == 1}
+        if (lead and new and self.key(new[0]) < self.key(lead) and new[0][0] in account_types
+                and sum(1 for n in members if n[0] == new[0][0]) + 1 > self.limits[new[0][0]]):
+            self.nodes.append(new[0])
+            lead, target, members, new, others = new[0], new[0], {new[0]}, new[1:], usable
+        def exceeds(left, right, types):
+            return any(self.limits.get(t) is not None and
+                       sum(1 for n in left if n[0] == t) + sum(1 for n in right if n[0] == t) > self.limits[t]
+                       for t in types)
+
+        for identifier in others:
             if identifier in members:
                 continue
-            if any(self.limits.get(t) is not None and
-                   sum(1 for n in members if n[0] == t) + sum(1 for n in other if n[0] == t) > self.limits[t]
-                   for t in {n[0] for n in members | other}):
+            comp = self.components()
+            other = {n for n, r in comp.items() if r == comp[identifier]}
+            if not exceeds(members, other, {n[0] for n in members | other}):
+                members |= other
                 continue
-            members |= other
+            # re-homing: an account clash, an account-led event, a non-account identifier whose
+            # link sets hold no account
+            if (lead[0] in account_types and identifier[0] not in account_types
+                    and exceeds(members, other, account_types)
+                    and not any(n != identifier and n[0] in account_types
+                                for linkset in self.linksets if identifier in linkset for n in linkset)):
+                self.linksets = [[n for n in linkset if n != identifier] for linkset in self.linksets]
+                if not exceeds(members, {identifier}, {identifier[0]}):
+                    members.add(identifier)
         for identifier in new:
             self.nodes.append(identifier)
             if target is None:
@@ -115,7 +134,6 @@ class SequentialIdentityReference:
         for i in ids:
             if i not in self.quarantined:
                 self.seen.setdefault(i, []).extend((j, ts) for j in ids if j != i)
-        account_types = {t for t, n in self.limits.items() if n == 1}
         comp = self.components()
         for identifier in ids:
             if identifier in self.quarantined:

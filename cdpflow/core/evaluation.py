@@ -8,7 +8,9 @@ share a person, and a predicted match when they are in the same profile:
     recall    = true matches predicted / true matches
 
 Only identifiers both in the truth and in the warehouse count (an identifier that never reached
-the warehouse in a valid event cannot be resolved).
+the warehouse in a valid event cannot be resolved). Shared identifiers (listed for more than one
+person: a family's email, a kiosk) are left out of the pairs, because no partition can place
+them with every owner; the report counts them and how many ended with one of their owners.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ class IdentityReport:
     profiles: int
     profiles_per_person: Dict[int, int]  # how many persons are spread over n profiles
     biggest: List[Tuple[str, int, int]]  # (profile_id, identifiers, distinct persons)
+    shared_identifiers: int = 0
+    shared_with_an_owner: int = 0
 
 
 def load_truth(path: str) -> Dict[Identifier, Set[str]]:
@@ -46,7 +50,13 @@ def load_truth(path: str) -> Dict[Identifier, Set[str]]:
 
 def evaluate(links: Mapping[Identifier, str], truth: Mapping[Identifier, Set[str]], top: int = 10) -> IdentityReport:
     """Compares identifier -> profile (the warehouse) with identifier -> persons (the truth)."""
-    common = sorted(set(links) & set(truth))
+    both = sorted(set(links) & set(truth))
+    shared = [i for i in both if len(truth[i]) > 1]
+    common = [i for i in both if len(truth[i]) == 1]
+    members_of: Dict[str, Set[str]] = {}
+    for identifier in common:
+        members_of.setdefault(links[identifier], set()).update(truth[identifier])
+    with_owner = sum(1 for i in shared if truth[i] & members_of.get(links[i], set()))
     by_profile: Dict[str, List[Identifier]] = {}
     for identifier in common:
         by_profile.setdefault(links[identifier], []).append(identifier)
@@ -71,4 +81,5 @@ def evaluate(links: Mapping[Identifier, str], truth: Mapping[Identifier, Set[str
         recall=correct / len(true_pairs) if true_pairs else 1.0,
         predicted_pairs=predicted, true_pairs=len(true_pairs), correct_pairs=correct,
         identifiers=len(common), persons=len(by_person), profiles=len(by_profile),
-        profiles_per_person=dict(sorted(spread.items())), biggest=biggest)
+        profiles_per_person=dict(sorted(spread.items())), biggest=biggest,
+        shared_identifiers=len(shared), shared_with_an_owner=with_owner)

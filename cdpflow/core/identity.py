@@ -22,7 +22,11 @@ Rules, applied to each event in order (`IdentityRules`):
    (none if it has none: then its first new identifier founds a profile);
 3. each other known identifier's profile is merged into the target unless the union would exceed
    a per-type maximum (a type limited to one can never hold two values) or cross a manual split:
-   then the link is refused and recorded as a conflict;
+   then the link is refused and recorded as a conflict. Re-homing: when the refusal is a clash of
+   accounts (two user_ids), the event's target comes from an account, and the refused identifier
+   is a non-account one (a cookie, a device) whose link sets hold no account, the identifier
+   moves to the target: it had reached the other profile only through weaker evidence, such as
+   a family's shared email;
 4. each new identifier joins the target unless that exceeds its type's maximum; a refused one
    founds a profile of its own;
 5. fan-out: an identifier whose partners (identifiers seen on events with it, within
@@ -270,6 +274,47 @@ class IdentityStore:
                 return "manual_split"
         return None
 
+    def _account_clash(self, target: str, other: str) -> bool:
+        return any(self._count(target, t) + self._count(other, t) > self.rules.limit(t) for t in self.rules.account_types)
+
+    def _linksets_of(self, key: str) -> List[str]:
+        return [r[0] for r in self.db.execute("SELECT members FROM linkset_member WHERE key = ? ORDER BY members", (key,))]
+
+    def _may_rehome(self, identifier: Identifier, target: str, other: str) -> bool:
+        # A cookie or device that reached another account's profile only through non-account
+        # evidence (typically a shared family email) moves to the account it is now seen with.
+        if identifier[0] in self.rules.account_types or not self._account_clash(target, other):
+            return False
+        key = node_key(identifier)
+        return not any(k != key and k.split("\x00", 1)[0] in self.rules.account_types
+                       for text in self._linksets_of(key) for k in json.loads(text))
+
+    def _rehome(self, identifier: Identifier, other: str, target: str, message_id: str, ts: int) -> str:
+        """Moves an identifier out of `other` (re-deriving it without the identifier's links) into `target`."""
+        key = node_key(identifier)
+        for text in self._linksets_of(key):
+            first = self.db.execute("SELECT message_id, ts FROM linkset WHERE members = ?", (text,)).fetchone()
+            self.db.execute("DELETE FROM linkset WHERE members = ?", (text,))
+            self.db.execute("DELETE FROM linkset_member WHERE members = ?", (text,))
+            rest = [k for k in json.loads(text) if k != key]
+            if len(rest) > 1:
+                reduced = json.dumps(rest)
+                if self.db.execute("INSERT OR IGNORE INTO linkset(members, message_id, ts) VALUES (?, ?, ?)",
+                                   (reduced, first[0], first[1])).rowcount:
+                    self.db.executemany("INSERT OR IGNORE INTO linkset_member(key, members) VALUES (?, ?)",
+                                        [(k, reduced) for k in rest])
+        self.split_profile(other, message_id, ts, f"rehoming of {identifier[0]}")
+        own = self._root(key)
+        refusal = self._merge_refusal(target, own)
+        if refusal:
+            self._conflict(identifier, (target, own), refusal, message_id, ts)
+            return target
+        survivor, absorbed = min(target, own), max(target, own)
+        self._union(survivor, absorbed)
+        self.db.execute("INSERT INTO merge(survivor, absorbed, cause, reason, ts) VALUES (?, ?, ?, ?, ?)",
+                        (survivor, absorbed, message_id, f"rehomed {identifier[0]} from {other}", ts))
+        return survivor
+
     def _union(self, survivor: str, absorbed: str):
         # Flattened union-find: every founder points straight at its root, so a find is one
         # indexed read; a union rewrites the absorbed profile's founders (few per profile).
@@ -323,14 +368,26 @@ class IdentityStore:
         usable = [i for i in known if i not in quarantined]
         # A quarantined identifier attracts nothing: without a usable known identifier the event
         # founds a new profile from its new identifiers.
-        target = self._root(node_key(usable[0])) if usable else None
-        for identifier in usable[1:]:
+        lead = usable[0] if usable else None
+        target = self._root(node_key(lead)) if lead else None
+        others = usable[1:]
+        if (lead and new and self.rules.rank(new[0]) < self.rules.rank(lead) and new[0][0] in self.rules.account_types
+                and self._attach_refusal(target, new[0])):
+            # The event's first identifier is a new account that cannot join the known profile
+            # (which holds another account): it founds the event's profile, and the known
+            # identifiers are asked to join it (and may be re-homed) like any other.
+            own = self._found(new[0], ts)
+            self._conflict(new[0], (target, own), self._attach_refusal(target, new[0]) or "", message_id, ts)
+            lead, target, new, others = new[0], own, new[1:], usable
+        for identifier in others:
             other = self._root(node_key(identifier))
             if other == target:
                 continue
             refusal = self._merge_refusal(target, other)
             if refusal:
                 self._conflict(identifier, (target, other), refusal, message_id, ts)
+                if lead[0] in self.rules.account_types and self._may_rehome(identifier, target, other):
+                    target = self._rehome(identifier, other, target, message_id, ts)
                 continue
             survivor, absorbed = min(target, other), max(target, other)
             bridge = sorted({i[0] for i in ids if i in known and self._root(node_key(i)) in (target, other)})

@@ -967,7 +967,10 @@ class _World:
         # Account holders mostly sign in on a new browser or install ("remember me", app sign-in
         # walls); a signed-out returning visitor signs in now and then. Some cookies and installs
         # still never sign in: their identifiers cannot be linked to the person by anybody.
-        login_odds = 0.9 if device.fresh else 0.4
+        if device.source == "mobile":
+            login_odds = 1.0 if device.fresh else 0.4  # the app's sign-in wall
+        else:
+            login_odds = 0.95 if device.fresh else 0.4
         device.fresh = False
         if person.user_id and not device.logged_in and (buy or rng.random() < login_odds):
             self._login(s)

@@ -161,3 +161,18 @@ def test_the_store_is_shared_through_its_file(tmp_path):
     two.resolve("2", 2, [("email", "e@x.com"), ("phone", "+15550002")])
     assert one.profile_of(("phone", "+15550002")) == two.profile_of(("user_id", "u"))
     assert one.workers() == {1: 1, 2: 1}
+
+
+def test_a_cookie_that_reached_the_wrong_account_through_a_family_email_moves_to_its_own():
+    store = IdentityStore(":memory:", IdentityRules())
+    store.resolve("1", 1, [("user_id", "mum"), ("email", "home@x.com")])
+    store.resolve("2", 2, [("email", "home@x.com"), ("anonymous_id", "son-laptop")])  # newsletter click, signed out
+    assert store.profile_of(("anonymous_id", "son-laptop")) == store.profile_of(("user_id", "mum"))
+    store.resolve("3", 3, [("user_id", "son"), ("anonymous_id", "son-laptop")])  # he signs in
+    assert store.profile_of(("anonymous_id", "son-laptop")) == store.profile_of(("user_id", "son"))
+    assert store.profile_of(("email", "home@x.com")) == store.profile_of(("user_id", "mum"))
+    assert any(m["reason"].startswith("rehomed anonymous_id") for m in store.merges())
+    # a cookie that an account signed in on stays with that account
+    store.resolve("4", 4, [("user_id", "mum"), ("anonymous_id", "family-pc")])
+    store.resolve("5", 5, [("user_id", "son"), ("anonymous_id", "family-pc")])
+    assert store.profile_of(("anonymous_id", "family-pc")) == store.profile_of(("user_id", "mum"))
