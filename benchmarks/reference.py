@@ -15,7 +15,7 @@ import orjson
 from cdpflow.core.dedup import split_copies
 from cdpflow.core.enrich import Rates, campaign, load_catalog, parse_user_agent, products
 from cdpflow.core.features import ProfileState, features
-from cdpflow.core.identity import IdentityGraph
+from cdpflow.core.identity import IdentityRules, IdentityStore
 from cdpflow.core.normalize import NormalizationError, normalize_event
 from cdpflow.core.segments import parse_rules
 from cdpflow.schemas import EventValidator, SchemaViolation
@@ -60,19 +60,27 @@ def run_reference(events_dir: str, config: Dict) -> Dict[str, int]:
             enrichment["products"] = products(kept.properties, catalog)
         reporting = rates.convert(kept.revenue, kept.currency, kept.timestamp) if kept.revenue is not None else None
         unique.append(kept.replace(enrichment=enrichment, revenue_reporting=reporting))
-    counts["accepted"] = len(unique)
-    graph = IdentityGraph(config["identity"]["priority"])
+    # The same identity store and rules as the pipeline, in memory: resolution in event-time order.
+    store = IdentityStore(":memory:", IdentityRules.from_config(config["identity"]))
     unique.sort(key=lambda e: (e.timestamp, e.message_id))
-    anchors = [graph.resolve(e.message_id, e.timestamp, e.identifiers).anchor_id for e in unique]
+    for start in range(0, len(unique), 500):
+        store.resolve_batch((e.message_id, e.timestamp, e.identifiers) for e in unique[start:start + 500])
     states: Dict[str, ProfileState] = {}
     as_of = max((e.timestamp for e in unique), default=0)
-    for event, anchor in zip(unique, anchors):
-        states.setdefault(graph.find(anchor), ProfileState()).add(event)
+    accepted = 0
+    for event in unique:
+        status, profile_id = store.final_profile(event.message_id)
+        if status != "ok":
+            counts["dead_letters"] += 1
+            continue
+        accepted += 1
+        states.setdefault(profile_id, ProfileState()).add(event)
     memberships = 0
     for profile_id, state in states.items():
         row = features(state, as_of, config["lifecycle"])
         memberships += 1 + len(rules.evaluate(row))
+    counts["accepted"] = accepted
     counts["profiles"] = len(states)
-    counts["merges"] = len(graph.merges)
+    counts["merges"] = len(store.merges())
     counts["memberships"] = memberships
     return counts

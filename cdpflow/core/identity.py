@@ -152,20 +152,21 @@ class Decision(NamedTuple):
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS node(key TEXT PRIMARY KEY, type TEXT NOT NULL, value TEXT NOT NULL,
     owner TEXT NOT NULL, founder INTEGER NOT NULL DEFAULT 0, quarantined INTEGER NOT NULL DEFAULT 0,
-    first_seen INTEGER NOT NULL, last_seen INTEGER NOT NULL);
+    first_seen INTEGER NOT NULL, last_seen INTEGER NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS node_owner ON node(owner);
-CREATE TABLE IF NOT EXISTS profile(pid TEXT PRIMARY KEY, root TEXT NOT NULL, founder_key TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS profile(pid TEXT PRIMARY KEY, root TEXT NOT NULL, founder_key TEXT NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS profile_root ON profile(root);
-CREATE TABLE IF NOT EXISTS counts(root TEXT NOT NULL, type TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY(root, type));
-CREATE TABLE IF NOT EXISTS linkset(members TEXT PRIMARY KEY, message_id TEXT NOT NULL, ts INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS linkset_member(key TEXT NOT NULL, members TEXT NOT NULL, PRIMARY KEY(key, members));
-CREATE TABLE IF NOT EXISTS decision(message_id TEXT PRIMARY KEY, status TEXT NOT NULL, key TEXT, profile TEXT, worker INTEGER);
+CREATE TABLE IF NOT EXISTS counts(root TEXT NOT NULL, type TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY(root, type)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS linkset(members TEXT PRIMARY KEY, message_id TEXT NOT NULL, ts INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS linkset_member(key TEXT NOT NULL, members TEXT NOT NULL, PRIMARY KEY(key, members)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS decision(message_id TEXT PRIMARY KEY, status TEXT NOT NULL, key TEXT, profile TEXT, worker INTEGER) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS merge(seq INTEGER PRIMARY KEY AUTOINCREMENT, survivor TEXT NOT NULL, absorbed TEXT NOT NULL,
     cause TEXT NOT NULL, reason TEXT NOT NULL, ts INTEGER NOT NULL, undone_at INTEGER, undone_by TEXT);
+CREATE INDEX IF NOT EXISTS merge_survivor ON merge(survivor);
 CREATE TABLE IF NOT EXISTS conflict(seq INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT NOT NULL, value TEXT NOT NULL,
     profiles TEXT NOT NULL, rule TEXT NOT NULL, cause TEXT NOT NULL, ts INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS fanout(key TEXT NOT NULL, partner TEXT NOT NULL, ts INTEGER NOT NULL,
-    PRIMARY KEY(key, partner, ts));
+CREATE TABLE IF NOT EXISTS fanout(key TEXT NOT NULL, partner TEXT NOT NULL, first_ts INTEGER NOT NULL,
+    last_ts INTEGER NOT NULL, PRIMARY KEY(key, partner)) WITHOUT ROWID;
 """
 
 
@@ -431,8 +432,12 @@ class IdentityStore:
         # profiles: two accounts can never merge, so the count cannot collapse when the
         # identifier's own merges succeed, and a user id joining its own cookies counts nothing.
         keys = [node_key(i) for i in ids]
-        self.db.executemany("INSERT OR IGNORE INTO fanout(key, partner, ts) VALUES (?, ?, ?)",
-                            [(node_key(i), k, ts) for i in ids if i not in quarantined for k in keys if k != node_key(i)])
+        # One row per pair with the first and last time they were seen together: in event-time
+        # order "seen together within the window" is "last seen together at most a window ago".
+        self.db.executemany(
+            "INSERT INTO fanout(key, partner, first_ts, last_ts) VALUES (?, ?, ?, ?) ON CONFLICT(key, partner) "
+            "DO UPDATE SET first_ts = min(first_ts, excluded.first_ts), last_ts = max(last_ts, excluded.last_ts)",
+            [(node_key(i), k, ts, ts) for i in ids if i not in quarantined for k in keys if k != node_key(i)])
         account_types = self.rules.account_types
         if not account_types:
             return
@@ -445,7 +450,7 @@ class IdentityStore:
             accounts = {r[0] for r in self.db.execute(
                 "SELECT DISTINCT a.key FROM fanout f JOIN node n ON n.key = f.partner "
                 "JOIN profile p ON p.pid = n.owner JOIN profile q ON q.root = p.root "
-                f"JOIN node a ON a.owner = q.pid WHERE f.key = ? AND f.ts BETWEEN ? AND ? "
+                f"JOIN node a ON a.owner = q.pid WHERE f.key = ? AND f.last_ts >= ? AND f.first_ts <= ? "
                 f"AND a.type IN ({marks}) AND a.key != ?",
                 (key, ts - window, ts + window, *account_types, key))}
             if len(accounts) > self.rules.quarantine_max_profiles:
