@@ -59,9 +59,9 @@ def random_events(n, seed):
     return events
 
 
-def run_parallel(events, store_path, runner=None, args=(), fail_on=None):
+def run_parallel(events, store_path, runner=None, args=(), fail_on=None, rules=OFF):
     p = test_pipeline.TestPipeline(runner=runner or FnApiRunner(), options=PipelineOptions(list(args)))
-    out = p | beam.Create(events, reshuffle=True) | ResolveIdentity(store_path, OFF, ordered=False, batch_size=50)
+    out = p | beam.Create(events, reshuffle=True) | ResolveIdentity(store_path, rules, ordered=False, batch_size=50)
 
     def maybe_fail(event):
         if event.message_id == fail_on:
@@ -98,3 +98,19 @@ def test_repeated_bundles_and_a_restart_mid_input_change_nothing(tmp_path):
     assert sum(store.workers().values()) == len(events)  # one decision per event, never two
     absorbed = [m["absorbed_id"] for m in store.merges()]
     assert len(absorbed) == len(set(absorbed))
+
+
+def test_with_merge_protection_limits_hold_under_repeats_restarts_and_two_workers(tmp_path):
+    rules = IdentityRules(max_per_profile={"user_id": 1, "email": 2, "phone": 2}, quarantine_max_profiles=2)
+    events = random_events(2000, seed=3)
+    path = str(tmp_path / "limited.sqlite")
+    run_parallel(events[:700], path, runner=FnApiRunner(bundle_repeat=1), rules=rules)
+    run_parallel(events, path, rules=rules, args=["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+    store = IdentityStore(path, rules)
+    per_profile = {}
+    for link in store.links():
+        per_profile.setdefault(link["profile_id"], []).append(link["identifier_type"])
+    assert store.conflicts()  # the limits were tested, not idle
+    for types in per_profile.values():
+        assert types.count("user_id") <= 1 and types.count("email") <= 2 and types.count("phone") <= 2
+    assert sum(store.workers().values()) == len(events)
