@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--end", help="ISO date the history ends at (default 2026-11-01)")
     gen.add_argument("--noise", type=float, default=1.0, help="multiply every noise rate by this (default 1)")
 
-    from cdpflow.pipelines.batch import add_run_arguments
+    from cdpflow.pipelines.batch import add_rederive_arguments, add_run_arguments
     run = sub.add_parser("run", help="the batch/backfill pipeline: events -> warehouse")
     add_run_arguments(run)
 
@@ -60,13 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--json", action="store_true", help="print JSON")
     split = ident_sub.add_parser("split", help="undo a wrong merge; the split holds in every later run")
     split.add_argument("profile", help="the profile (its id, or any of its identifiers)")
-    split.add_argument("--warehouse", required=True)
+    add_rederive_arguments(split)
     split.add_argument("--merge", help="undo only the merge that absorbed this profile id (default: every merge)")
     split.add_argument("--reason", default="manual split", help="recorded with the split")
-    split.add_argument("--runner", default="direct")
-    split.add_argument("--config", help="YAML configuration merged over the defaults")
-    split.add_argument("--catalog", help="product catalog CSV, as given to `cdpflow run`")
-    split.add_argument("--rates", help="currency rates CSV, as given to `cdpflow run`")
 
     forget = sub.add_parser("forget", help="delete a person (profile, links, events) and keep replays from bringing them back")
     forget.add_argument("identifier", help="any identifier of the person, or the profile id")

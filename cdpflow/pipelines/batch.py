@@ -273,15 +273,20 @@ def reference_overrides(catalog: Optional[str], rates: Optional[str]) -> Optiona
     return found or None
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of a batch run, shared by `cdpflow run` and this module's launcher."""
-    parser.add_argument("--input", nargs="+", required=True, help="JSON-lines files, folders or globs")
+def add_rederive_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags any command that re-derives the warehouse needs (run, identity split)."""
     parser.add_argument("--warehouse", required=True, help="the DuckDB warehouse file")
-    parser.add_argument("--as-of", help="ISO-8601 time features are computed at (default: newest event time)")
     parser.add_argument("--runner", default="direct", help="direct (default) | multiprocess | prism | a Beam runner name")
     parser.add_argument("--config", help="YAML configuration merged over the defaults")
     parser.add_argument("--catalog", help="product catalog CSV for enrichment")
     parser.add_argument("--rates", help="currency rates CSV for enrichment")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of a batch run, shared by `cdpflow run` and this module's launcher."""
+    parser.add_argument("--input", nargs="+", required=True, help="JSON-lines files, folders or globs")
+    add_rederive_arguments(parser)
+    parser.add_argument("--as-of", help="ISO-8601 time features are computed at (default: newest event time)")
     parser.add_argument("--changes-out", help="JSON-lines file segment changes are appended to")
     parser.add_argument("beam_args", nargs=argparse.REMAINDER, help="after --: Beam pipeline options")
 
