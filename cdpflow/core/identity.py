@@ -372,13 +372,14 @@ class IdentityStore:
         lead = usable[0] if usable else None
         target = self._root(node_key(lead)) if lead else None
         others = usable[1:]
-        if (lead and new and self.rules.rank(new[0]) < self.rules.rank(lead) and new[0][0] in self.rules.account_types
-                and self._attach_refusal(target, new[0])):
+        refusal = (self._attach_refusal(target, new[0]) if lead and new and new[0][0] in self.rules.account_types
+                   and self.rules.rank(new[0]) < self.rules.rank(lead) else None)
+        if refusal:
             # The event's first identifier is a new account that cannot join the known profile
             # (which holds another account): it founds the event's profile, and the known
             # identifiers are asked to join it (and may be re-homed) like any other.
             own = self._found(new[0], ts)
-            self._conflict(new[0], (target, own), self._attach_refusal(target, new[0]) or "", message_id, ts)
+            self._conflict(new[0], (target, own), refusal, message_id, ts)
             lead, target, new, others = new[0], own, new[1:], usable
         for identifier in others:
             other = self._root(node_key(identifier))

@@ -26,7 +26,6 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
 from cdpflow.core.identity import BLOCKED, OK, SUPPRESSED, IdentityRules, IdentityStore
-from cdpflow.core.timeutil import format_ts
 from cdpflow.schemas.records import DeadLetter, Identifier, NormalizedEvent
 from cdpflow.transforms import DEAD_LETTERS
 
@@ -52,10 +51,9 @@ class _StoreFn(beam.DoFn):
 
 
 class _ResolveFn(_StoreFn):
-    def __init__(self, store_path, rules, batch_size: int, ordered: bool):
+    def __init__(self, store_path, rules, batch_size: int):
         super().__init__(store_path, rules)
         self.batch_size = batch_size
-        self.ordered = ordered
         self.received = Metrics.counter(self.__class__, "received")
         self.succeeded = Metrics.counter(self.__class__, "succeeded")
         self.batch = Metrics.distribution(self.__class__, "batch_size")
@@ -135,7 +133,7 @@ class ResolveIdentity(beam.PTransform):
             batches = keys | "BatchKeys" >> beam.BatchElements(min_batch_size=self.batch_size // 5,
                                                                 max_batch_size=self.batch_size)
         resolved = (batches
-                    | "Resolve" >> beam.ParDo(_ResolveFn(self.store_path, self.rules, self.batch_size, self.ordered))
+                    | "Resolve" >> beam.ParDo(_ResolveFn(self.store_path, self.rules, self.batch_size))
                     | "CountResolved" >> beam.CombineGlobally(sum))
         barrier = beam.pvalue.AsSingleton(resolved)
         attached = (events
@@ -148,8 +146,3 @@ class ResolveIdentity(beam.PTransform):
         return {EVENTS: attached[EVENTS], DEAD_LETTERS: attached[DEAD_LETTERS],
                 LINKS: tables[LINKS], MERGES: tables[MERGES], CONFLICTS: tables[CONFLICTS]}
 
-
-def describe_conflict(row) -> str:
-    """One line for a conflict row, for reports."""
-    return (f"{row['rule']}: {row['identifier_type']}={row['identifier_value']} "
-            f"profiles {', '.join(row['profiles'])} at {format_ts(row['event_time'])} ({row['cause_message_id']})")

@@ -7,6 +7,7 @@ readers (`cdpflow export`, `cdpflow profile`) open the file read-only.
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 from decimal import Decimal
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
@@ -15,6 +16,7 @@ import duckdb
 import orjson
 import pyarrow as pa
 
+from cdpflow.core.identity import identifier_hash
 from cdpflow.core.normalize import normalize_email, normalize_phone
 from cdpflow.schemas.tables import ALL_TABLES, Table, duckdb_column
 
@@ -256,8 +258,6 @@ class DuckDBWarehouse:
         Returns:
           What was deleted (counts, the closed memberships), or None if no profile holds it.
         """
-        import hashlib
-        from cdpflow.core.identity import identifier_hash
         profile_id = self.resolve_profile_id(identifier)
         if profile_id is None:
             return None
