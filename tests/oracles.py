@@ -53,7 +53,8 @@ class SequentialIdentityReference:
     highest-priority known non-quarantined identifier; other known identifiers' profiles merge
     into it unless a per-type maximum would be exceeded; new identifiers join it unless their type
     is full (then they stand alone); an identifier whose partners (seen with it within `window`)
-    are in profiles holding more than `max_profiles` accounts (types limited to one) is quarantined.
+    were, on those events, in profiles holding more than `max_profiles` accounts (types limited to
+    one) is quarantined.
     """
 
     def __init__(self, priority, limits, max_profiles, window):
@@ -64,7 +65,7 @@ class SequentialIdentityReference:
         self.nodes: list = []
         self.linksets: list = []
         self.quarantined: set = set()
-        self.seen: dict = {}  # identifier -> [(partner, ts)]
+        self.seen: dict = {}  # identifier -> [(account seen with it, ts)]
 
     def key(self, identifier):
         return self.rank.get(identifier[0], len(self.rank)), identifier[0], identifier[1]
@@ -131,19 +132,21 @@ class SequentialIdentityReference:
         linkset = [i for i in ids if i in members and i not in self.quarantined]
         if len(linkset) > 1:
             self.linksets.append(linkset)
-        for i in ids:
-            if i not in self.quarantined:
-                self.seen.setdefault(i, []).extend((j, ts) for j in ids if j != i)
+        account_types = {t for t, n in self.limits.items() if n == 1}
         comp = self.components()
+        for i in ids:
+            if i in self.quarantined:
+                continue
+            for j in ids:
+                if j != i:
+                    self.seen.setdefault(i, []).extend(
+                        (n, ts) for n, r in comp.items() if r == comp[j] and n[0] in account_types and n != i)
         for identifier in ids:
             if identifier in self.quarantined:
                 continue
-            partner_roots = {comp[j] for j, t in self.seen.get(identifier, ()) if abs(t - ts) <= self.window}
-            accounts = {n for n, r in comp.items()
-                        if r in partner_roots and n[0] in account_types and n != identifier}
+            accounts = {n for n, t in self.seen.get(identifier, ()) if abs(t - ts) <= self.window}
             if len(accounts) > self.max_profiles:
                 self.quarantined.add(identifier)
-                comp = self.components()
 
     def partition(self):
         groups = {}

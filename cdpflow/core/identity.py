@@ -30,8 +30,8 @@ Rules, applied to each event in order (`IdentityRules`):
 4. each new identifier joins the target unless that exceeds its type's maximum; a refused one
    founds a profile of its own;
 5. fan-out: an identifier whose partners (identifiers seen on events with it, within
-   `quarantine_window_days` of event time) belong to profiles holding more than
-   `quarantine_max_profiles` distinct accounts (identifiers of the types limited to one per
+   `quarantine_window_days` of event time) belonged, on those events, to profiles holding more
+   than `quarantine_max_profiles` distinct accounts (identifiers of the types limited to one per
    profile: user_id, loyalty_id) is quarantined: recorded, it merges nothing any more, and its
    profile is re-derived from the link sets without it (the merges it caused are undone);
 6. the event belongs to the profile of its highest-priority non-quarantined identifier.
@@ -165,8 +165,8 @@ CREATE TABLE IF NOT EXISTS merge(seq INTEGER PRIMARY KEY AUTOINCREMENT, survivor
 CREATE INDEX IF NOT EXISTS merge_survivor ON merge(survivor);
 CREATE TABLE IF NOT EXISTS conflict(seq INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT NOT NULL, value TEXT NOT NULL,
     profiles TEXT NOT NULL, rule TEXT NOT NULL, cause TEXT NOT NULL, ts INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS fanout(key TEXT NOT NULL, partner TEXT NOT NULL, first_ts INTEGER NOT NULL,
-    last_ts INTEGER NOT NULL, PRIMARY KEY(key, partner)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS fanout(key TEXT NOT NULL, account TEXT NOT NULL, first_ts INTEGER NOT NULL,
+    last_ts INTEGER NOT NULL, PRIMARY KEY(key, account)) WITHOUT ROWID;
 """
 
 
@@ -428,32 +428,41 @@ class IdentityStore:
 
     # ---------------------------------------------------------------- fan-out quarantine
     def _fan_out(self, ids, roots, quarantined, message_id, ts):
-        # Who was seen with whom, and when. What is counted are the *accounts* (identifiers of
-        # a type limited to one per profile: user_id, loyalty_id) in the partners' current
-        # profiles: two accounts can never merge, so the count cannot collapse when the
-        # identifier's own merges succeed, and a user id joining its own cookies counts nothing.
-        keys = [node_key(i) for i in ids]
-        # One row per pair with the first and last time they were seen together: in event-time
-        # order "seen together within the window" is "last seen together at most a window ago".
-        self.db.executemany(
-            "INSERT INTO fanout(key, partner, first_ts, last_ts) VALUES (?, ?, ?, ?) ON CONFLICT(key, partner) "
-            "DO UPDATE SET first_ts = min(first_ts, excluded.first_ts), last_ts = max(last_ts, excluded.last_ts)",
-            [(node_key(i), k, ts, ts) for i in ids if i not in quarantined for k in keys if k != node_key(i)])
+        # What is counted are the *accounts* (identifiers of a type limited to one per profile:
+        # user_id, loyalty_id) in the profiles of the identifiers seen with this one, as those
+        # profiles stood on that event. Two accounts can never merge, so the count cannot collapse
+        # when the identifier's own merges succeed, and a user id joining its own cookies counts
+        # nothing. One row per (identifier, account) with the first and last time: in event-time
+        # order "seen within the window" is "last seen at most a window ago", and the check
+        # costs one indexed read however many partners a shared device collects.
         account_types = self.rules.account_types
         if not account_types:
             return
         marks = ",".join("?" * len(account_types))
+        accounts_of = {}
+        for root in set(roots.values()):
+            accounts_of[root] = [r[0] for r in self.db.execute(
+                "SELECT n.key FROM profile p JOIN node n ON n.owner = p.pid "
+                f"WHERE p.root = ? AND n.type IN ({marks})", (root, *account_types))]
+        rows = []
+        for identifier in ids:
+            if identifier in quarantined:
+                continue
+            key = node_key(identifier)
+            for other in ids:
+                if other != identifier:
+                    rows.extend((key, account, ts, ts) for account in accounts_of[roots[other]] if account != key)
+        self.db.executemany(
+            "INSERT INTO fanout(key, account, first_ts, last_ts) VALUES (?, ?, ?, ?) ON CONFLICT(key, account) "
+            "DO UPDATE SET first_ts = min(first_ts, excluded.first_ts), last_ts = max(last_ts, excluded.last_ts)", rows)
         window = self.rules.window_us
         for identifier in ids:
             key = node_key(identifier)
             if identifier in quarantined or self._node(key)[1]:
                 continue
-            accounts = {r[0] for r in self.db.execute(
-                "SELECT DISTINCT a.key FROM fanout f JOIN node n ON n.key = f.partner "
-                "JOIN profile p ON p.pid = n.owner JOIN profile q ON q.root = p.root "
-                f"JOIN node a ON a.owner = q.pid WHERE f.key = ? AND f.last_ts >= ? AND f.first_ts <= ? "
-                f"AND a.type IN ({marks}) AND a.key != ?",
-                (key, ts - window, ts + window, *account_types, key))}
+            accounts = [r[0] for r in self.db.execute(
+                "SELECT account FROM fanout WHERE key = ? AND last_ts >= ? AND first_ts <= ?",
+                (key, ts - window, ts + window))]
             if len(accounts) > self.rules.quarantine_max_profiles:
                 profiles = {self._root(a) for a in accounts}
                 self._quarantine(identifier, profiles, message_id, ts)

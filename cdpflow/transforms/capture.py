@@ -1,8 +1,9 @@
 """Capture: reading raw events (JSON lines) from files and folders.
 
 `ReadEvents(paths)` takes files, folders (every *.jsonl, *.ndjson, *.json, *.jsonl.gz file in
-them, recursively) and glob patterns, and yields each non-blank line as a string. A path that
-matches nothing is an error at construction time, not an empty run.
+them, recursively) and glob patterns, and yields each non-blank line as bytes: decoding is
+ParseAndValidate's job, so that a line that is not UTF-8 becomes a dead letter instead of failing
+the read. A path that matches nothing is an error at construction time, not an empty run.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 from typing import Iterable, List, Sequence
 
 import apache_beam as beam
+from apache_beam.coders import BytesCoder
 from apache_beam.io.textio import ReadAllFromText
 from apache_beam.metrics import Metrics
 
@@ -43,7 +45,7 @@ class _DropBlank(beam.DoFn):
     def __init__(self):
         self.blank = Metrics.counter(self.__class__, "blank_lines")
 
-    def process(self, line: str) -> Iterable[str]:
+    def process(self, line: bytes) -> Iterable[bytes]:
         if line.strip():
             yield line
         else:
@@ -52,7 +54,7 @@ class _DropBlank(beam.DoFn):
 
 
 class ReadEvents(beam.PTransform):
-    """Files, folders or globs of JSON lines -> PCollection[str], one raw event per element."""
+    """Files, folders or globs of JSON lines -> PCollection[bytes], one raw event per element."""
 
     def __init__(self, paths: Sequence[str]):
         super().__init__()
@@ -61,5 +63,5 @@ class ReadEvents(beam.PTransform):
     def expand(self, pbegin):
         return (pbegin
                 | "ListFiles" >> beam.Create(self.files)
-                | "ReadLines" >> ReadAllFromText()
-                | "DropBlank" >> beam.ParDo(_DropBlank()).with_output_types(str))
+                | "ReadLines" >> ReadAllFromText(coder=BytesCoder())
+                | "DropBlank" >> beam.ParDo(_DropBlank()).with_output_types(bytes))

@@ -1,6 +1,6 @@
 """ParseAndValidate: raw JSON lines -> (event dict, raw line, schema version), or dead letters.
 
-Input: PCollection[str]. Outputs: `valid` as ParsedEvent tuples and `dead_letters` as DeadLetter
+Input: PCollection of lines (bytes as read, or str). Outputs: `valid` as ParsedEvent tuples and `dead_letters` as DeadLetter
 records (stage `parse` for lines that are not JSON, `validate` for schema violations).
 """
 from __future__ import annotations
@@ -48,8 +48,17 @@ class _ParseAndValidateFn(beam.DoFn):
         # Compiling the schemas generates code: once per worker, not per element.
         self.validator = EventValidator()
 
-    def process(self, line: str):
+    def process(self, line):
         self.received.inc()
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                self.dead_lettered.inc()
+                yield pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter(
+                    line.decode("utf-8", "backslashreplace").strip(), "parse", f"not UTF-8: {err}", None,
+                    received_at_of(None)))
+                return
         raw = line.strip()
         try:
             event = orjson.loads(raw)
@@ -70,7 +79,7 @@ class _ParseAndValidateFn(beam.DoFn):
 
 
 class ParseAndValidate(beam.PTransform):
-    """PCollection[str] -> {'valid': PCollection[ParsedEvent], 'dead_letters': PCollection[DeadLetter]}."""
+    """PCollection[bytes | str] -> {'valid': PCollection[ParsedEvent], 'dead_letters': PCollection[DeadLetter]}."""
 
     def expand(self, lines):
         results = lines | "Parse" >> beam.ParDo(_ParseAndValidateFn()).with_outputs(DEAD_LETTERS, main=VALID)

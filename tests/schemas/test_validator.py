@@ -57,3 +57,14 @@ def test_table_contract_gives_both_warehouses_the_same_columns():
             assert f'"{name}"' in ddl
     assert {"message_id", "profile_id", "type", "event", "timestamp", "received_at", "raw"} <= set(ALL_TABLES["events"].column_names)
     assert set(ALL_TABLES["dead_letters"].column_names) >= {"raw", "stage", "error", "schema_version", "received_at"}
+
+
+@pytest.mark.parametrize("event", [
+    {**BASE, "type": "identify", "context": None, "traits": None},
+    {**BASE, "type": "track", "event": "x", "properties": None, "context": {"traits": None}},
+    {**BASE, "type": "page", "properties": None, "timestamp": "2026-01-02T03:04:05.123456789+0000"},
+])
+def test_null_objects_and_timestamp_variants_that_sdks_send_are_accepted(validator, event):
+    from cdpflow.core.normalize import normalize_event
+    validator.validate(event)
+    assert normalize_event(event, "{}", "v1").identifiers == (("user_id", "u1"),)

@@ -27,7 +27,7 @@ def test_read_events_from_files_folders_and_globs(tmp_path):
         expand_inputs([str(tmp_path / "missing")])
     p = local_pipeline()
     lines = p | ReadEvents([str(tmp_path / "a"), str(tmp_path / "b.ndjson")])
-    assert_that(lines, equal_to(['{"n": 1}', '{"n": 2}', '{"n": 3}', '{"n": 4}']))
+    assert_that(lines, equal_to([b'{"n": 1}', b'{"n": 2}', b'{"n": 3}', b'{"n": 4}']))
     result = p.run()
     result.wait_until_finish()
     blank = [m.committed for m in result.metrics().query()["counters"] if m.key.metric.name == "blank_lines"]
