@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "pyarrow>=14",
     "PyYAML>=6,<7",
     "rich>=13,<16",
+    "scipy>=1.11",
     "ua-parser>=1.0,<2",
     "ua-parser-builtins",
 ]

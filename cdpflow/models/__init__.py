@@ -1,6 +1,6 @@
-"""Models: training, the model registry, segment naming and predictive (CLV) models.
+"""Models: predictive customer-value models now; the registry and clustering come next.
 
-Nothing ships here yet: rule and lifecycle segments live in `cdpflow.core.segments` and
-`cdpflow.core.features`; scikit-learn clustering with a registry and RunInference is planned
-next on the roadmap (see README).
+`clv`: BG/NBD (expected purchases, probability alive) and Gamma-Gamma (expected spend), fitted
+by maximum likelihood and checked against the published CDNOW fit. Applying them to profiles,
+the model registry and scikit-learn segments with RunInference are the next milestones.
 """
