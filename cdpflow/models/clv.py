@@ -139,3 +139,50 @@ class GammaGamma:
         p, q, v = self.p, self.q, self.v
         x, m = np.asarray(x, float), np.asarray(m, float)
         return (p * (v + x * m)) / (p * x + q - 1)
+
+
+def history_from_days(order_days: Mapping[int, float], as_of_day: int, unit_days: float = 7.0):
+    """(x, t_x, T, mean repeat value) from {epoch day: revenue of that day's orders}, or None without orders.
+
+    The same conventions as `calibration_summary`: one purchase per day, weeks as the unit.
+    """
+    days = sorted(d for d in order_days if d <= as_of_day)
+    if not days:
+        return None
+    repeats = [float(order_days[d]) for d in days[1:]]
+    return (len(repeats), (days[-1] - days[0]) / unit_days, (as_of_day - days[0]) / unit_days,
+            float(np.mean(repeats)) if repeats else 0.0)
+
+
+MIN_CUSTOMERS = 100  # fewer than this and the fit says more about noise than about customers
+MIN_REPEATERS = 20
+
+
+def fit_models(histories) -> Dict[str, object]:
+    """Fits BG/NBD and Gamma-Gamma on (x, t_x, T, m) histories; a dict of parameters and a status."""
+    summary = {str(i): CustomerSummary(int(x), float(t_x), float(T), float(m))
+               for i, (x, t_x, T, m) in enumerate(histories)}
+    repeaters = sum(1 for s in summary.values() if s.x > 0 and s.monetary > 0)
+    if len(summary) < MIN_CUSTOMERS or repeaters < MIN_REPEATERS:
+        return {"status": f"not fitted: {len(summary)} customers with orders, {repeaters} repeat buyers "
+                          f"(needs {MIN_CUSTOMERS} and {MIN_REPEATERS})", "customers": len(summary)}
+    bg, gg = BGNBD.fit(summary), GammaGamma.fit(summary)
+    params = {"r": bg.r, "alpha": bg.alpha, "a": bg.a, "b": bg.b, "p": gg.p, "q": gg.q, "v": gg.v}
+    if not all(np.isfinite(v) and v > 0 for v in params.values()) or gg.q <= 1:
+        return {"status": "not fitted: the optimiser did not converge to valid parameters", "customers": len(summary)}
+    return {"status": "fitted", "customers": len(summary), **params}
+
+
+def score(model: Mapping[str, object], histories) -> Dict[str, np.ndarray]:
+    """Predictions for a batch of (x, t_x, T, m) histories (vectorised: one call per batch, not per row)."""
+    x, t_x, T, m = (np.array(column, float) for column in zip(*histories))
+    bg = BGNBD(model["r"], model["alpha"], model["a"], model["b"])
+    gg = GammaGamma(model["p"], model["q"], model["v"])
+    population_spend = gg.p * gg.v / (gg.q - 1)
+    spend = np.where(x > 0, gg.expected_spend(np.maximum(x, 1), np.where(m > 0, m, 1.0)), population_spend)
+    in_90 = bg.expected_purchases(90 / 7, x, t_x, T)
+    return {"expected_purchases_30d": bg.expected_purchases(30 / 7, x, t_x, T),
+            "expected_purchases_90d": in_90,
+            "probability_alive": bg.probability_alive(x, t_x, T),
+            "expected_order_value": spend,
+            "clv_90d": in_90 * spend}

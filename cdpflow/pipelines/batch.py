@@ -43,6 +43,7 @@ from cdpflow.transforms import DEAD_LETTERS
 from cdpflow.transforms.capture import ReadEvents
 from cdpflow.transforms.dedup import UNIQUE, Dedup
 from cdpflow.transforms.enrich import Enrich, LoadReferenceData, rates_loader
+from cdpflow.transforms.clv import MODELS as CLV_MODELS, PROFILES as CLV_PROFILES, PredictCustomerValue
 from cdpflow.transforms.features import ComputeFeatures
 from cdpflow.core.identity import IdentityRules, IdentityStore
 from cdpflow.transforms.identity import CONFLICTS, EVENTS, LINKS, MERGES, ResolveIdentity
@@ -95,8 +96,10 @@ def build_pipeline(pipeline: beam.Pipeline, inputs: Sequence[str], staging_dir: 
                     | "NewestEventTime" >> beam.CombineGlobally(lambda ts: max(ts, default=0)))
     else:
         as_of_pc = pipeline | "AsOf" >> beam.Create([as_of])
-    profiles = identity[EVENTS] | "ComputeFeatures" >> ComputeFeatures(
+    features = identity[EVENTS] | "ComputeFeatures" >> ComputeFeatures(
         identity[LINKS], as_of_pc, config["lifecycle"])
+    predicted = features | "PredictCustomerValue" >> PredictCustomerValue(as_of_pc)
+    profiles = predicted[CLV_PROFILES]
     if previous_memberships:
         previous = (pipeline
                     | "ReadPreviousMemberships" >> beam.io.ReadFromText(previous_memberships)
@@ -116,6 +119,7 @@ def build_pipeline(pipeline: beam.Pipeline, inputs: Sequence[str], staging_dir: 
         "profiles": profiles,
         "segment_memberships": segments[MEMBERSHIPS],
         "segment_changes": segments[CHANGES],
+        "clv_models": predicted[CLV_MODELS],
         "dead_letters": dead_letters | "DeadLetterRows" >> beam.Map(dead_letter_row),
     }
     for name, rows in outputs.items():
@@ -220,7 +224,7 @@ def run_batch(inputs: Sequence[str], warehouse: str, config: Dict[str, Any], as_
         tables = os.path.join(staging, "tables")
         keep_identity_store(store_path, identity_store_path(warehouse))
         with DuckDBWarehouse(warehouse) as wh:
-            written = wh.commit(tables, REPLACED_TABLES, {"dead_letters": "dead_letter_id"})
+            written = wh.commit(tables, REPLACED_TABLES, {"dead_letters": "dead_letter_id", "clv_models": "model_id"})
             sizes = {r["segment"]: r["n"] for r in wh.query(
                 "SELECT segment, count(*) AS n FROM segment_memberships WHERE exited_at IS NULL "
                 "GROUP BY segment ORDER BY segment")}

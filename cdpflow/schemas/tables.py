@@ -156,6 +156,12 @@ PROFILES = Table("profiles", "One row per unified profile: traits, features as o
     _c("product_views_30d", "INT64", "Product Viewed events in the last 30 days."),
     _c("top_category", "STRING", "The product category with the most views and purchases."),
     _c("lifecycle_stage", "STRING", "prospect, new, active, at_risk or lapsed (thresholds in the configuration)."),
+    _c("expected_purchases_30d", "FLOAT64", "BG/NBD: expected orders in the next 30 days (null without orders or model)."),
+    _c("expected_purchases_90d", "FLOAT64", "BG/NBD: expected orders in the next 90 days."),
+    _c("probability_alive", "FLOAT64", "BG/NBD: probability the customer is still active."),
+    _c("expected_order_value", "FLOAT64", "Gamma-Gamma: expected value of a future order (reporting currency)."),
+    _c("clv_90d", "FLOAT64", "expected_purchases_90d x expected_order_value (undiscounted)."),
+    _c("clv_model_id", "STRING", "The clv_models row whose parameters scored this profile."),
     _c("as_of", "TIMESTAMP", "The time the features were computed at.", "REQUIRED"),
     _c("updated_at", "TIMESTAMP", "Processing time of the run that wrote the row.", "REQUIRED"),
 ), key=("profile_id",))
@@ -178,6 +184,21 @@ DEAD_LETTERS = Table("dead_letters", "Records that could not be accepted, with t
     _c("received_at", "TIMESTAMP", "receivedAt of the record if it had one, else when it was read."),
 ), key=("dead_letter_id",))
 
+CLV_MODELS = Table("clv_models", "Every fit of the predictive customer-value models.", (
+    _c("model_id", "STRING", "Hash of as_of, parameters and status.", "REQUIRED"),
+    _c("as_of", "TIMESTAMP", "The time the histories were taken at.", "REQUIRED"),
+    _c("fitted_at", "TIMESTAMP", "Processing time of the fit.", "REQUIRED"),
+    _c("status", "STRING", "fitted, or why not (too few customers, no convergence).", "REQUIRED"),
+    _c("customers", "INT64", "Profiles with at least one order."),
+    _c("r", "FLOAT64", "BG/NBD shape of the purchase-rate gamma."),
+    _c("alpha", "FLOAT64", "BG/NBD scale of the purchase-rate gamma (weeks)."),
+    _c("a", "FLOAT64", "BG/NBD dropout beta a."),
+    _c("b", "FLOAT64", "BG/NBD dropout beta b."),
+    _c("p", "FLOAT64", "Gamma-Gamma shape of spend per order."),
+    _c("q", "FLOAT64", "Gamma-Gamma shape of the spend-scale gamma."),
+    _c("v", "FLOAT64", "Gamma-Gamma scale of the spend-scale gamma."),
+), key=("model_id",))
+
 ALL_TABLES: Dict[str, Table] = {t.name: t for t in (
     EVENTS, IDENTITY_LINKS, PROFILE_MERGES, IDENTITY_CONFLICTS, PROFILES, SEGMENT_MEMBERSHIPS, DEAD_LETTERS,
-    IDENTITY_SUPPRESSIONS, IDENTITY_SEPARATIONS)}
+    IDENTITY_SUPPRESSIONS, IDENTITY_SEPARATIONS, CLV_MODELS)}

@@ -4,7 +4,7 @@ Input: PCollection[NormalizedEvent] with profile_id set, plus the identity_links
 identifier count) and the as-of time as a singleton PCollection (UTC microseconds). Output:
 PCollection[dict], one profile row per profile with at least one event up to as_of (columns of
 the `profiles` table, plus `_cause_message_id`: the latest event, which names the cause of any
-segment change).
+segment change, and `_history`: its purchase history for the CLV models).
 
 Events are folded with a CombineFn into additive per-day buckets, so Beam lifts the combine
 before the shuffle and only one small state per profile crosses it.
@@ -17,7 +17,9 @@ from typing import Mapping
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from cdpflow.core.features import DEFAULT_LIFECYCLE, ProfileState, features
+from cdpflow.core.features import DEFAULT_LIFECYCLE, ORDERS, REVENUE, ProfileState, features
+from cdpflow.core.timeutil import epoch_day
+from cdpflow.models.clv import history_from_days
 from cdpflow.schemas.records import NormalizedEvent
 
 
@@ -53,7 +55,9 @@ class _ProfileRowFn(beam.DoFn):
             self.profiles.inc()
             row = features(state, as_of, self.lifecycle)
             row.update(profile_id=profile_id, identifier_count=sum(grouped["ids"]), as_of=as_of,
-                       updated_at=int(time.time() * 1_000_000), _cause_message_id=state.last_event[1])
+                       updated_at=int(time.time() * 1_000_000), _cause_message_id=state.last_event[1],
+                       _history=history_from_days({d: v[REVENUE] for d, v in state.days.items() if v[ORDERS]},
+                                                  epoch_day(as_of)))
             yield row
 
 
