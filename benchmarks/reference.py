@@ -68,8 +68,9 @@ def run_reference(events_dir: str, config: Dict) -> Dict[str, int]:
     states: Dict[str, ProfileState] = {}
     as_of = max((e.timestamp for e in unique), default=0)
     accepted = 0
+    decided = store.final_profiles([e.message_id for e in unique])
     for event in unique:
-        status, profile_id = store.final_profile(event.message_id)
+        status, profile_id = decided[event.message_id]
         if status != "ok":
             counts["dead_letters"] += 1
             continue

@@ -535,14 +535,18 @@ class IdentityStore:
     def profile_of(self, identifier: Identifier) -> Optional[str]:
         return self._root_if_known(tuple(identifier))
 
-    def final_profile(self, message_id: str) -> Tuple[str, Optional[str]]:
-        """(status, current profile) of a decided event."""
-        row = self.db.execute(
-            "SELECT d.status, p.root FROM decision d LEFT JOIN node n ON n.key = d.key "
-            "LEFT JOIN profile p ON p.pid = n.owner WHERE d.message_id = ?", (message_id,)).fetchone()
-        if row is None:
-            raise KeyError(f"no identity decision for message {message_id}")
-        return row[0], row[1]
+    def final_profiles(self, message_ids: Sequence[str]) -> Dict[str, Tuple[str, Optional[str]]]:
+        """(status, current profile) of many decided events, read in chunks (one query per 500)."""
+        found: Dict[str, Tuple[str, Optional[str]]] = {}
+        for start in range(0, len(message_ids), 500):
+            chunk = list(message_ids[start:start + 500])
+            found.update((mid, (status, root)) for mid, status, root in self.db.execute(
+                "SELECT d.message_id, d.status, p.root FROM decision d LEFT JOIN node n ON n.key = d.key "
+                f"LEFT JOIN profile p ON p.pid = n.owner WHERE d.message_id IN ({','.join('?' * len(chunk))})", chunk))
+        missing = [m for m in message_ids if m not in found]
+        if missing:
+            raise KeyError(f"no identity decision for messages {missing[:5]}")
+        return found
 
     def links(self) -> List[Dict]:
         return [dict(zip(("identifier_type", "identifier_value", "profile_id", "first_seen", "last_seen", "quarantined"), r))

@@ -79,22 +79,25 @@ class _AttachProfileFn(_StoreFn):
         self.dead_lettered = Metrics.counter(self.__class__, "dead_lettered")
         self.suppressed = Metrics.counter(self.__class__, "suppressed")
 
-    def process(self, event: NormalizedEvent, resolved: int):
-        self.received.inc()
-        status, profile_id = self.store.final_profile(event.message_id)
-        if status == OK:
-            self.succeeded.inc()
-            yield event.replace(profile_id=profile_id)
-        elif status == SUPPRESSED:
-            # A forgotten person's event: counted, never written anywhere (not even as a dead letter).
-            self.suppressed.inc()
-        else:
-            assert status == BLOCKED, status
-            self.dead_lettered.inc()
-            yield pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter(
-                event.raw, "identity",
-                "every identifier is a blocked value: " + ", ".join(f"{t}={v!r}" for t, v in event.identifiers),
-                event.schema_version, event.received_at))
+    def process(self, events: List[NormalizedEvent], resolved: int):
+        # One store read per batch of events, not per event.
+        decided = self.store.final_profiles([e.message_id for e in events])
+        for event in events:
+            self.received.inc()
+            status, profile_id = decided[event.message_id]
+            if status == OK:
+                self.succeeded.inc()
+                yield event.replace(profile_id=profile_id)
+            elif status == SUPPRESSED:
+                # A forgotten person's event: counted, never written anywhere (not even as a dead letter).
+                self.suppressed.inc()
+            else:
+                assert status == BLOCKED, status
+                self.dead_lettered.inc()
+                yield pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter(
+                    event.raw, "identity",
+                    "every identifier is a blocked value: " + ", ".join(f"{t}={v!r}" for t, v in event.identifiers),
+                    event.schema_version, event.received_at))
 
 
 class _ReadGraphFn(_StoreFn):
@@ -137,6 +140,7 @@ class ResolveIdentity(beam.PTransform):
                     | "CountResolved" >> beam.CombineGlobally(sum))
         barrier = beam.pvalue.AsSingleton(resolved)
         attached = (events
+                    | "BatchEvents" >> beam.BatchElements(min_batch_size=min(100, self.batch_size), max_batch_size=self.batch_size)
                     | "AttachProfile" >> beam.ParDo(_AttachProfileFn(self.store_path, self.rules), barrier)
                     .with_outputs(DEAD_LETTERS, main=EVENTS))
         tables = (events.pipeline
