@@ -16,7 +16,7 @@ import os
 import sys
 from datetime import datetime
 from decimal import Decimal
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn

@@ -89,7 +89,6 @@ class SequentialIdentityReference:
         known = [i for i in ids if i in comp]
         new = [i for i in ids if i not in comp]
         usable = [i for i in known if i not in self.quarantined]
-        group = set()  # identifiers that end in the target through this event
         target = comp[usable[0]] if usable else None
         members = {n for n, r in comp.items() if r == target} if target is not None else set()
         lead, others = (usable[0] if usable else None), usable[1:]

@@ -18,7 +18,7 @@ import csv
 from collections import Counter
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Dict, Iterable, List, Mapping, Set, Tuple
+from typing import Dict, List, Mapping, Set, Tuple
 
 from cdpflow.schemas.records import Identifier
 

@@ -10,7 +10,7 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
 from cdpflow.core.normalize import NormalizationError, normalize_event
-from cdpflow.schemas.records import DeadLetter, NormalizedEvent
+from cdpflow.schemas.records import DeadLetter
 from cdpflow.transforms import DEAD_LETTERS
 from cdpflow.transforms.validate import ParsedEvent, received_at_of
 

@@ -1,31 +1,9 @@
 """BG/NBD and Gamma-Gamma against the published CDNOW results (the data ships in the Lifetimes wheel)."""
-import importlib.util
-import os
-from datetime import date
-
 import numpy as np
 import pytest
 
-from cdpflow.models.clv import BGNBD, GammaGamma, calibration_summary
-
-
-def cdnow_file(name):
-    # Found without importing lifetimes (whose own imports are not installed): `make test`
-    # installs the wheel with --no-deps only for its data.
-    spec = importlib.util.find_spec("lifetimes")
-    assert spec is not None, "the Lifetimes wheel is missing: make test installs it (pip install --no-deps lifetimes==0.11.3)"
-    return os.path.join(spec.submodule_search_locations[0], "datasets", name)
-
-
-@pytest.fixture(scope="module")
-def cdnow():
-    transactions = []
-    with open(cdnow_file("CDNOW_sample.txt")) as handle:
-        for line in handle:
-            customer, _, day, _, amount = line.split()
-            transactions.append((customer, date(int(day[:4]), int(day[4:6]), int(day[6:])), float(amount)))
-    # Fader, Hardie & Lee: a 39-week calibration period, 1997-01-01 .. 1997-09-30
-    return calibration_summary(transactions, end=date(1997, 9, 30))
+from cdpflow.models.clv import BGNBD, GammaGamma
+from tests.conftest import cdnow_file
 
 
 def test_the_calibration_summary_matches_the_published_one(cdnow):

@@ -1,6 +1,5 @@
 import gzip
 import os
-from decimal import Decimal
 
 import apache_beam as beam
 import orjson

@@ -4,7 +4,6 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from cdpflow.transforms.clv import COLUMNS, MODELS, PROFILES, PredictCustomerValue
 from tests.conftest import local_pipeline
-from tests.models.test_clv import cdnow  # noqa: F401 (fixture: the CDNOW calibration summary)
 
 
 def rows_from(summary):
@@ -12,7 +11,7 @@ def rows_from(summary):
     return rows + [{"profile_id": "prospect", "_history": None}]
 
 
-def test_the_stage_fits_once_and_scores_every_profile(cdnow):  # noqa: F811
+def test_the_stage_fits_once_and_scores_every_profile(cdnow):
     p = local_pipeline()
     out = p | beam.Create(rows_from(cdnow)) | PredictCustomerValue(p | "AsOf" >> beam.Create([0]))
 
