@@ -66,3 +66,34 @@ def test_clear_errors_for_bad_arguments(warehouse, tmp_path):
     bad_rules.write_text("segments: {segments: [{name: x, when: {age: {older: 1}}}]}\n")
     assert main(["run", "--input", str(root / "sample" / "events"), "--warehouse", str(tmp_path / "y.duckdb"),
                  "--config", str(bad_rules)]) == 2
+
+
+@pytest.mark.parametrize("config, fragment", [
+    ("default_region: [\n", "not valid YAML"),
+    ("dedup: {horizon_hours: abc}\n", "dedup.horizon_hours"),
+    ("lifecycle: {active_days: 200, at_risk_days: 100}\n", "active_days"),
+    ("identity: {max_per_profile: {email: 0}}\n", "identity.max_per_profile.email"),
+    ("identity: {mode: sometimes}\n", "identity.mode"),
+    ("reporting_currency: dollars\n", "reporting_currency"),
+])
+def test_bad_configuration_is_refused_before_the_run_with_the_key_named(warehouse, tmp_path, capsys, config, fragment):
+    root, _, _ = warehouse
+    path = tmp_path / "c.yaml"
+    path.write_text(config)
+    capsys.readouterr()
+    assert main(["run", "--input", str(root / "sample" / "events"), "--warehouse", str(tmp_path / "w.duckdb"),
+                 "--config", str(path)]) == 2
+    said = "".join(capsys.readouterr().err.split())  # the console wraps long lines
+    assert fragment.replace(" ", "") in said
+
+
+def test_missing_or_broken_reference_files_are_clear_errors(warehouse, tmp_path, capsys):
+    root, _, _ = warehouse
+    events = str(root / "sample" / "events")
+    assert main(["run", "--input", events, "--warehouse", str(tmp_path / "w.duckdb"),
+                 "--catalog", str(tmp_path / "missing.csv")]) == 2
+    rates = tmp_path / "rates.csv"
+    rates.write_text("date,currency,rate\n2026-01-01,EUR,abc\n")
+    capsys.readouterr()
+    assert main(["run", "--input", events, "--warehouse", str(tmp_path / "w.duckdb"), "--rates", str(rates)]) == 2
+    assert "rates.csv:2" in "".join(capsys.readouterr().err.split())

@@ -31,8 +31,52 @@ def load_config(path: Optional[str] = None, **overrides: Any) -> Dict[str, Any]:
     config = default_config()
     if path:
         with open(path, encoding="utf-8") as handle:
-            user = yaml.safe_load(handle) or {}
+            try:
+                user = yaml.safe_load(handle) or {}
+            except yaml.YAMLError as err:
+                raise ValueError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(user, dict):
             raise ValueError(f"{path}: the configuration must be a YAML mapping")
         config = _merge(config, user)
-    return _merge(config, {k: v for k, v in overrides.items() if v is not None})
+    config = _merge(config, {k: v for k, v in overrides.items() if v is not None})
+    validate(config, path or "the configuration")
+    return config
+
+
+def _number(config, where, *keys, minimum=0.0, integer=False):
+    value = config
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value <= minimum:
+        raise ValueError(f"{where}: {'.'.join(keys)} must be a {'whole ' if integer else ''}number above {minimum:g}, "
+                         f"got {value!r}")
+    return value
+
+
+def validate(config: Dict[str, Any], where: str) -> None:
+    """Checks the types and ranges of the configuration, saying which key is wrong.
+
+    Raises:
+      ValueError: a key has a value of the wrong kind (segment rules are checked when parsed).
+    """
+    region = config.get("default_region")
+    if not (isinstance(region, str) and len(region) == 2 and region.isalpha()):
+        raise ValueError(f"{where}: default_region must be a two-letter region code such as US, got {region!r}")
+    currency = config.get("reporting_currency")
+    if not (isinstance(currency, str) and len(currency) == 3 and currency.isalpha()):
+        raise ValueError(f"{where}: reporting_currency must be a three-letter currency code, got {currency!r}")
+    _number(config, where, "dedup", "horizon_hours")
+    days = [_number(config, where, "lifecycle", k, integer=True) for k in ("new_days", "active_days", "at_risk_days")]
+    if not days[1] <= days[2]:
+        raise ValueError(f"{where}: lifecycle.active_days must not exceed lifecycle.at_risk_days")
+    identity = config.get("identity") or {}
+    if not (isinstance(identity.get("priority"), list) and all(isinstance(t, str) for t in identity["priority"])):
+        raise ValueError(f"{where}: identity.priority must be a list of identifier types")
+    for id_type, limit in (identity.get("max_per_profile") or {}).items():
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"{where}: identity.max_per_profile.{id_type} must be a whole number >= 1 or null")
+    _number(config, where, "identity", "quarantine", "max_profiles", integer=True)
+    _number(config, where, "identity", "quarantine", "window_days")
+    if identity.get("mode", "ordered") not in ("ordered", "parallel"):
+        raise ValueError(f"{where}: identity.mode must be ordered or parallel, got {identity.get('mode')!r}")

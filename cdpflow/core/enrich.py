@@ -47,9 +47,13 @@ class Rates:
         table: Dict[str, List[Tuple[int, Decimal]]] = {}
         if path:
             with open(path, newline="", encoding="utf-8") as handle:
-                for row in csv.DictReader(handle):
-                    day = (date.fromisoformat(row["date"]) - date(1970, 1, 1)).days
-                    table.setdefault(row["currency"].upper(), []).append((day, Decimal(row["rate"])))
+                for line, row in enumerate(csv.DictReader(handle), start=2):
+                    try:
+                        day = (date.fromisoformat(row["date"]) - date(1970, 1, 1)).days
+                        table.setdefault(row["currency"].upper(), []).append((day, Decimal(row["rate"])))
+                    except (KeyError, AttributeError, ValueError, ArithmeticError) as err:
+                        raise ValueError(f"{path}:{line}: expected date,currency,rate with an ISO date and a "
+                                         f"decimal rate ({type(err).__name__}: {err})") from None
         for rows in table.values():
             rows.sort()
         return cls(reporting_currency.upper(), table)

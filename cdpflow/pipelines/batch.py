@@ -36,7 +36,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from cdpflow.config import load_config
-from cdpflow.core.enrich import load_catalog
+from cdpflow.core.enrich import Rates, load_catalog
 from cdpflow.core.timeutil import parse_ts
 from cdpflow.runners.direct import runner_for
 from cdpflow.transforms import DEAD_LETTERS
@@ -193,6 +193,11 @@ def run_batch(inputs: Sequence[str], warehouse: str, config: Dict[str, Any], as_
       replay: re-read the warehouse's accepted events (off only for tests of a single input).
     """
     started = time.time()
+    # Reference data is read here once before the workers read it: a missing or broken file is
+    # a clear error now, not a failure deep inside the pipeline.
+    enrichment = config.get("enrichment") or {}
+    load_catalog(enrichment.get("catalog"))
+    Rates.load(enrichment.get("rates"), config["reporting_currency"])
     os.makedirs(os.path.dirname(os.path.abspath(warehouse)), exist_ok=True)
     staging = tempfile.mkdtemp(prefix="cdpflow-staging-")
     try:
