@@ -9,7 +9,9 @@ measures:
   - the store alone (resolve_batch in transactions of 500) on one process,
   - the Beam stage, ordered (one worker) and parallel (2 SDK worker processes),
   - a plain in-memory union-find over the same events (the floor),
-  - bytes of the SQLite file per million identifiers.
+  - bytes of the SQLite file per million identifiers,
+  - two adversarial graphs: a shared device seen with 20,000 different cookies (a hub), and a
+    chain of 20,000 events gluing one giant profile; both must stay linear.
 Results go to benchmarks/results/identity.json.
 """
 from __future__ import annotations
@@ -91,6 +93,24 @@ def bench_stage(keys, path, rules, ordered, args):
     return time.perf_counter() - started
 
 
+def adversarial(n: int = 20_000) -> dict:
+    """Seconds to resolve a hub and a chain of n events each (quadratic behaviour would show here)."""
+    timings = {}
+    shapes = {
+        "hub": lambda i: [("device_id", "kiosk"), ("anonymous_id", f"c{i}")],
+        "chain": lambda i: [("crm_id", f"k{i}"), ("crm_id", f"k{i + 1}")],
+    }
+    for name, shape in shapes.items():
+        store = IdentityStore(":memory:", IdentityRules())
+        keys = [(f"m{i}", i, shape(i)) for i in range(n)]
+        started = time.perf_counter()
+        for start in range(0, n, 1000):
+            store.resolve_batch(keys[start:start + 1000])
+        timings[name] = round(time.perf_counter() - started, 2)
+        store.close()
+    return timings
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=200_000)
@@ -121,6 +141,8 @@ def main(argv=None):
         results[f"stage_{'ordered' if ordered else 'parallel'}"] = {
             "events": len(stage_keys), "seconds": round(seconds, 2), "events_per_s": round(len(stage_keys) / seconds)}
         print(f"ResolveIdentity stage, {label:22s}: {len(stage_keys) / seconds:8,.0f} events/s")
+    results["adversarial_seconds_20k_events"] = adversarial()
+    print(f"adversarial graphs, 20,000 events each (seconds): {results['adversarial_seconds_20k_events']}")
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
     with open(os.path.join(os.path.dirname(__file__), "results", "identity.json"), "w") as handle:
         json.dump(results, handle, indent=2)
