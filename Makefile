@@ -1,7 +1,9 @@
 # cdpflow: `make run` (the demo on the embedded default) and `make test` (the whole suite).
 # Both set up .venv on first use; nothing else needs to be installed by hand.
 
-PY ?= $(shell command -v python3.11 || command -v python3)
+PY ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+# Go builds Prism; look beside the usual install place too when it is not on PATH.
+GO ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
 VENV := .venv
 BIN := $(VENV)/bin
 BEAM_VERSION := 2.73.0
@@ -43,7 +45,7 @@ bench: venv
 prism: .cache/bin/prism
 .cache/bin/prism:
 	mkdir -p .cache/bin
-	GOBIN=$(CURDIR)/.cache/bin go install github.com/apache/beam/sdks/v2/go/cmd/prism@v$(BEAM_VERSION)
+	GOBIN=$(CURDIR)/.cache/bin $(GO) install github.com/apache/beam/sdks/v2/go/cmd/prism@v$(BEAM_VERSION)
 
 clean:
 	rm -rf out .pytest_cache build dist *.egg-info
