@@ -32,7 +32,7 @@ EXTRAS_REQUIRE = {
     "kafka": ["kafka-python>=2.0.2"],
     "serve": ["fastapi>=0.110", "uvicorn>=0.29", "redis>=5", "prometheus-client>=0.20"],
     "ml": ["scikit-learn>=1.4", "joblib>=1.3"],
-    "dev": ["pytest>=8", "hypothesis>=6.100"],
+    "dev": ["pytest>=8", "hypothesis>=6.100", "pandas>=2.2"],  # pandas: the features test oracle
 }
 
 setuptools.setup(

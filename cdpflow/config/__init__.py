@@ -67,9 +67,14 @@ def validate(config: Dict[str, Any], where: str) -> None:
     if not (isinstance(currency, str) and len(currency) == 3 and currency.isalpha()):
         raise ValueError(f"{where}: reporting_currency must be a three-letter currency code, got {currency!r}")
     _number(config, where, "dedup", "horizon_hours")
-    days = [_number(config, where, "lifecycle", k, integer=True) for k in ("new_days", "active_days", "at_risk_days")]
-    if not days[1] <= days[2]:
-        raise ValueError(f"{where}: lifecycle.active_days must not exceed lifecycle.at_risk_days")
+    days = [_number(config, where, "lifecycle", k, integer=True)
+            for k in ("new_days", "active_days", "at_risk_days", "churned_days")]
+    if not days[1] <= days[2] <= days[3]:
+        raise ValueError(f"{where}: lifecycle needs active_days <= at_risk_days <= churned_days")
+    _number(config, where, "features", "allowed_lateness_hours")
+    _number(config, where, "features", "session_timeout_minutes")
+    for key in ("open_weight", "click_weight", "scale"):
+        _number(config, where, "features", "engagement", key)
     identity = config.get("identity") or {}
     if not (isinstance(identity.get("priority"), list) and all(isinstance(t, str) for t in identity["priority"])):
         raise ValueError(f"{where}: identity.priority must be a list of identifier types")

@@ -1,47 +1,109 @@
-"""Profile features from events: RFM, engagement, browsing, traits and lifecycle stage.
+"""Profile features from events: RFM, engagement, browsing, tenure, traits and lifecycle stage.
 
-Events are folded into a `ProfileState` of additive per-day buckets (so that states of two
-profiles can be merged, and windows of any length can be read off as of any time), plus the
-latest value of each trait. `features(state, as_of)` turns a state into the profile row.
-Windows are whole UTC days: "the 30 days up to as_of" is as_of's day and the 29 days before.
+The definitions are in docs/features.md. Events are folded into a `ProfileState`:
+  * additive per-day buckets (orders, revenue, opens, clicks, unsubscribes, page and product
+    views, category signals), so windows of any length can be read off as of any time;
+  * the interaction runs (session intervals), merged exactly when histories interleave;
+  * the order times (lifecycle needs the gaps between orders);
+  * the latest value of each trait.
+`merge` is associative and commutative, so two profiles' states merge into what folding all
+their events into one state gives. `features(state, as_of)` turns a state into the profile row;
+`lifecycle_transitions` lists the stage changes between two times and `next_change` the next
+time any feature changes with no new event (the stream sets its timers there).
+
+Plain Python, no Beam: used by the batch and streaming transforms and by the benchmark reference.
 """
 from __future__ import annotations
 
+import bisect
+import math
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from cdpflow.core.timeutil import US_PER_DAY, epoch_day, to_datetime
+from cdpflow.core.timeutil import US_PER_DAY, US_PER_SECOND, epoch_day, to_datetime
 from cdpflow.schemas.records import NormalizedEvent
 
-# Bucket slots, one list per day.
-ORDERS, REVENUE, OPENS, CLICKS, PAGE_VIEWS, PRODUCT_VIEWS = range(6)
-_SLOTS = 6
+WINDOWS = (7, 30, 90, 365)
+# Bucket slots, one list per day; the last slot is a {category: count} dict or None.
+ORDERS, REVENUE, OPENS, CLICKS, UNSUBSCRIBES, PAGE_VIEWS, PRODUCT_VIEWS, CATEGORIES = range(8)
+_COUNTS = 7
+# (column prefix, slot) of the windowed counts and sums: columns are f"{prefix}_{w}d".
+WINDOWED = (("orders", ORDERS), ("revenue", REVENUE), ("email_opens", OPENS), ("email_clicks", CLICKS),
+            ("unsubscribes", UNSUBSCRIBES), ("page_views", PAGE_VIEWS), ("product_views", PRODUCT_VIEWS))
+AFFINITY_WINDOW = 90
+ENGAGEMENT_WINDOW = 30
 
 ORDER_EVENTS = frozenset({"Order Completed"})
+CATEGORY_EVENTS = frozenset({"Order Completed", "Product Viewed", "Product Added"})
 SUBSCRIPTION_EVENTS = {"Unsubscribed": False, "Subscribed": True, "Email Subscribed": True}
+INTERACTION_CHANNELS = frozenset({"web", "mobile", "client", "browser"})
 
-DEFAULT_LIFECYCLE = {"new_days": 30, "active_days": 90, "at_risk_days": 180}
+DEFAULT_LIFECYCLE = {"new_days": 30, "active_days": 90, "at_risk_days": 180, "churned_days": 365}
+STAGES = ("prospect", "new", "reactivated", "active", "at_risk", "lapsed", "churned")
+DEFAULT_SESSION_TIMEOUT_US = 30 * 60 * US_PER_SECOND
 
 _Stamp = Tuple[int, str]  # (event time, messageId): a total order, ties broken by messageId
+_FOUR = Decimal("0.0001")
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """The tunable parts of the definitions (configuration sections `features` and `lifecycle`)."""
+
+    lifecycle: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_LIFECYCLE))
+    session_timeout_us: int = DEFAULT_SESSION_TIMEOUT_US
+    open_weight: float = 1.0
+    click_weight: float = 3.0
+    engagement_scale: float = 5.0
+    allowed_lateness_us: int = 72 * 3600 * US_PER_SECOND
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "FeatureSettings":
+        section = config.get("features") or {}
+        engagement = section.get("engagement") or {}
+        return cls(lifecycle={**DEFAULT_LIFECYCLE, **(config.get("lifecycle") or {})},
+                   session_timeout_us=int(section.get("session_timeout_minutes", 30) * 60 * US_PER_SECOND),
+                   open_weight=float(engagement.get("open_weight", 1)),
+                   click_weight=float(engagement.get("click_weight", 3)),
+                   engagement_scale=float(engagement.get("scale", 5)),
+                   allowed_lateness_us=int(section.get("allowed_lateness_hours", 72) * 3600 * US_PER_SECOND))
+
+
+def is_interaction(event: NormalizedEvent) -> bool:
+    return event.type in ("page", "screen") or (event.type == "track" and event.channel in INTERACTION_CHANNELS)
 
 
 @dataclass
 class ProfileState:
     """What a profile's features are computed from; `merge` is associative and commutative."""
 
+    session_timeout_us: int = DEFAULT_SESSION_TIMEOUT_US
     first_seen: Optional[int] = None
     last_seen: Optional[int] = None
     last_event: Optional[_Stamp] = None
     event_count: int = 0
     days: Dict[int, List[Any]] = field(default_factory=dict)
-    first_order: Optional[int] = None
-    last_order: Optional[int] = None
+    orders: List[int] = field(default_factory=list)  # order event times, sorted
+    runs: List[List[int]] = field(default_factory=list)  # interaction runs [start, end], sorted, gaps > timeout
     traits: Dict[str, Tuple[int, str, Any]] = field(default_factory=dict)
     user_id: Optional[Tuple[int, str, str]] = None
     subscribed: Optional[Tuple[int, str, bool]] = None
-    categories: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def first_order(self) -> Optional[int]:
+        return self.orders[0] if self.orders else None
+
+    @property
+    def last_order(self) -> Optional[int]:
+        return self.orders[-1] if self.orders else None
+
+    def _bucket(self, day: int) -> List[Any]:
+        bucket = self.days.get(day)
+        if bucket is None:
+            bucket = self.days[day] = [0, Decimal(0), 0, 0, 0, 0, 0, None]
+        return bucket
 
     def add(self, event: NormalizedEvent) -> "ProfileState":
         """Folds one event in; returns self."""
@@ -50,53 +112,67 @@ class ProfileState:
         self.last_seen = ts if self.last_seen is None else max(self.last_seen, ts)
         self.last_event = stamp if self.last_event is None else max(self.last_event, stamp)
         self.event_count += 1
-        bucket = self.days.get(epoch_day(ts))
-        if bucket is None:
-            bucket = self.days[epoch_day(ts)] = [0, Decimal(0), 0, 0, 0, 0]
+        bucket = self._bucket(epoch_day(ts))
         name = event.event
         if event.type == "track":
             if name in ORDER_EVENTS:
                 bucket[ORDERS] += 1
                 if event.revenue_reporting is not None:
                     bucket[REVENUE] += event.revenue_reporting
-                self.first_order = ts if self.first_order is None else min(self.first_order, ts)
-                self.last_order = ts if self.last_order is None else max(self.last_order, ts)
+                bisect.insort(self.orders, ts)
             elif name == "Email Opened":
                 bucket[OPENS] += 1
             elif name == "Email Link Clicked":
                 bucket[CLICKS] += 1
             elif name == "Product Viewed":
                 bucket[PRODUCT_VIEWS] += 1
+            elif name == "Unsubscribed":
+                bucket[UNSUBSCRIBES] += 1
             if name in SUBSCRIPTION_EVENTS:
-                value = (ts, event.message_id, SUBSCRIPTION_EVENTS[name])
-                self.subscribed = value if self.subscribed is None else max(self.subscribed, value)
-            if name in ORDER_EVENTS or name in ("Product Viewed", "Product Added"):
+                self.subscribed = _latest(self.subscribed, (ts, event.message_id, SUBSCRIPTION_EVENTS[name]))
+            if name in CATEGORY_EVENTS:
                 for product in event.enrichment.get("products") or ():
-                    if product.get("category"):
-                        cat = product["category"]
-                        self.categories[cat] = self.categories.get(cat, 0) + 1
+                    category = product.get("category")
+                    if category:
+                        counts = bucket[CATEGORIES] = bucket[CATEGORIES] or {}
+                        counts[category] = counts.get(category, 0) + 1
         elif event.type in ("page", "screen"):
             bucket[PAGE_VIEWS] += 1
+        if is_interaction(event):
+            self._add_interaction(ts)
         for key, value in event.traits.items():
-            if value is None:
-                continue
-            candidate = (ts, event.message_id, value)
-            current = self.traits.get(key)
-            if current is None or candidate[:2] > current[:2]:
-                self.traits[key] = candidate
+            if value is not None:
+                candidate = (ts, event.message_id, value)
+                current = self.traits.get(key)
+                if current is None or candidate[:2] > current[:2]:
+                    self.traits[key] = candidate
         for id_type, value in event.identifiers:
             if id_type == "user_id":
-                candidate = (ts, event.message_id, value)
-                if self.user_id is None or candidate[:2] > self.user_id[:2]:
-                    self.user_id = candidate
+                self.user_id = _latest(self.user_id, (ts, event.message_id, value))
         return self
+
+    def _add_interaction(self, ts: int):
+        runs, gap = self.runs, self.session_timeout_us
+        i = bisect.bisect_right(runs, [ts, math.inf])  # runs[:i] start at or before ts
+        if i and ts <= runs[i - 1][1] + gap:
+            run = runs[i - 1]
+            run[1] = max(run[1], ts)
+        else:
+            run = [ts, ts]
+            runs.insert(i, run)
+            i += 1
+        # The grown run may now reach the next one.
+        while i < len(runs) and runs[i][0] <= run[1] + gap:
+            run[1] = max(run[1], runs.pop(i)[1])
 
     def merge(self, other: "ProfileState") -> "ProfileState":
         """Adds another profile's state into this one; returns self."""
         if other.first_seen is None:
             return self
+        if self.session_timeout_us != other.session_timeout_us:
+            raise ValueError("cannot merge profile states with different session timeouts")
         if self.first_seen is None:
-            self.__dict__.update(_copy(other).__dict__)
+            self.__dict__.update(copy_state(other).__dict__)
             return self
         self.first_seen = min(self.first_seen, other.first_seen)
         self.last_seen = max(self.last_seen, other.last_seen)
@@ -105,49 +181,54 @@ class ProfileState:
         for day, values in other.days.items():
             mine = self.days.get(day)
             if mine is None:
-                self.days[day] = list(values)
-            else:
-                for i in range(_SLOTS):
-                    mine[i] += values[i]
-        self.first_order = _min_opt(self.first_order, other.first_order)
-        self.last_order = _max_opt(self.last_order, other.last_order)
+                self.days[day] = _copy_bucket(values)
+                continue
+            for i in range(_COUNTS):
+                mine[i] += values[i]
+            if values[CATEGORIES]:
+                counts = mine[CATEGORIES] = mine[CATEGORIES] or {}
+                for category, n in values[CATEGORIES].items():
+                    counts[category] = counts.get(category, 0) + n
+        self.orders = sorted(self.orders + other.orders)
+        self.runs = _merge_runs(self.runs + [list(r) for r in other.runs], self.session_timeout_us)
         for key, value in other.traits.items():
             current = self.traits.get(key)
             if current is None or value[:2] > current[:2]:
                 self.traits[key] = value
         self.user_id = _latest(self.user_id, other.user_id)
         self.subscribed = _latest(self.subscribed, other.subscribed)
-        for cat, count in other.categories.items():
-            self.categories[cat] = self.categories.get(cat, 0) + count
         return self
 
 
-def _copy(state: ProfileState) -> ProfileState:
+def _copy_bucket(values):
+    copied = list(values)
+    if copied[CATEGORIES]:
+        copied[CATEGORIES] = dict(copied[CATEGORIES])
+    return copied
+
+
+def copy_state(state: ProfileState) -> ProfileState:
     return ProfileState(
-        state.first_seen, state.last_seen, state.last_event, state.event_count,
-        {d: list(v) for d, v in state.days.items()}, state.first_order, state.last_order,
-        dict(state.traits), state.user_id, state.subscribed, dict(state.categories))
+        state.session_timeout_us, state.first_seen, state.last_seen, state.last_event, state.event_count,
+        {d: _copy_bucket(v) for d, v in state.days.items()}, list(state.orders), [list(r) for r in state.runs],
+        dict(state.traits), state.user_id, state.subscribed)
 
 
-def _min_opt(a, b):
-    return b if a is None else a if b is None else min(a, b)
-
-
-def _max_opt(a, b):
-    return b if a is None else a if b is None else max(a, b)
+def _merge_runs(runs: List[List[int]], gap: int) -> List[List[int]]:
+    # Two runs whose spans come within the timeout of each other are one run in the union of
+    # their interactions: every gap inside each span is already within the timeout.
+    runs.sort()
+    merged: List[List[int]] = []
+    for run in runs:
+        if merged and run[0] <= merged[-1][1] + gap:
+            merged[-1][1] = max(merged[-1][1], run[1])
+        else:
+            merged.append(run)
+    return merged
 
 
 def _latest(a, b):
     return b if a is None else a if b is None else max(a, b, key=lambda v: v[:2])
-
-
-def _window(state: ProfileState, as_of_day: int, days: int, slot: int):
-    total = Decimal(0) if slot == REVENUE else 0
-    first = as_of_day - days + 1
-    for day, values in state.days.items():
-        if first <= day <= as_of_day:
-            total += values[slot]
-    return total
 
 
 def age_at(traits: Mapping[str, Any], as_of: int) -> Optional[int]:
@@ -166,37 +247,109 @@ def age_at(traits: Mapping[str, Any], as_of: int) -> Optional[int]:
     return None
 
 
-def lifecycle_stage(state: ProfileState, as_of: int, thresholds: Mapping[str, int] = DEFAULT_LIFECYCLE) -> str:
-    """prospect (never ordered), new, active, at_risk or lapsed, from order recency and tenure."""
-    if state.last_order is None:
+def stage_at(orders: List[int], as_of: int, thresholds: Mapping[str, int] = DEFAULT_LIFECYCLE) -> str:
+    """The lifecycle stage as of a time, from the sorted order times (those after as_of are ignored)."""
+    n = bisect.bisect_right(orders, as_of)
+    if n == 0:
         return "prospect"
-    if as_of - state.first_order <= thresholds["new_days"] * US_PER_DAY:
+    day = US_PER_DAY
+    if as_of - orders[0] < thresholds["new_days"] * day:
         return "new"
-    since_last = as_of - state.last_order
-    if since_last <= thresholds["active_days"] * US_PER_DAY:
+    since_last = as_of - orders[n - 1]
+    active = thresholds["active_days"] * day
+    if since_last < active:
+        lapse = thresholds["at_risk_days"] * day
+        i = n - 1
+        while i >= 1 and as_of - orders[i] < active:
+            if orders[i] - orders[i - 1] >= lapse:
+                return "reactivated"
+            i -= 1
         return "active"
-    if since_last <= thresholds["at_risk_days"] * US_PER_DAY:
+    if since_last < thresholds["at_risk_days"] * day:
         return "at_risk"
-    return "lapsed"
+    if since_last < thresholds["churned_days"] * day:
+        return "lapsed"
+    return "churned"
 
 
-def features(state: ProfileState, as_of: int,
-             lifecycle: Mapping[str, int] = DEFAULT_LIFECYCLE) -> Dict[str, Any]:
+def lifecycle_stage(state: ProfileState, as_of: int, thresholds: Mapping[str, int] = DEFAULT_LIFECYCLE) -> str:
+    return stage_at(state.orders, as_of, thresholds)
+
+
+def _stage_points(state: ProfileState, thresholds: Mapping[str, int]) -> List[int]:
+    offsets = sorted({thresholds[k] * US_PER_DAY for k in ("new_days", "active_days", "at_risk_days", "churned_days")})
+    return sorted({o + offset for o in state.orders for offset in (0, *offsets)})
+
+
+def lifecycle_transitions(state: ProfileState, since: Optional[int], until: int,
+                          thresholds: Mapping[str, int] = DEFAULT_LIFECYCLE) -> List[Tuple[int, Optional[str], str]]:
+    """(time, from stage, to stage) of every stage change in (since, until]; the stage a profile
+    starts in at its first event has from stage None."""
+    if state.first_seen is None or state.first_seen > until:
+        return []
+    changes, current = [], None
+    for point in [state.first_seen] + [p for p in _stage_points(state, thresholds) if state.first_seen < p <= until]:
+        stage = stage_at(state.orders, point, thresholds)
+        if stage != current:
+            if since is None or point > since:
+                changes.append((point, current, stage))
+            current = stage
+    return changes
+
+
+def next_change(state: ProfileState, after: int, thresholds: Mapping[str, int] = DEFAULT_LIFECYCLE) -> Optional[int]:
+    """The first time after `after` at which a feature changes with no new event: a day with
+    data leaving a window, or a lifecycle threshold passing. None if nothing will change."""
+    best = None
+    data_days = set(state.days)
+    data_days.update(epoch_day(run[0]) for run in state.runs)
+    for day in data_days:
+        for w in WINDOWS:
+            moment = (day + w) * US_PER_DAY  # the first instant day is outside the w-day window
+            if moment > after:
+                if best is None or moment < best:
+                    best = moment
+                break  # longer windows let it go later
+    for point in _stage_points(state, thresholds):
+        if point > after:
+            if best is None or point < best:
+                best = point
+            break
+    return best
+
+
+def features(state: ProfileState, as_of: int, settings: FeatureSettings = FeatureSettings()) -> Dict[str, Any]:
     """The profile's features and main traits as of a time (events after it must not be in the state)."""
-    day = epoch_day(as_of)
-    orders = sum(v[ORDERS] for v in state.days.values())
-    revenue = sum((v[REVENUE] for v in state.days.values()), Decimal(0))
+    if isinstance(settings, Mapping):  # a lifecycle thresholds mapping, as older callers pass
+        settings = FeatureSettings(lifecycle={**DEFAULT_LIFECYCLE, **settings})
+    today = epoch_day(as_of)
+    sums = {w: [0, Decimal(0), 0, 0, 0, 0, 0] for w in WINDOWS}
+    orders_total, revenue_total = 0, Decimal(0)
+    categories: Dict[str, int] = {}
+    for day, values in state.days.items():
+        orders_total += values[ORDERS]
+        revenue_total += values[REVENUE]
+        age = today - day
+        if age < 0:
+            continue
+        for w in WINDOWS:
+            if age < w:
+                acc = sums[w]
+                for i in range(_COUNTS):
+                    acc[i] += values[i]
+        if age < AFFINITY_WINDOW and values[CATEGORIES]:
+            for category, n in values[CATEGORIES].items():
+                categories[category] = categories.get(category, 0) + n
+    session_starts = [epoch_day(run[0]) for run in state.runs if run[0] <= as_of]
     traits = {k: v[2] for k, v in sorted(state.traits.items())}
     interests = traits.get("interests")
-    top_category = None
-    if state.categories:
-        top_category = min(state.categories.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+    unsubscribed = bool(state.subscribed is not None and not state.subscribed[2])
 
     def text(key):
         value = traits.get(key)
         return str(value) if value is not None and not isinstance(value, (dict, list)) else None
 
-    return {
+    row: Dict[str, Any] = {
         "user_id": state.user_id[2] if state.user_id else None,
         "email": text("email"),
         "phone": text("phone"),
@@ -210,22 +363,25 @@ def features(state: ProfileState, as_of: int,
         "first_seen": state.first_seen,
         "last_seen": state.last_seen,
         "event_count": state.event_count,
-        "orders_total": orders,
-        "revenue_total": revenue,
-        "avg_order_value": (revenue / orders).quantize(Decimal("0.0001")) if orders else None,
+        "orders_total": orders_total,
+        "revenue_total": revenue_total,
+        "avg_order_value": (revenue_total / orders_total).quantize(_FOUR) if orders_total else None,
         "last_order_at": state.last_order,
-        "recency_days": round((as_of - state.last_order) / US_PER_DAY, 4) if state.last_order is not None else None,
-        "orders_30d": _window(state, day, 30, ORDERS),
-        "orders_90d": _window(state, day, 90, ORDERS),
-        "orders_365d": _window(state, day, 365, ORDERS),
-        "revenue_30d": _window(state, day, 30, REVENUE),
-        "revenue_90d": _window(state, day, 90, REVENUE),
-        "revenue_365d": _window(state, day, 365, REVENUE),
-        "email_opens_30d": _window(state, day, 30, OPENS),
-        "email_clicks_30d": _window(state, day, 30, CLICKS),
-        "unsubscribed": bool(state.subscribed is not None and not state.subscribed[2]),
-        "page_views_30d": _window(state, day, 30, PAGE_VIEWS),
-        "product_views_30d": _window(state, day, 30, PRODUCT_VIEWS),
-        "top_category": top_category,
-        "lifecycle_stage": lifecycle_stage(state, as_of, lifecycle),
+        "recency_days": round((as_of - state.last_order) / US_PER_DAY, 4) if state.orders else None,
+        "tenure_days": round((as_of - state.first_seen) / US_PER_DAY, 4) if state.first_seen is not None else None,
+        "unsubscribed": unsubscribed,
     }
+    for w in WINDOWS:
+        acc = sums[w]
+        for prefix, slot in WINDOWED:
+            row[f"{prefix}_{w}d"] = acc[slot]
+        row[f"avg_order_value_{w}d"] = (acc[REVENUE] / acc[ORDERS]).quantize(_FOUR) if acc[ORDERS] else None
+        row[f"sessions_{w}d"] = sum(1 for d in session_starts if today - w < d <= today)
+    engaged = settings.open_weight * row[f"email_opens_{ENGAGEMENT_WINDOW}d"] + \
+        settings.click_weight * row[f"email_clicks_{ENGAGEMENT_WINDOW}d"]
+    row["engagement_score"] = 0.0 if unsubscribed else round(100 * (1 - math.exp(-engaged / settings.engagement_scale)), 2)
+    total = sum(categories.values())
+    row["category_affinity"] = {c: round(n / total, 4) for c, n in sorted(categories.items())}
+    row["top_category"] = min(categories.items(), key=lambda kv: (-kv[1], kv[0]))[0] if categories else None
+    row["lifecycle_stage"] = stage_at(state.orders, as_of, settings.lifecycle)
+    return row

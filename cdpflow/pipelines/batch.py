@@ -37,6 +37,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from cdpflow.config import load_config
 from cdpflow.core.enrich import Rates, load_catalog
+from cdpflow.core.features import FeatureSettings
 from cdpflow.core.timeutil import parse_ts
 from cdpflow.runners.direct import runner_for
 from cdpflow.transforms import DEAD_LETTERS
@@ -44,7 +45,8 @@ from cdpflow.transforms.capture import ReadEvents
 from cdpflow.transforms.dedup import UNIQUE, Dedup
 from cdpflow.transforms.enrich import Enrich, LoadReferenceData, rates_loader
 from cdpflow.transforms.clv import MODELS as CLV_MODELS, PROFILES as CLV_PROFILES, PredictCustomerValue
-from cdpflow.transforms.features import ComputeFeatures
+from cdpflow.transforms.features import PROFILES, TRANSITIONS, ComputeFeatures
+from cdpflow.transforms.lateness import ON_TIME, CheckLateness
 from cdpflow.core.identity import IdentityRules, IdentityStore
 from cdpflow.transforms.identity import CONFLICTS, EVENTS, LINKS, MERGES, ResolveIdentity
 from cdpflow.transforms.normalize import NORMALIZED, Normalize
@@ -53,7 +55,8 @@ from cdpflow.transforms.sinks import WriteStaged, dead_letter_row, event_row
 from cdpflow.transforms.validate import VALID, ParseAndValidate
 from cdpflow.warehouse import DuckDBWarehouse
 
-REPLACED_TABLES = ("events", "identity_links", "profile_merges", "identity_conflicts", "profiles", "segment_memberships")
+REPLACED_TABLES = ("events", "identity_links", "profile_merges", "identity_conflicts", "profiles", "segment_memberships",
+                   "lifecycle_transitions")
 IDENTITY_STORE = "identity.sqlite"
 PREVIOUS_MEMBERSHIPS = "previous_memberships.jsonl"
 
@@ -84,7 +87,8 @@ def build_pipeline(pipeline: beam.Pipeline, inputs: Sequence[str], staging_dir: 
     unique = normalized[NORMALIZED] | "Dedup" >> Dedup(config["dedup"]["horizon_hours"])
     catalog = pipeline | "LoadCatalog" >> LoadReferenceData(enrichment.get("catalog"), load_catalog)
     rates = pipeline | "LoadRates" >> LoadReferenceData(enrichment.get("rates"), rates_loader(config["reporting_currency"]))
-    enriched = unique[UNIQUE] | "Enrich" >> Enrich(catalog, rates)
+    on_time = unique[UNIQUE] | "CheckLateness" >> CheckLateness(FeatureSettings.from_config(config).allowed_lateness_us)
+    enriched = on_time[ON_TIME] | "Enrich" >> Enrich(catalog, rates)
     identity = enriched | "ResolveIdentity" >> ResolveIdentity(
         identity_store or os.path.join(staging_dir, IDENTITY_STORE),
         identity_rules or IdentityRules.from_config(config["identity"]),
@@ -96,9 +100,8 @@ def build_pipeline(pipeline: beam.Pipeline, inputs: Sequence[str], staging_dir: 
                     | "NewestEventTime" >> beam.CombineGlobally(lambda ts: max(ts, default=0)))
     else:
         as_of_pc = pipeline | "AsOf" >> beam.Create([as_of])
-    features = identity[EVENTS] | "ComputeFeatures" >> ComputeFeatures(
-        identity[LINKS], as_of_pc, config["lifecycle"])
-    predicted = features | "PredictCustomerValue" >> PredictCustomerValue(as_of_pc)
+    features = identity[EVENTS] | "ComputeFeatures" >> ComputeFeatures(identity[LINKS], as_of_pc, config)
+    predicted = features[PROFILES] | "PredictCustomerValue" >> PredictCustomerValue(as_of_pc)
     profiles = predicted[CLV_PROFILES]
     if previous_memberships:
         previous = (pipeline
@@ -109,7 +112,8 @@ def build_pipeline(pipeline: beam.Pipeline, inputs: Sequence[str], staging_dir: 
     segments = profiles | "AssignSegments" >> AssignSegments(
         config["segments"], previous, as_of_pc, config["lifecycle"])
 
-    dead_letters = ((parsed[DEAD_LETTERS], normalized[DEAD_LETTERS], unique[DEAD_LETTERS], identity[DEAD_LETTERS])
+    dead_letters = ((parsed[DEAD_LETTERS], normalized[DEAD_LETTERS], unique[DEAD_LETTERS], on_time[DEAD_LETTERS],
+                     identity[DEAD_LETTERS])
                     | "AllDeadLetters" >> beam.Flatten())
     outputs = {
         "events": identity[EVENTS] | "EventRows" >> beam.Map(event_row),
@@ -120,6 +124,7 @@ def build_pipeline(pipeline: beam.Pipeline, inputs: Sequence[str], staging_dir: 
         "segment_memberships": segments[MEMBERSHIPS],
         "segment_changes": segments[CHANGES],
         "clv_models": predicted[CLV_MODELS],
+        "lifecycle_transitions": features[TRANSITIONS],
         "dead_letters": dead_letters | "DeadLetterRows" >> beam.Map(dead_letter_row),
     }
     for name, rows in outputs.items():
@@ -150,7 +155,7 @@ class RunSummary:
     @property
     def dead_lettered(self) -> int:
         return sum(self.counter(s, "dead_lettered")
-                   for s in ("_ParseAndValidateFn", "_NormalizeFn", "_PickFirstFn", "_AttachProfileFn"))
+                   for s in ("_ParseAndValidateFn", "_NormalizeFn", "_PickFirstFn", "_CheckLatenessFn", "_AttachProfileFn"))
 
     @property
     def deduplicated(self) -> int:

@@ -122,6 +122,21 @@ IDENTITY_SEPARATIONS = Table("identity_separations", "Pairs of identifiers a man
     _c("reason", "STRING", "Why, as given to the command."),
 ))
 
+_WINDOW_METRICS = (
+    ("orders", "INT64", "Orders (Order Completed)"),
+    ("revenue", "NUMERIC", "Revenue of those orders in the reporting currency"),
+    ("avg_order_value", "NUMERIC", "revenue / orders"),
+    ("email_opens", "INT64", "Email Opened events"),
+    ("email_clicks", "INT64", "Email Link Clicked events"),
+    ("unsubscribes", "INT64", "Unsubscribed events"),
+    ("page_views", "INT64", "page and screen events"),
+    ("product_views", "INT64", "Product Viewed events"),
+    ("sessions", "INT64", "Sessions (30 minutes of inactivity end one) starting"),
+)
+WINDOW_DAYS = (7, 30, 90, 365)
+WINDOW_COLUMNS = tuple(_c(f"{name}_{w}d", type_, f"{text} in the {w} days up to as_of.")
+                       for w in WINDOW_DAYS for name, type_, text in _WINDOW_METRICS)
+
 PROFILES = Table("profiles", "One row per unified profile: traits, features as of a time, lifecycle.", (
     _c("profile_id", "STRING", "Deterministic profile id (p_ + hash of the identifier that created it).", "REQUIRED"),
     _c("user_id", "STRING", "The latest user id seen on the profile."),
@@ -143,19 +158,13 @@ PROFILES = Table("profiles", "One row per unified profile: traits, features as o
     _c("avg_order_value", "NUMERIC", "revenue_total / orders_total."),
     _c("last_order_at", "TIMESTAMP", "Event time of the latest order."),
     _c("recency_days", "FLOAT64", "Days from the latest order to as_of (null without orders)."),
-    _c("orders_30d", "INT64", "Orders in the 30 days up to as_of."),
-    _c("orders_90d", "INT64", "Orders in the 90 days up to as_of."),
-    _c("orders_365d", "INT64", "Orders in the 365 days up to as_of."),
-    _c("revenue_30d", "NUMERIC", "Revenue in the 30 days up to as_of (reporting currency)."),
-    _c("revenue_90d", "NUMERIC", "Revenue in the 90 days up to as_of (reporting currency)."),
-    _c("revenue_365d", "NUMERIC", "Revenue in the 365 days up to as_of (reporting currency)."),
-    _c("email_opens_30d", "INT64", "Email Opened events in the last 30 days."),
-    _c("email_clicks_30d", "INT64", "Email Link Clicked events in the last 30 days."),
+    _c("tenure_days", "FLOAT64", "Days from first_seen to as_of."),
+    *WINDOW_COLUMNS,
     _c("unsubscribed", "BOOL", "True if the latest subscription event up to as_of is Unsubscribed."),
-    _c("page_views_30d", "INT64", "page and screen events in the last 30 days."),
-    _c("product_views_30d", "INT64", "Product Viewed events in the last 30 days."),
-    _c("top_category", "STRING", "The product category with the most views and purchases."),
-    _c("lifecycle_stage", "STRING", "prospect, new, active, at_risk or lapsed (thresholds in the configuration)."),
+    _c("engagement_score", "FLOAT64", "0-100 from email opens and clicks in 30 days; 0 when unsubscribed (docs/features.md)."),
+    _c("category_affinity", "JSON", "Share of each product category in the views, adds and purchases of the last 90 days."),
+    _c("top_category", "STRING", "The category with the most views, adds and purchases in the last 90 days."),
+    _c("lifecycle_stage", "STRING", "prospect, new, reactivated, active, at_risk, lapsed or churned (docs/features.md)."),
     _c("expected_purchases_30d", "FLOAT64", "BG/NBD: expected orders in the next 30 days (null without orders or model)."),
     _c("expected_purchases_90d", "FLOAT64", "BG/NBD: expected orders in the next 90 days."),
     _c("probability_alive", "FLOAT64", "BG/NBD: probability the customer is still active."),
@@ -178,11 +187,20 @@ SEGMENT_MEMBERSHIPS = Table("segment_memberships", "Segment membership spans; an
 DEAD_LETTERS = Table("dead_letters", "Records that could not be accepted, with their raw payload.", (
     _c("dead_letter_id", "STRING", "Hash of stage and raw payload, so replays do not repeat a row.", "REQUIRED"),
     _c("raw", "STRING", "The record exactly as read.", "REQUIRED"),
-    _c("stage", "STRING", "The stage that refused it: parse, validate, normalize, dedup, identity.", "REQUIRED"),
+    _c("stage", "STRING", "The stage that refused it: parse, validate, normalize, dedup, lateness, identity.", "REQUIRED"),
     _c("error", "STRING", "What was wrong, in words.", "REQUIRED"),
     _c("schema_version", "STRING", "The schema applied (none if the kind was unknown)."),
     _c("received_at", "TIMESTAMP", "receivedAt of the record if it had one, else when it was read."),
 ), key=("dead_letter_id",))
+
+LIFECYCLE_TRANSITIONS = Table("lifecycle_transitions", "Every change of a profile's lifecycle stage.", (
+    _c("profile_id", "STRING", "The profile.", "REQUIRED"),
+    _c("from_stage", "STRING", "The stage before (null for the stage a profile starts in)."),
+    _c("to_stage", "STRING", "The stage after.", "REQUIRED"),
+    _c("transitioned_at", "TIMESTAMP", "Event time of the change: an order, or an order plus a threshold.", "REQUIRED"),
+    _c("as_of", "TIMESTAMP", "as_of of the run (batch) or the emission (stream) that found it.", "REQUIRED"),
+    _c("source", "STRING", "batch or stream.", "REQUIRED"),
+), key=("profile_id", "transitioned_at", "to_stage"))
 
 CLV_MODELS = Table("clv_models", "Every fit of the predictive customer-value models.", (
     _c("model_id", "STRING", "Hash of as_of, parameters and status.", "REQUIRED"),
@@ -201,4 +219,4 @@ CLV_MODELS = Table("clv_models", "Every fit of the predictive customer-value mod
 
 ALL_TABLES: Dict[str, Table] = {t.name: t for t in (
     EVENTS, IDENTITY_LINKS, PROFILE_MERGES, IDENTITY_CONFLICTS, PROFILES, SEGMENT_MEMBERSHIPS, DEAD_LETTERS,
-    IDENTITY_SUPPRESSIONS, IDENTITY_SEPARATIONS, CLV_MODELS)}
+    IDENTITY_SUPPRESSIONS, IDENTITY_SEPARATIONS, CLV_MODELS, LIFECYCLE_TRANSITIONS)}

@@ -32,7 +32,8 @@ def idempotency_key(profile_id: str, segment: str, direction: str, cause: str) -
 class _DiffMembershipsFn(beam.DoFn):
     def __init__(self, rules_document: Mapping[str, Any], lifecycle: Mapping[str, int]):
         self.rules_document = rules_document
-        self.lifecycle_version = "lifecycle:{new_days}/{active_days}/{at_risk_days}".format(**lifecycle)
+        self.lifecycle_version = "lifecycle:" + "/".join(
+            str(lifecycle.get(k, "-")) for k in ("new_days", "active_days", "at_risk_days", "churned_days"))
         self.entered = Metrics.counter(self.__class__, "entered")
         self.exited = Metrics.counter(self.__class__, "exited")
         self.rules = None

@@ -52,4 +52,4 @@ def test_shipped_rules_parse_and_config_merges(tmp_path):
     user.write_text("default_region: GB\nlifecycle: {new_days: 14}\n")
     config = load_config(str(user))
     assert config["default_region"] == "GB"
-    assert config["lifecycle"] == {"new_days": 14, "active_days": 90, "at_risk_days": 180}
+    assert config["lifecycle"] == {"new_days": 14, "active_days": 90, "at_risk_days": 180, "churned_days": 365}

@@ -92,15 +92,21 @@ def test_conservation_from_the_counters(sample, first_run):
     assert c("_ParseAndValidateFn", "received") == c("_ParseAndValidateFn", "succeeded") + c("_ParseAndValidateFn", "dead_lettered")
     assert c("_NormalizeFn", "received") == c("_NormalizeFn", "succeeded") + c("_NormalizeFn", "dead_lettered")
     assert c("_PickFirstFn", "received") == c("_NormalizeFn", "succeeded")
-    assert c("_EnrichFn", "received") == c("_EnrichFn", "succeeded") == c("_PickFirstFn", "succeeded")
+    assert c("_CheckLatenessFn", "received") == c("_PickFirstFn", "succeeded")
+    assert c("_CheckLatenessFn", "received") == c("_CheckLatenessFn", "succeeded") + c("_CheckLatenessFn", "dead_lettered")
+    assert c("_EnrichFn", "received") == c("_EnrichFn", "succeeded") == c("_CheckLatenessFn", "succeeded")
     assert c("_ResolveFn", "succeeded") == c("_ResolveFn", "received") == c("_EnrichFn", "succeeded")
     assert c("_AttachProfileFn", "received") == c("_EnrichFn", "succeeded")
     assert c("_AttachProfileFn", "received") == (c("_AttachProfileFn", "succeeded") + c("_AttachProfileFn", "dead_lettered")
                                                  + c("_AttachProfileFn", "suppressed"))
     manifest = json.loads((sample / "manifest.json").read_text())
     files = [f for name, f in manifest["files"].items() if name.startswith("events/")]
-    # every broken line is a dead letter; the identity stage may add events whose only identifiers are blocked values
-    assert summary.dead_lettered == sum(f["malformed_json"] + f["schema_violation"] for f in files) + c("_AttachProfileFn", "dead_lettered")
+    # every broken line and every event received more than 3 days late (the generator's very
+    # late ones, 4-20 days) is a dead letter; the identity stage may add events whose only
+    # identifiers are blocked values
+    assert c("_CheckLatenessFn", "dead_lettered") == manifest["noise"]["very_late"] > 0
+    assert summary.dead_lettered == (sum(f["malformed_json"] + f["schema_violation"] for f in files)
+                                     + manifest["noise"]["very_late"] + c("_AttachProfileFn", "dead_lettered"))
     assert summary.deduplicated == sum(f["duplicate"] for f in files)
     with DuckDBWarehouse(warehouse, read_only=True) as wh:
         assert wh.count("events") == summary.accepted
@@ -109,7 +115,8 @@ def test_conservation_from_the_counters(sample, first_run):
         assert len(letters) == len({(r["raw"], r["stage"]) for r in letters}) <= summary.dead_lettered
         assert len(letters) >= summary.dead_lettered - 2
         assert all(r["raw"] and r["error"] for r in letters)
-        assert {r["stage"] for r in letters} <= {"parse", "validate", "normalize", "dedup"}
+        assert {r["stage"] for r in letters} <= {"parse", "validate", "normalize", "dedup", "lateness"}
+        assert any(r["stage"] == "lateness" and "allowed lateness is 72.0 h" in r["error"] for r in letters)
 
 
 def test_with_protection_off_the_partition_equals_an_independent_union_find(sample, tmp_path):

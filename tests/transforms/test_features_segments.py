@@ -4,7 +4,7 @@ import apache_beam as beam
 from apache_beam.testing.util import assert_that, equal_to
 
 from cdpflow.core.timeutil import parse_ts
-from cdpflow.transforms.features import ComputeFeatures
+from cdpflow.transforms.features import PROFILES, TRANSITIONS, ComputeFeatures
 from cdpflow.transforms.segments import CHANGES, MEMBERSHIPS, AssignSegments, idempotency_key
 from tests.conftest import local_pipeline
 from tests.transforms.helpers import normalized
@@ -25,8 +25,11 @@ def test_features_per_profile_leave_out_events_after_as_of():
     p = local_pipeline()
     links = p | "Links" >> beam.Create([{"profile_id": "pA"}, {"profile_id": "pA"}, {"profile_id": "pB"}])
     as_of = p | "AsOf" >> beam.Create([AS_OF])
-    rows = p | beam.Create(events) | ComputeFeatures(links, as_of, LIFECYCLE)
-    assert_that(rows | beam.Map(lambda r: (r["profile_id"], r["orders_total"], r["revenue_total"],
+    out = p | beam.Create(events) | ComputeFeatures(links, as_of, LIFECYCLE)
+    assert_that(out[TRANSITIONS] | "T" >> beam.Map(lambda t: (t["profile_id"], t["from_stage"], t["to_stage"], t["transitioned_at"])),
+                equal_to([("pA", None, "new", events[0].timestamp), ("pB", None, "new", events[2].timestamp)]),
+                label="Transitions")
+    assert_that(out[PROFILES] | beam.Map(lambda r: (r["profile_id"], r["orders_total"], r["revenue_total"],
                                            r["identifier_count"], r["lifecycle_stage"], r["_cause_message_id"])),
                 equal_to([("pA", 2, Decimal("15"), 2, "new", "2"), ("pB", 1, Decimal("7"), 1, "new", "3")]))
     p.run().wait_until_finish()
