@@ -260,7 +260,7 @@ def oracle_profiles(events: pd.DataFrame, as_of: AsOf, config: Optional[Mapping[
 
     # category signals of the 90-day window: one per product with a category
     signals = df[df["is_signal"] & (df["age_days"] < 90)][["profile_id", "categories"]].explode("categories")
-    signals = signals[signals["categories"].map(lambda c: isinstance(c, str) and c != "")]
+    signals = signals.loc[signals["categories"].map(lambda c: isinstance(c, str) and c != "").astype(bool)]
     counts: Dict[str, Dict[str, int]] = {}
     for (p, category), n in signals.groupby(["profile_id", "categories"]).size().items():
         counts.setdefault(p, {})[category] = int(n)

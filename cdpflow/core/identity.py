@@ -165,6 +165,7 @@ CREATE TABLE IF NOT EXISTS merge(seq INTEGER PRIMARY KEY AUTOINCREMENT, survivor
 CREATE INDEX IF NOT EXISTS merge_survivor ON merge(survivor);
 CREATE TABLE IF NOT EXISTS conflict(seq INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT NOT NULL, value TEXT NOT NULL,
     profiles TEXT NOT NULL, rule TEXT NOT NULL, cause TEXT NOT NULL, ts INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS fanout(key TEXT NOT NULL, account TEXT NOT NULL, first_ts INTEGER NOT NULL,
     last_ts INTEGER NOT NULL, PRIMARY KEY(key, account)) WITHOUT ROWID;
 """
@@ -186,6 +187,7 @@ class IdentityStore:
         # isolation_level=None: transactions are ours (BEGIN IMMEDIATE takes the write lock up
         # front, so two workers never interleave the reads and writes of one union).
         self.db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+        self._changed: Set[str] = set()  # profile ids (founders) whose root the open batch changed
         self._initialise(path)
 
     def _initialise(self, path: str):
@@ -319,6 +321,7 @@ class IdentityStore:
     def _union(self, survivor: str, absorbed: str):
         # Flattened union-find: every founder points straight at its root, so a find is one
         # indexed read; a union rewrites the absorbed profile's founders (few per profile).
+        self._changed.update(r[0] for r in self.db.execute("SELECT pid FROM profile WHERE root = ?", (absorbed,)))
         self.db.execute("UPDATE profile SET root = ? WHERE root = ?", (survivor, absorbed))
         for id_type, n in self.db.execute("SELECT type, n FROM counts WHERE root = ?", (absorbed,)).fetchall():
             self._bump(survivor, id_type, n)
@@ -331,16 +334,44 @@ class IdentityStore:
         Returns:
           One Decision per event; an event already decided gets its recorded decision back.
         """
+        return self.resolve_batch_with_moves(events)[0]
+
+    def resolve_batch_with_moves(self, events: Iterable[Tuple[str, int, Sequence[Identifier]]]
+                                 ) -> Tuple[List[Decision], int, Dict[str, str]]:
+        """`resolve_batch`, and what a stream needs to move feature state with the profiles.
+
+        Returns:
+          (decisions, epoch, moves): `epoch` counts the batches (of any worker) that merged or
+          split profiles, so later is larger; the decisions were taken at `epoch - 1` or, if
+          this batch moved nothing, at `epoch`; `moves` maps the node key of every identifier
+          whose profile this batch changed to its profile after the batch (at `epoch`).
+        """
         decisions = []
+        self._changed = set()
         self.db.execute("BEGIN IMMEDIATE")
         try:
             for message_id, ts, identifiers in events:
                 decisions.append(self._resolve(message_id, ts, identifiers))
+            row = self.db.execute("SELECT value FROM meta WHERE name = 'epoch'").fetchone()
+            epoch = row[0] if row else 0
+            moves: Dict[str, str] = {}
+            if self._changed:
+                epoch += 1
+                self.db.execute("INSERT INTO meta(name, value) VALUES ('epoch', ?) "
+                                "ON CONFLICT(name) DO UPDATE SET value = excluded.value", (epoch,))
+                changed = sorted(self._changed)
+                for start in range(0, len(changed), 500):
+                    chunk = changed[start:start + 500]
+                    moves.update(self.db.execute(
+                        "SELECT n.key, p.root FROM node n JOIN profile p ON p.pid = n.owner "
+                        f"WHERE n.owner IN ({','.join('?' * len(chunk))})", chunk).fetchall())
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
-        return decisions
+        finally:
+            self._changed = set()
+        return decisions, epoch, moves
 
     def resolve(self, message_id: str, ts: int, identifiers: Sequence[Identifier]) -> Decision:
         return self.resolve_batch([(message_id, ts, identifiers)])[0]
@@ -480,6 +511,7 @@ class IdentityStore:
           The ids of the profiles it now consists of.
         """
         founders = [r[0] for r in self.db.execute("SELECT pid FROM profile WHERE root = ?", (root,))]
+        self._changed.update(founders)
         marks = ",".join("?" * len(founders))
         nodes = {r[0]: r for r in self.db.execute(
             f"SELECT key, type, value, owner, founder, quarantined FROM node WHERE owner IN ({marks})", founders)}
@@ -515,6 +547,7 @@ class IdentityStore:
                 pid = profile_id_for(key_identifier(promoted))
                 self.db.execute("INSERT OR REPLACE INTO profile(pid, root, founder_key) VALUES (?, ?, ?)", (pid, pid, promoted))
                 self.db.execute("UPDATE node SET founder = 1 WHERE key = ?", (promoted,))
+                self._changed.add(pid)
                 own_founders = [promoted]
             founder_pids = {profile_id_for(key_identifier(k)) for k in own_founders}
             new_root = min(founder_pids)
@@ -523,6 +556,7 @@ class IdentityStore:
             for k in keys:
                 if nodes[k][3] not in founder_pids:
                     self.db.execute("UPDATE node SET owner = ? WHERE key = ?", (new_root, k))
+                    self._changed.add(new_root)
                 self._bump(new_root, nodes[k][1])
         for seq, survivor, absorbed in self.db.execute(
                 f"SELECT seq, survivor, absorbed FROM merge WHERE undone_at IS NULL AND survivor IN ({marks})",

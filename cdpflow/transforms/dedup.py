@@ -1,4 +1,5 @@
-"""Dedup: drops repeated messageIds within a configurable horizon (batch: grouped by messageId).
+"""Dedup: drops repeated messageIds within a configurable horizon (batch: grouped by messageId;
+DedupStream: a stateful DoFn per messageId whose state expires with an event-time timer).
 
 Input: PCollection[NormalizedEvent]. Outputs: `unique` (one event per messageId) and
 `dead_letters` (stage `dedup`: a repeat received after the horizon). Counters: received,
@@ -10,7 +11,11 @@ from typing import Iterable, Tuple
 
 import apache_beam as beam
 from apache_beam import pvalue
+from apache_beam.coders import PickleCoder
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Timestamp
 
 from cdpflow.core.dedup import split_copies
 from cdpflow.core.timeutil import US_PER_SECOND, format_ts
@@ -61,4 +66,64 @@ class Dedup(beam.PTransform):
                    | "KeyByMessageId" >> beam.Map(lambda e: (e.message_id, e))
                    | "GroupCopies" >> beam.GroupByKey()
                    | "PickFirst" >> beam.ParDo(_PickFirstFn(self.horizon_us)).with_outputs(DEAD_LETTERS, main=UNIQUE))
+        return {UNIQUE: results[UNIQUE], DEAD_LETTERS: results[DEAD_LETTERS]}
+
+
+class _FirstCopyFn(beam.DoFn):
+    """Streaming dedup: the first copy of a messageId passes; state is kept for the horizon."""
+
+    FIRST = ReadModifyWriteStateSpec("first_received_at", PickleCoder())
+    EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
+
+    def __init__(self, horizon_us: int, keep_us: int):
+        self.horizon_us = horizon_us
+        self.keep_us = keep_us
+        self.received = Metrics.counter(self.__class__, "received")
+        self.succeeded = Metrics.counter(self.__class__, "succeeded")
+        self.deduplicated = Metrics.counter(self.__class__, "deduplicated")
+        self.dead_lettered = Metrics.counter(self.__class__, "dead_lettered")
+
+    def process(self, element, first=beam.DoFn.StateParam(FIRST), expiry=beam.DoFn.TimerParam(EXPIRY)):
+        _, event = element
+        self.received.inc()
+        seen = first.read()
+        if seen is None:
+            first.write(event.received_at)
+            # Forget the messageId once no copy within the horizon can still arrive in time.
+            expiry.set(Timestamp(micros=event.timestamp + self.keep_us))
+            self.succeeded.inc()
+            yield event
+        elif event.received_at - seen <= self.horizon_us:
+            self.deduplicated.inc()
+        else:  # as in batch: a repeat this late cannot be told from a replay bug
+            self.dead_lettered.inc()
+            yield pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter(
+                event.raw, "dedup",
+                f"messageId {event.message_id} was first received at {format_ts(seen)}, "
+                f"more than the dedup horizon ({self.horizon_us // US_PER_SECOND} s) before this copy",
+                event.schema_version, event.received_at))
+
+    @on_timer(EXPIRY)
+    def forget(self, first=beam.DoFn.StateParam(FIRST)):
+        first.clear()
+
+
+class DedupStream(beam.PTransform):
+    """Streaming Dedup: PCollection[NormalizedEvent] -> {'unique', 'dead_letters'}, state per messageId.
+
+    The state of a messageId is dropped when the watermark passes its event time plus the
+    horizon plus the allowed lateness: later copies are refused by CheckLateness anyway.
+    """
+
+    def __init__(self, horizon_hours: float = 168, allowed_lateness_us: int = 72 * 3600 * US_PER_SECOND):
+        super().__init__()
+        self.horizon_us = int(horizon_hours * 3600 * US_PER_SECOND)
+        self.keep_us = self.horizon_us + int(allowed_lateness_us)
+
+    def expand(self, events):
+        results = (events
+                   | "KeyByMessageId" >> beam.Map(lambda e: (e.message_id, e))
+                   | "FirstCopy" >> beam.ParDo(_FirstCopyFn(self.horizon_us, self.keep_us)).with_input_types(
+                       Tuple[str, NormalizedEvent]).with_outputs(
+                       DEAD_LETTERS, main=UNIQUE))
         return {UNIQUE: results[UNIQUE], DEAD_LETTERS: results[DEAD_LETTERS]}

@@ -24,6 +24,7 @@ from typing import Iterable, List, Tuple
 import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
+from apache_beam.utils.windowed_value import WindowedValue
 
 from cdpflow.core.identity import BLOCKED, OK, SUPPRESSED, IdentityRules, IdentityStore
 from cdpflow.schemas.records import DeadLetter, Identifier, NormalizedEvent
@@ -150,3 +151,88 @@ class ResolveIdentity(beam.PTransform):
         return {EVENTS: attached[EVENTS], DEAD_LETTERS: attached[DEAD_LETTERS],
                 LINKS: tables[LINKS], MERGES: tables[MERGES], CONFLICTS: tables[CONFLICTS]}
 
+
+
+# ------------------------------------------------------------------------------------ streaming
+ROUTED, MOVES = "routed", "moves"
+
+
+class _ResolveStreamFn(_StoreFn):
+    """Resolves a stream's events in small batches (one store transaction each).
+
+    Emits, keyed by the node key of the identifier an event is attributed to:
+      ROUTED: (key, (event with profile_id as decided, epoch the decision was taken at)),
+      MOVES: (key, (profile_id, epoch)) for every identifier whose profile the batch changed;
+    both stamped with the causing event's time.
+    """
+
+    def __init__(self, store_path, rules, batch_size: int):
+        super().__init__(store_path, rules)
+        self.batch_size = batch_size
+        self.received = Metrics.counter(self.__class__, "received")
+        self.succeeded = Metrics.counter(self.__class__, "succeeded")
+        self.dead_lettered = Metrics.counter(self.__class__, "dead_lettered")
+        self.suppressed = Metrics.counter(self.__class__, "suppressed")
+        self.moved = Metrics.counter(self.__class__, "moves")
+        self.pending = []
+
+    def start_bundle(self):
+        self.pending = []
+
+    def process(self, event: NormalizedEvent, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
+        self.received.inc()
+        self.pending.append((event, timestamp, window))
+        if len(self.pending) >= self.batch_size:
+            for out in self._flush():
+                yield out
+
+    def finish_bundle(self):
+        for out in self._flush():
+            yield out
+
+    def _flush(self):
+        # Outputs keep the timestamp and window of the event they come from, so the features
+        # stage's event-time timers fire when the watermark passes that event.
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        decisions, epoch, moves = self.store.resolve_batch_with_moves(
+            (e.message_id, e.timestamp, e.identifiers) for e, _, _ in pending)
+        taken = epoch - 1 if moves else epoch
+        latest = max(pending, key=lambda p: p[1])
+        for (event, ts, window), decision in zip(pending, decisions):
+            if decision.status == OK:
+                self.succeeded.inc()
+                routed = (decision.key, (event.replace(profile_id=decision.profile_id), taken))
+                yield WindowedValue(routed, ts, [window])
+            elif decision.status == SUPPRESSED:
+                self.suppressed.inc()
+            else:
+                self.dead_lettered.inc()
+                yield pvalue.TaggedOutput(DEAD_LETTERS, WindowedValue(DeadLetter(
+                    event.raw, "identity",
+                    "every identifier is a blocked value: " + ", ".join(f"{t}={v!r}" for t, v in event.identifiers),
+                    event.schema_version, event.received_at), ts, [window]))
+        for key, profile_id in sorted(moves.items()):
+            self.moved.inc()
+            yield pvalue.TaggedOutput(MOVES, WindowedValue((key, (profile_id, epoch)), latest[1], [latest[2]]))
+
+
+class ResolveIdentityStream(beam.PTransform):
+    """Streaming identity: PCollection[NormalizedEvent] -> {'routed', 'moves', 'dead_letters'}.
+
+    Each bundle is resolved in batches of `batch_size` against the shared store; the outputs
+    feed `StreamFeatures`, which keeps feature state per identifier and moves it when the
+    store merges or splits profiles.
+    """
+
+    def __init__(self, store_path: str, rules: IdentityRules = IdentityRules(), batch_size: int = 200):
+        super().__init__()
+        self.store_path = store_path
+        self.rules = rules
+        self.batch_size = batch_size
+
+    def expand(self, events):
+        results = events | "Resolve" >> beam.ParDo(
+            _ResolveStreamFn(self.store_path, self.rules, self.batch_size)).with_outputs(MOVES, DEAD_LETTERS, main=ROUTED)
+        return {ROUTED: results[ROUTED], MOVES: results[MOVES], DEAD_LETTERS: results[DEAD_LETTERS]}

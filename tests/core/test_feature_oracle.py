@@ -57,7 +57,7 @@ def test_a_window_starts_at_the_first_microsecond_of_day_T_minus_w_plus_1(w):
 
 def test_events_after_as_of_do_not_count_even_on_the_same_day():
     row = features(order(T - 1), order(T + 1), ev(ts=T + 1), ev(ts=T))["p1"]
-    assert row["event_count"] == 3 and row["orders_total"] == 1 and row["orders_7d"] == 1
+    assert row["event_count"] == 2 and row["orders_total"] == 1 and row["orders_7d"] == 1
     assert row["last_seen"] == T and row["last_order_at"] == T - 1
     assert row["page_views_7d"] == 1
 
@@ -209,7 +209,8 @@ def test_affinity_shares_are_rounded_to_four_places():
     ([400 * D, 89 * D], "reactivated"),                  # ...unless it is the gap before a recent order
     ([400 * D, 220 * D, 40 * D], "reactivated"),         # 180 days exactly after the order before it
     ([400 * D, 220 * D - 1, 40 * D], "active"),          # one microsecond short of 180 days
-    ([400 * D, 90 * D - 1], "reactivated"),              # the comeback order within 90 days (strict)
+    ([400 * D, 90 * D - 1], "reactivated"),              # the comeback order within 90 days (strict)...
+    ([400 * D, 90 * D, 10 * D], "active"),               # ...exactly 90 days ago it no longer counts
     ([500 * D, 95 * D, 5 * D], "active"),                # comeback order 95 days ago: no longer counts
     ([400 * D, 90 * D], "at_risk"),
     ([180 * D - 1], "at_risk"),

@@ -1,0 +1,104 @@
+"""TestStream tests of the streaming features: window expiry, late data, lifecycle transitions,
+and features right at the moment two profiles with history merge."""
+from __future__ import annotations
+
+from decimal import Decimal
+
+from apache_beam.testing.test_stream import TestStream as EventStream
+from apache_beam.utils.timestamp import Timestamp
+
+from cdpflow.core.timeutil import US_PER_DAY, parse_ts
+from tests.stream.helpers import HOUR, latest_rows, run_stream, stamped, track
+
+T0 = parse_ts("2026-03-01T10:00:00Z")
+DAY = US_PER_DAY
+
+
+def watermark(stream, at):
+    return stream.advance_watermark_to(Timestamp(micros=at))
+
+
+def test_windows_fall_with_time_and_no_new_event(tmp_path):
+    stream = EventStream().add_elements([stamped(track("o1", T0, revenue=40, userId="u1"))])
+    stream = watermark(stream, T0 + HOUR)
+    stream = watermark(stream, T0 + 40 * DAY)
+    out = run_stream(stream, str(tmp_path / "id.sqlite"))
+    rows = out["profiles"]
+    assert rows[0]["as_of"] == T0 and (rows[0]["orders_7d"], rows[0]["orders_30d"]) == (1, 1)
+    first_day = T0 // DAY
+    by_time = {r["as_of"]: r for r in rows}
+    # the order's day leaves the 7-day window at the start of day +7, and the 30-day one at day +30
+    leaves_7 = by_time[(first_day + 7) * DAY]
+    assert (leaves_7["orders_7d"], leaves_7["revenue_7d"], leaves_7["orders_30d"]) == (0, Decimal(0), 1)
+    leaves_30 = by_time[(first_day + 30) * DAY]
+    assert (leaves_30["orders_30d"], leaves_30["orders_90d"], leaves_30["orders_total"]) == (0, 1, 1)
+    assert [r["as_of"] for r in rows] == sorted(r["as_of"] for r in rows)  # never back in time
+
+
+def test_late_event_within_allowed_lateness_corrects_later_one_is_dead_letter(tmp_path):
+    stream = EventStream().add_elements([stamped(track("o1", T0, revenue=10, userId="u1"))])
+    stream = watermark(stream, T0 + 2 * DAY)
+    late = track("o2", T0 + HOUR, received=T0 + 2 * DAY, revenue=5, userId="u1")  # 47 h late: within 72 h
+    too_late = track("o3", T0 + 2 * HOUR, received=T0 + 5 * DAY, revenue=7, userId="u1")  # 118 h late
+    stream = stream.add_elements([stamped(late)])
+    stream = watermark(stream, T0 + 3 * DAY)
+    stream = stream.add_elements([stamped(too_late)])
+    stream = watermark(stream, T0 + 6 * DAY)
+    out = run_stream(stream, str(tmp_path / "id.sqlite"))
+    rows = out["profiles"]
+    assert rows[0]["orders_total"] == 1
+    corrected = [r for r in rows if r["orders_total"] == 2]
+    assert corrected and corrected[0]["revenue_total"] == Decimal(15)
+    assert corrected[0]["as_of"] >= rows[0]["as_of"]
+    assert all(r["orders_total"] <= 2 for r in rows)  # o3 never counted
+    letters = out["dead_letters"]
+    assert [(d.stage, '"o3"' in d.raw) for d in letters] == [("lateness", True)]
+    assert "118.0 h" in letters[0].error
+
+
+def test_lifecycle_transitions_are_emitted_when_the_watermark_passes_them(tmp_path):
+    stream = EventStream().add_elements([stamped(track("o1", T0, revenue=10, userId="u1"))])
+    stream = watermark(stream, T0 + 400 * DAY)
+    stream = stream.add_elements([stamped(track("o2", T0 + 400 * DAY + HOUR, revenue=10, userId="u1"))])
+    stream = watermark(stream, T0 + 401 * DAY)
+    out = run_stream(stream, str(tmp_path / "id.sqlite"))
+    transitions = [(t["from_stage"], t["to_stage"], t["transitioned_at"]) for t in out["lifecycle_transitions"]]
+    assert transitions[:6] == [
+        (None, "new", T0), ("new", "active", T0 + 30 * DAY), ("active", "at_risk", T0 + 90 * DAY),
+        ("at_risk", "lapsed", T0 + 180 * DAY), ("lapsed", "churned", T0 + 365 * DAY),
+        ("churned", "reactivated", T0 + 400 * DAY + HOUR)]
+    # each came with a row at that moment carrying the new stage
+    stages = {r["as_of"]: r["lifecycle_stage"] for r in out["profiles"]}
+    assert stages[T0 + 90 * DAY] == "at_risk" and stages[T0 + 400 * DAY + HOUR] == "reactivated"
+
+
+def test_survivor_covers_both_histories_right_after_the_merge(tmp_path):
+    before = [
+        track("a1", T0, revenue=10, anonymousId="cookie-1"),
+        track("a2", T0 + HOUR, name="Product Viewed", anonymousId="cookie-1", channel="web"),
+        track("b1", T0 + 2 * HOUR, revenue=20, userId="user-1"),
+        track("b2", T0 + 3 * HOUR, name="Email Opened", userId="user-1"),
+    ]
+    merge_at = T0 + 5 * HOUR
+    joining = {"type": "identify", "messageId": "m1", "userId": "user-1", "anonymousId": "cookie-1",
+               "timestamp": "2026-03-01T15:00:00Z", "receivedAt": "2026-03-01T15:00:01Z"}
+    stream = EventStream().add_elements([stamped(b) for b in before])
+    stream = watermark(stream, T0 + 4 * HOUR)
+    stream = stream.add_elements([stamped(joining)])
+    stream = watermark(stream, merge_at + 1000)
+    stream = stream.add_elements([stamped(track("c1", T0 + 6 * HOUR, revenue=5, anonymousId="cookie-1"))])
+    stream = watermark(stream, T0 + 7 * HOUR)
+    out = run_stream(stream, str(tmp_path / "id.sqlite"))
+    rows = out["profiles"]
+    before_merge = {r["profile_id"]: r for r in rows if r["as_of"] < merge_at and not r.get("deleted")}
+    assert len(before_merge) == 2  # two profiles, each with history
+    at_merge = [r for r in rows if r["as_of"] == merge_at]
+    survivor = [r for r in at_merge if not r.get("deleted")]
+    gone = [r for r in at_merge if r.get("deleted")]
+    assert len(survivor) == 1 and len(gone) == 1
+    row = survivor[0]
+    assert (row["orders_total"], row["revenue_total"], row["product_views_7d"], row["email_opens_7d"]) == (2, Decimal(30), 1, 1)
+    assert row["event_count"] == 5 and row["first_seen"] == T0 and row["user_id"] == "user-1"
+    assert {row["profile_id"], gone[0]["profile_id"]} == set(before_merge)
+    final = latest_rows(rows)
+    assert list(final) == [row["profile_id"]] and final[row["profile_id"]]["orders_total"] == 3
