@@ -2,7 +2,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdpflow.core.identity import (BLOCKED, OK, SUPPRESSED, IdentityRules, IdentityStore, identifier_hash,
+from cdpflow.core.identity import (BLOCKED, OK, SUPPRESSED, IdentityRules, IdentityStore, identifier_hash, node_key,
                                    profile_id_for)
 from tests.oracles import SequentialIdentityReference, components_of
 
@@ -96,7 +96,13 @@ def test_a_kiosk_device_is_quarantined_and_its_merges_are_undone():
     store.resolve("anon2", 9 * DAY + 1, [("device_id", "kiosk"), ("anonymous_id", "walk-in-2")])
     # card holders at the kiosk, one after another; two loyalty cards can never merge
     for n in range(1, 6):
-        store.resolve(f"kiosk{n}", (10 + n) * DAY, [("loyalty_id", f"L{n}"), ("device_id", "kiosk")])
+        before = {node_key((l["identifier_type"], l["identifier_value"])): l["profile_id"] for l in store.links()}
+        _, _, moves = store.resolve_batch_with_moves([(f"kiosk{n}", (10 + n) * DAY, [("loyalty_id", f"L{n}"), ("device_id", "kiosk")])])
+        after = {node_key((l["identifier_type"], l["identifier_value"])): l["profile_id"] for l in store.links()}
+        # a stream hears of every identifier whose profile changed (merges and the quarantine split)
+        changed = {k: p for k, p in after.items() if k in before and before[k] != p}
+        assert {k: moves.get(k) for k in changed} == changed
+        assert changed or n not in (1, 4)  # 1: the first holder merges with the kiosk; 4: the split
         if n < 4:
             assert not any(c["rule"] == "fan_out_quarantine" for c in store.conflicts())
     (quarantine,) = [c for c in store.conflicts() if c["rule"] == "fan_out_quarantine"]
@@ -176,3 +182,29 @@ def test_a_cookie_that_reached_the_wrong_account_through_a_family_email_moves_to
     store.resolve("4", 4, [("user_id", "mum"), ("anonymous_id", "family-pc")])
     store.resolve("5", 5, [("user_id", "son"), ("anonymous_id", "family-pc")])
     assert store.profile_of(("anonymous_id", "family-pc")) == store.profile_of(("user_id", "mum"))
+
+
+@settings(max_examples=150, deadline=None)
+@given(events=events, order=st.randoms(use_true_random=False), chunk=st.integers(1, 7))
+def test_for_a_stream_the_newest_epoch_names_each_identifiers_final_profile(events, order, chunk):
+    # What the streaming features rely on: of all the (profile, epoch) facts a stream hears
+    # about an identifier (each event's decision, each move), those with the largest epoch
+    # agree, and name the profile the identifier ends up in, whatever the arrival order and
+    # batching, with merges, refusals, re-homing and quarantine splits.
+    arrival = list(enumerate(events))
+    order.shuffle(arrival)
+    store = IdentityStore(":memory:", LIMITED)
+    heard = {}
+    batch = [(f"m{index}", day * DAY, ids) for index, (day, ids) in arrival]
+    for start in range(0, len(batch), chunk):
+        decisions, epoch, moves = store.resolve_batch_with_moves(batch[start:start + chunk])
+        taken = epoch - 1 if moves else epoch
+        for decision in decisions:
+            if decision.status == OK:
+                heard.setdefault(decision.key, []).append((taken, decision.profile_id))
+        for key, profile in moves.items():
+            heard.setdefault(key, []).append((epoch, profile))
+    final = {node_key((l["identifier_type"], l["identifier_value"])): l["profile_id"] for l in store.links()}
+    for key, facts in heard.items():
+        newest = max(epoch for epoch, _ in facts)
+        assert {profile for epoch, profile in facts if epoch == newest} == {final[key]}, (key, facts)
