@@ -19,7 +19,7 @@ import bisect
 import math
 from dataclasses import dataclass, field
 from datetime import date
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from cdpflow.core.timeutil import US_PER_DAY, US_PER_SECOND, epoch_day, to_datetime
@@ -227,6 +227,13 @@ def _merge_runs(runs: List[List[int]], gap: int) -> List[List[int]]:
     return merged
 
 
+def ratio(numerator: int, denominator: int, places: int = 4) -> float:
+    """numerator / denominator rounded half-even to `places` from the exact quotient (a binary
+    float would settle exact halves such as 1/160 by its representation error)."""
+    exact = Decimal(numerator) / Decimal(denominator)
+    return float(exact.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_EVEN))
+
+
 def _latest(a, b):
     return b if a is None else a if b is None else max(a, b, key=lambda v: v[:2])
 
@@ -367,8 +374,8 @@ def features(state: ProfileState, as_of: int, settings: FeatureSettings = Featur
         "revenue_total": revenue_total,
         "avg_order_value": (revenue_total / orders_total).quantize(_FOUR) if orders_total else None,
         "last_order_at": state.last_order,
-        "recency_days": round((as_of - state.last_order) / US_PER_DAY, 4) if state.orders else None,
-        "tenure_days": round((as_of - state.first_seen) / US_PER_DAY, 4) if state.first_seen is not None else None,
+        "recency_days": ratio(as_of - state.last_order, US_PER_DAY) if state.orders else None,
+        "tenure_days": ratio(as_of - state.first_seen, US_PER_DAY) if state.first_seen is not None else None,
         "unsubscribed": unsubscribed,
     }
     for w in WINDOWS:
@@ -381,7 +388,7 @@ def features(state: ProfileState, as_of: int, settings: FeatureSettings = Featur
         settings.click_weight * row[f"email_clicks_{ENGAGEMENT_WINDOW}d"]
     row["engagement_score"] = 0.0 if unsubscribed else round(100 * (1 - math.exp(-engaged / settings.engagement_scale)), 2)
     total = sum(categories.values())
-    row["category_affinity"] = {c: round(n / total, 4) for c, n in sorted(categories.items())}
+    row["category_affinity"] = {c: ratio(n, total) for c, n in sorted(categories.items())}
     row["top_category"] = min(categories.items(), key=lambda kv: (-kv[1], kv[0]))[0] if categories else None
     row["lifecycle_stage"] = stage_at(state.orders, as_of, settings.lifecycle)
     return row

@@ -146,7 +146,7 @@ class Decision(NamedTuple):
     message_id: str
     status: str  # ok | suppressed | blocked
     key: Optional[str]  # node key of the identifier the event is attributed to
-    profile_id: Optional[str]  # its profile when decided (the final one may differ after merges)
+    profile_id: Optional[str]  # its profile when decided, or now for an event decided before
 
 
 _SCHEMA = """
@@ -379,7 +379,8 @@ class IdentityStore:
     def _resolve(self, message_id: str, ts: int, identifiers: Sequence[Identifier]) -> Decision:
         row = self.db.execute("SELECT status, key, profile FROM decision WHERE message_id = ?", (message_id,)).fetchone()
         if row is not None:
-            return Decision(message_id, row[0], row[1], row[2])
+            # Decided before (a retry, or a replay of accepted history): its profile is today's.
+            return Decision(message_id, row[0], row[1], self._root(row[1]) if row[1] else None)
         rules = self.rules
         if rules.suppressed and any(identifier_hash(tuple(i)) in rules.suppressed for i in identifiers):
             return self._decide(message_id, SUPPRESSED, None, None)

@@ -8,11 +8,12 @@ raw lines (bytes): a TestStream in tests, a Kafka source once the collector topi
 event is re-stamped with its event time after the lateness check, so the features' timers follow
 event time while the source's watermark follows arrival.
 
-Starting on an existing warehouse (`preload`): the warehouse's accepted events are read once
-through the same parse, normalise and enrich steps (not dedup or lateness: they were accepted)
-and go to the identity stage, which returns their recorded decisions from the identity store
-kept beside the warehouse; so feature state starts with the whole history and windows do not
-start empty. New events then continue from there.
+Starting on an existing warehouse (`preload`): the warehouse's accepted events (`events.raw`)
+are read once through the same steps as new ones. They pass dedup (first copies; and a re-sent
+copy arriving later is still dropped) and lateness (they passed it before) and reach the
+identity stage, which returns their recorded decisions from a copy of the identity store kept
+beside the warehouse; so feature state starts with the whole history and windows do not start
+empty. New events then continue from there.
 """
 from __future__ import annotations
 
@@ -55,24 +56,22 @@ def build_stream(lines: beam.PCollection, config: Dict[str, Any], identity_store
 
     Returns:
       PCollections: `profiles` (rows and deletions), `lifecycle_transitions`, `events` (the
-      newly accepted events, before identity: their profile is the identity store's to say),
-      `dead_letters`.
+      accepted events, preloaded ones included, before identity: their profile is the identity
+      store's to say), `dead_letters`.
     """
     pipeline = lines.pipeline
     settings = FeatureSettings.from_config(config)
     enrichment = config.get("enrichment") or {}
+    if preload is not None:
+        # History first through dedup too, so a re-sent copy of an event already in the
+        # warehouse is still recognised as a duplicate.
+        lines = (lines, preload) | "WithHistory" >> beam.Flatten()
     parsed = lines | "ParseAndValidate" >> ParseAndValidate()
     normalized = parsed[VALID] | "Normalize" >> Normalize(config["default_region"])
     unique = normalized[NORMALIZED] | "Dedup" >> DedupStream(config["dedup"]["horizon_hours"],
                                                              settings.allowed_lateness_us)
     on_time = unique[UNIQUE] | "CheckLateness" >> CheckLateness(settings.allowed_lateness_us)
-    fresh = on_time[ON_TIME] | "AtEventTime" >> beam.Map(_at_event_time)
-    accepted = fresh
-    if preload is not None:
-        old = preload | "PreloadParse" >> ParseAndValidate()
-        old_normalized = old[VALID] | "PreloadNormalize" >> Normalize(config["default_region"])
-        history = old_normalized[NORMALIZED] | "PreloadAtEventTime" >> beam.Map(_at_event_time)
-        accepted = (fresh, history) | "WithHistory" >> beam.Flatten()
+    accepted = on_time[ON_TIME] | "AtEventTime" >> beam.Map(_at_event_time)
     catalog = pipeline | "LoadCatalog" >> LoadReferenceData(enrichment.get("catalog"), load_catalog)
     rates = pipeline | "LoadRates" >> LoadReferenceData(enrichment.get("rates"), rates_loader(config["reporting_currency"]))
     enriched = accepted | "Enrich" >> Enrich(catalog, rates)
@@ -85,6 +84,6 @@ def build_stream(lines: beam.PCollection, config: Dict[str, Any], identity_store
     return {
         PROFILES: features[PROFILES],
         TRANSITIONS: features[TRANSITIONS],
-        ACCEPTED: fresh,
+        ACCEPTED: accepted,
         DEAD_LETTERS: dead_letters,
     }

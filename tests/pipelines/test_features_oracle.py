@@ -12,7 +12,6 @@ allowed lateness, refused later ones, and merges of two profiles that both had h
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 from collections import Counter, defaultdict
 from decimal import Decimal

@@ -61,10 +61,17 @@ def run_stream(stream: EventStream, store: str, config: Optional[dict] = None, p
     return _COLLECTED.pop(run)
 
 
-def latest_rows(rows: List[dict]) -> Dict[str, dict]:
-    """The last row of each profile that still exists."""
+def latest_rows(rows: List[dict], until: Optional[int] = None) -> Dict[str, dict]:
+    """The last row (as of `until` at the latest) of each profile that still exists.
+
+    When a TestStream ends, the runner moves the watermark to the end of time and every timer
+    fires, down to the last window and lifecycle threshold; `until` (the last watermark the
+    test set) leaves those out.
+    """
     latest = {}
     for row in rows:
+        if until is not None and row["as_of"] > until:
+            continue
         current = latest.get(row["profile_id"])
         if current is None or row["as_of"] >= current["as_of"]:
             latest[row["profile_id"]] = row

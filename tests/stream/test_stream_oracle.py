@@ -1,0 +1,144 @@
+"""End to end: the streaming features on generated traffic equal the pandas oracle once the stream quiesces.
+
+Generated event lines are played as a TestStream in arrival (receivedAt) order, the watermark
+following arrival, with the generator's duplicates, late and very late events, broken lines
+and identity merges. After the input ends, the last row of every profile must equal
+tests/feature_oracle.py computed over the final identity partition (the stream's own identity
+store) at that row's as_of. A second run starts on a warehouse holding the first part of the
+traffic (preload) and streams the rest; it must end in the same place.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import shutil
+from collections import Counter
+
+import duckdb
+import pytest
+from apache_beam.testing.test_stream import TestStream as EventStream
+from apache_beam.utils.timestamp import Timestamp
+
+from cdpflow.config import load_config
+from cdpflow.core.identity import IdentityStore
+from cdpflow.core.timeutil import parse_ts
+from cdpflow.pipelines.batch import identity_store_path, run_batch
+from cdpflow.synthetic import generate
+from cdpflow.warehouse import DuckDBWarehouse
+from tests.feature_oracle import events_from_warehouse, oracle_profiles
+from tests.pipelines.test_features_oracle import same
+from tests.stream.helpers import latest_rows, run_stream
+
+pytestmark = pytest.mark.e2e
+
+
+def arrival_order(sample):
+    """(receivedAt, line) of every line, in the order a collector would pass them on."""
+    lines = []
+    for path in sorted(glob.glob(str(sample / "events" / "*.jsonl"))):
+        with open(path, "rb") as handle:
+            for line in handle:
+                if line.strip():
+                    try:
+                        received = parse_ts(json.loads(line)["receivedAt"])
+                    except (ValueError, KeyError, TypeError, AttributeError):
+                        received = None  # a broken line: it arrives with its neighbours
+                    lines.append([received, line.rstrip(b"\n")])
+    last = min(r for r, _ in lines if r is not None)
+    for item in lines:
+        last = item[0] = item[0] if item[0] is not None else last
+    return sorted(lines, key=lambda item: item[0])
+
+
+def end_of(lines):
+    """The last watermark as_stream sets: just after the last arrival."""
+    return lines[-1][0] // 1000 * 1000 + 1000
+
+
+def as_stream(lines, chunk=100):
+    """Lines in chunks; after each the watermark moves to the chunk's earliest arrival (whole ms)."""
+    stream, mark = EventStream(), None
+    for start in range(0, len(lines), chunk):
+        part = lines[start:start + chunk]
+        low = part[0][0] // 1000 * 1000
+        mark = low if mark is None else max(mark, low)
+        stream = stream.add_elements([(line) for _, line in part], event_timestamp=Timestamp(micros=mark))
+        stream = stream.advance_watermark_to(Timestamp(micros=mark))
+    return stream.advance_watermark_to(Timestamp(micros=end_of(lines)))
+
+
+@pytest.fixture(scope="module")
+def traffic(tmp_path_factory):
+    sample = tmp_path_factory.mktemp("stream_sample")
+    generate(sample, customers=120, days=150, seed=31)
+    config = load_config(enrichment={"catalog": str(sample / "catalog.csv"), "rates": str(sample / "rates.csv")})
+    # every accepted event with its fields, from a batch run over all of the traffic
+    everything = str(tmp_path_factory.mktemp("stream_all") / "all.duckdb")
+    run_batch([str(sample / "events")], everything, config)
+    return sample, config, arrival_order(sample), events_from_warehouse(everything)
+
+
+def final_partition(store_path, message_ids):
+    store = IdentityStore(store_path)
+    try:
+        return {m: root for m, (status, root) in store.final_profiles(list(message_ids)).items()}
+    finally:
+        store.close()
+
+
+def assert_equals_oracle(rows, store_path, all_events, config, until):
+    events = all_events.copy()
+    events["profile_id"] = events["message_id"].map(final_partition(store_path, events["message_id"]))
+    # what the stream said when its input was exhausted (rows after that come from the runner
+    # moving the watermark to the end of time)
+    final = latest_rows(rows, until)
+    assert max(r["as_of"] for r in final.values()) <= until
+    assert set(final) == set(events["profile_id"])  # every profile, and absorbed ones are gone
+    expected = oracle_profiles(events, {p: r["as_of"] for p, r in final.items()}, config)
+    mismatches = [(p, c, final[p][c], want) for p, row in sorted(expected.items()) for c, want in row.items()
+                  if not same(final[p][c], want)]
+    detail = "\n".join(f"  {p} {c}: stream {g!r} oracle {w!r}" for p, c, g, w in mismatches[:20])
+    assert not mismatches, f"{len(mismatches)} mismatches, by column {dict(Counter(m[1] for m in mismatches))}:\n{detail}"
+    return expected
+
+
+def test_stream_ends_equal_to_the_oracle(traffic, tmp_path):
+    sample, config, lines, all_events = traffic
+    store = str(tmp_path / "identity.sqlite")
+    out = run_stream(as_stream(lines), store, config)
+    # the stream accepted exactly the events the batch job accepted, and refused the same kinds
+    assert sorted(e.message_id for e in out["events"]) == sorted(all_events["message_id"])
+    assert {d.stage for d in out["dead_letters"]} >= {"parse", "validate", "lateness"}
+    expected = assert_equals_oracle(out["profiles"], store, all_events, config, end_of(lines))
+    assert len(expected) > 100
+    assert any(r.get("deleted") for r in out["profiles"])  # merges happened while streaming
+    assert len({r["lifecycle_stage"] for r in expected.values()}) >= 4
+    assert sum(r["orders_30d"] > 0 for r in expected.values()) > 5
+    assert sum(r["sessions_7d"] > 0 for r in expected.values()) > 5
+
+
+def test_stream_started_on_a_warehouse_continues_from_its_history(traffic, tmp_path):
+    sample, config, lines, all_events = traffic
+    cut = len(lines) * 3 // 5
+    first = tmp_path / "first.jsonl"
+    first.write_bytes(b"\n".join(line for _, line in lines[:cut]) + b"\n")
+    warehouse = str(tmp_path / "wh.duckdb")
+    run_batch([str(first)], warehouse, config)
+    store = str(tmp_path / "stream-identity.sqlite")
+    shutil.copy(identity_store_path(warehouse), store)
+    replay = str(tmp_path / "replay.jsonl")
+    with DuckDBWarehouse(warehouse, read_only=True) as wh:
+        history = wh.write_replay(replay)
+        before = {r["profile_id"]: r["event_count"] for r in wh.query("SELECT profile_id, event_count FROM profiles")}
+    with open(replay, "rb") as handle:
+        preload = [line.rstrip(b"\n") for line in handle]
+    assert len(preload) == history > 1000
+    out = run_stream(as_stream(lines[cut:]), store, config, preload=preload)
+    assert_equals_oracle(out["profiles"], store, all_events, config, end_of(lines))
+    # windows did not start empty: a known profile's first row already counts its history
+    first_rows = {}
+    for row in out["profiles"]:
+        first_rows.setdefault(row["profile_id"], row)
+    carried = [p for p in before if p in first_rows and not first_rows[p].get("deleted")]
+    assert carried and all(first_rows[p]["event_count"] >= 1 for p in carried)
+    assert sum(first_rows[p]["event_count"] >= before[p] for p in carried) > len(carried) // 2
