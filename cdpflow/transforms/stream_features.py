@@ -3,7 +3,8 @@
 Input: the outputs of `ResolveIdentityStream`: `routed` events keyed by the node key of the
 identifier each is attributed to, and `moves` (node key -> its profile after a merge or split).
 Outputs (tags): PROFILES, a profile row (the `profiles` columns, definitions in
-docs/features.md) each time the watermark passes a change of a profile, and a row
+docs/features.md) each time the watermark passes a change of a profile, scored with the CLV
+models the batch job last fitted (`clv_model`: a `clv_models` row), and a row
 `{"profile_id": ..., "deleted": True}` when a profile stops existing (absorbed by a merge);
 TRANSITIONS, the `lifecycle_transitions` rows since the profile's previous emission.
 
@@ -27,7 +28,7 @@ Run in a streaming pipeline (`cdpflow.pipelines.stream`); tests drive it with Te
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
@@ -36,8 +37,11 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Timestamp
 
-from cdpflow.core.features import (FeatureSettings, ProfileState, copy_state, features, lifecycle_transitions,
-                                   next_change)
+from cdpflow.core.features import (ORDERS, REVENUE, FeatureSettings, ProfileState, copy_state, features,
+                                   lifecycle_transitions, next_change)
+from cdpflow.core.timeutil import epoch_day
+from cdpflow.models.clv import history_from_days
+from cdpflow.transforms.clv import _ScoreFn
 from cdpflow.transforms.features import PROFILES, TRANSITIONS, _settings
 
 _ADD, _PUT, _RETRACT = "add", "put", "retract"
@@ -151,7 +155,9 @@ class _ProfileFeaturesFn(beam.DoFn):
         as_of = max(_micros(fired), merged.last_seen, last_as_of if last_as_of is not None else merged.last_seen)
         row = features(merged, as_of, self.settings)
         row.update(profile_id=key, identifier_count=None, as_of=as_of, updated_at=int(time.time() * 1_000_000),
-                   _cause_message_id=merged.last_event[1])
+                   _cause_message_id=merged.last_event[1],
+                   _history=history_from_days({d: v[REVENUE] for d, v in merged.days.items() if v[ORDERS]},
+                                              epoch_day(as_of)))
         self.rows.inc()
         yield row
         since = last_as_of if exists else None
@@ -175,9 +181,10 @@ class StreamFeatures(beam.PTransform):
       settings: FeatureSettings, or the configuration.
     """
 
-    def __init__(self, settings: Union[FeatureSettings, dict] = FeatureSettings()):
+    def __init__(self, settings: Union[FeatureSettings, dict] = FeatureSettings(), clv_model: Optional[dict] = None):
         super().__init__()
         self.settings = _settings(settings)
+        self.clv_model = clv_model or {"status": "no model", "model_id": None}
 
     def expand(self, inputs):
         routed, moves = inputs
@@ -188,4 +195,9 @@ class StreamFeatures(beam.PTransform):
             _IdentifierStateFn(self.settings.session_timeout_us)).with_input_types(Tuple[str, Any])
         results = to_profiles | "ProfileFeatures" >> beam.ParDo(
             _ProfileFeaturesFn(self.settings)).with_input_types(Tuple[str, Any]).with_outputs(TRANSITIONS, main=PROFILES)
-        return {PROFILES: results[PROFILES], TRANSITIONS: results[TRANSITIONS]}
+        # The models the batch job fitted over the warehouse, applied to the rows in batches.
+        model = results[PROFILES].pipeline | "ClvModel" >> beam.Create([self.clv_model])
+        scored = (results[PROFILES]
+                  | "BatchRows" >> beam.BatchElements(min_batch_size=1, max_batch_size=500)
+                  | "PredictCustomerValue" >> beam.ParDo(_ScoreFn(), beam.pvalue.AsSingleton(model)))
+        return {PROFILES: scored, TRANSITIONS: results[TRANSITIONS]}

@@ -124,6 +124,13 @@ class DuckDBWarehouse:
                 handle.write(raw.replace("\n", " ") + "\n")
         return len(rows)
 
+    def latest_clv_model(self) -> Optional[Dict[str, Any]]:
+        """The newest fitted `clv_models` row (parameters for scoring), or None."""
+        if not self.has_table("clv_models"):
+            return None
+        rows = self.query("SELECT * FROM clv_models WHERE status = 'fitted' ORDER BY as_of DESC, fitted_at DESC LIMIT 1")
+        return rows[0] if rows else None
+
     def memberships(self) -> List[Dict[str, Any]]:
         """The segment_memberships rows in staged form (timestamps as microseconds)."""
         if not self.has_table("segment_memberships"):

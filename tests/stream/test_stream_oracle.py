@@ -13,6 +13,7 @@ import glob
 import json
 import shutil
 from collections import Counter
+from decimal import Decimal
 
 import duckdb
 import pytest
@@ -21,7 +22,8 @@ from apache_beam.utils.timestamp import Timestamp
 
 from cdpflow.config import load_config
 from cdpflow.core.identity import IdentityStore
-from cdpflow.core.timeutil import parse_ts
+from cdpflow.core.timeutil import US_PER_DAY, parse_ts
+from cdpflow.models.clv import history_from_days, score
 from cdpflow.pipelines.batch import identity_store_path, run_batch
 from cdpflow.synthetic import generate
 from cdpflow.warehouse import DuckDBWarehouse
@@ -70,12 +72,14 @@ def as_stream(lines, chunk=100):
 @pytest.fixture(scope="module")
 def traffic(tmp_path_factory):
     sample = tmp_path_factory.mktemp("stream_sample")
-    generate(sample, customers=120, days=150, seed=31)
+    generate(sample, customers=220, days=150, seed=31)
     config = load_config(enrichment={"catalog": str(sample / "catalog.csv"), "rates": str(sample / "rates.csv")})
     # every accepted event with its fields, from a batch run over all of the traffic
     everything = str(tmp_path_factory.mktemp("stream_all") / "all.duckdb")
     run_batch([str(sample / "events")], everything, config)
-    return sample, config, arrival_order(sample), events_from_warehouse(everything)
+    with DuckDBWarehouse(everything, read_only=True) as wh:
+        model = wh.latest_clv_model()
+    return sample, config, arrival_order(sample), events_from_warehouse(everything), model
 
 
 def final_partition(store_path, message_ids):
@@ -103,7 +107,7 @@ def assert_equals_oracle(rows, store_path, all_events, config, until):
 
 
 def test_stream_ends_equal_to_the_oracle(traffic, tmp_path):
-    sample, config, lines, all_events = traffic
+    sample, config, lines, all_events, _ = traffic
     store = str(tmp_path / "identity.sqlite")
     out = run_stream(as_stream(lines), store, config)
     # the stream accepted exactly the events the batch job accepted, and refused the same kinds
@@ -114,11 +118,11 @@ def test_stream_ends_equal_to_the_oracle(traffic, tmp_path):
     assert any(r.get("deleted") for r in out["profiles"])  # merges happened while streaming
     assert len({r["lifecycle_stage"] for r in expected.values()}) >= 4
     assert sum(r["orders_30d"] > 0 for r in expected.values()) > 5
-    assert sum(r["sessions_7d"] > 0 for r in expected.values()) > 5
+    assert sum(r["sessions_30d"] > 0 for r in expected.values()) > 5
 
 
 def test_stream_started_on_a_warehouse_continues_from_its_history(traffic, tmp_path):
-    sample, config, lines, all_events = traffic
+    sample, config, lines, all_events, model = traffic
     cut = len(lines) * 3 // 5
     first = tmp_path / "first.jsonl"
     first.write_bytes(b"\n".join(line for _, line in lines[:cut]) + b"\n")
@@ -133,8 +137,22 @@ def test_stream_started_on_a_warehouse_continues_from_its_history(traffic, tmp_p
     with open(replay, "rb") as handle:
         preload = [line.rstrip(b"\n") for line in handle]
     assert len(preload) == history > 1000
-    out = run_stream(as_stream(lines[cut:]), store, config, preload=preload)
-    assert_equals_oracle(out["profiles"], store, all_events, config, end_of(lines))
+    assert model is not None  # fitted by the batch job over the warehouse...
+    out = run_stream(as_stream(lines[cut:]), store, config, preload=preload, clv_model=model)
+    expected = assert_equals_oracle(out["profiles"], store, all_events, config, end_of(lines))
+    # ...and applied in the stream: every row of a customer with orders is scored with it, and
+    # matches the model evaluated here on the oracle's purchase history
+    final = latest_rows(out["profiles"], end_of(lines))
+    buyers = [p for p, r in expected.items() if r["orders_total"]]
+    assert buyers and all(final[p]["clv_model_id"] == model["model_id"] for p in buyers)
+    assert all(final[p]["clv_90d"] is None for p, r in expected.items() if not r["orders_total"])
+    for p in buyers[:25]:
+        history = all_events[(all_events["message_id"].map(final_partition(store, all_events["message_id"])) == p)
+                             & (all_events["event"] == "Order Completed")]
+        by_day = history.groupby(history["timestamp"] // US_PER_DAY)["revenue_reporting"].apply(
+            lambda v: sum((x for x in v if x is not None), Decimal(0)))
+        want = score(model, [history_from_days(by_day.to_dict(), final[p]["as_of"] // US_PER_DAY)])
+        assert final[p]["clv_90d"] == round(float(want["clv_90d"][0]), 6), p
     # windows did not start empty: a known profile's first row already counts its history
     first_rows = {}
     for row in out["profiles"]:
