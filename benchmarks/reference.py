@@ -1,6 +1,6 @@
 """The plain single-process Python reference: the same per-event work as the batch pipeline, no Beam.
 
-Parse -> validate -> normalise -> dedup -> enrich -> identity (event-time order) -> features ->
+Parse -> validate -> normalise -> dedup -> lateness -> enrich -> identity (event-time order) -> features ->
 segments, using the same `cdpflow.core` functions the pipeline's DoFns call. Its throughput is
 the limit the pipeline is measured against.
 """
@@ -14,20 +14,20 @@ import orjson
 
 from cdpflow.core.dedup import split_copies
 from cdpflow.core.enrich import Rates, campaign, load_catalog, parse_user_agent, products
-from cdpflow.core.features import ProfileState, features
+from cdpflow.core.features import FeatureSettings, ProfileState, features
 from cdpflow.core.identity import IdentityRules, IdentityStore
 from cdpflow.core.normalize import NormalizationError, normalize_event
 from cdpflow.core.segments import parse_rules
 from cdpflow.schemas import EventValidator, SchemaViolation
 
 
-def run_reference(events_dir: str, config: Dict) -> Dict[str, int]:
-    """Processes every line under `events_dir`; returns counts comparable to the pipeline's."""
+def accepted_events(events_dir: str, config: Dict):
+    """Every line under `events_dir` up to identity: (counts, events with profile_id set, store)."""
     validator = EventValidator()
     catalog = load_catalog(config["enrichment"]["catalog"])
     rates = Rates.load(config["enrichment"]["rates"], config["reporting_currency"])
-    rules = parse_rules(config["segments"])
     horizon = int(config["dedup"]["horizon_hours"] * 3600 * 1_000_000)
+    settings = FeatureSettings.from_config(config)
     counts = {"read": 0, "dead_letters": 0, "duplicates": 0, "accepted": 0}
     copies = {}
     for path in sorted(glob.glob(os.path.join(events_dir, "*.jsonl"))):
@@ -50,6 +50,9 @@ def run_reference(events_dir: str, config: Dict) -> Dict[str, int]:
         kept, duplicates, late = split_copies(group, horizon)
         counts["duplicates"] += len(duplicates)
         counts["dead_letters"] += len(late)
+        if kept.received_at - kept.timestamp > settings.allowed_lateness_us:
+            counts["dead_letters"] += 1
+            continue
         enrichment = {}
         if isinstance(kept.context.get("userAgent"), str):
             enrichment["user_agent"] = parse_user_agent(kept.context["userAgent"])
@@ -65,22 +68,34 @@ def run_reference(events_dir: str, config: Dict) -> Dict[str, int]:
     unique.sort(key=lambda e: (e.timestamp, e.message_id))
     for start in range(0, len(unique), 500):
         store.resolve_batch((e.message_id, e.timestamp, e.identifiers) for e in unique[start:start + 500])
-    states: Dict[str, ProfileState] = {}
-    as_of = max((e.timestamp for e in unique), default=0)
-    accepted = 0
+    accepted = []
     decided = store.final_profiles([e.message_id for e in unique])
     for event in unique:
         status, profile_id = decided[event.message_id]
         if status != "ok":
             counts["dead_letters"] += 1
             continue
-        accepted += 1
-        states.setdefault(profile_id, ProfileState()).add(event)
+        accepted.append(event.replace(profile_id=profile_id))
+    return counts, accepted, store
+
+
+def run_reference(events_dir: str, config: Dict) -> Dict[str, int]:
+    """Processes every line under `events_dir`; returns counts comparable to the pipeline's."""
+    counts, accepted, store = accepted_events(events_dir, config)
+    rules = parse_rules(config["segments"])
+    settings = FeatureSettings.from_config(config)
+    states: Dict[str, ProfileState] = {}
+    as_of = max((e.timestamp for e in accepted), default=0)
+    for event in accepted:
+        state = states.get(event.profile_id)
+        if state is None:
+            state = states[event.profile_id] = ProfileState(settings.session_timeout_us)
+        state.add(event)
     memberships = 0
     for profile_id, state in states.items():
-        row = features(state, as_of, config["lifecycle"])
+        row = features(state, as_of, settings)
         memberships += 1 + len(rules.evaluate(row))
-    counts["accepted"] = accepted
+    counts["accepted"] = len(accepted)
     counts["profiles"] = len(states)
     counts["merges"] = len(store.merges())
     counts["memberships"] = memberships

@@ -22,12 +22,11 @@ from typing import Any, Dict, Optional
 import apache_beam as beam
 from apache_beam.utils.timestamp import Timestamp
 
-from cdpflow.core.enrich import load_catalog
 from cdpflow.core.features import FeatureSettings
 from cdpflow.core.identity import IdentityRules
 from cdpflow.transforms import DEAD_LETTERS
 from cdpflow.transforms.dedup import UNIQUE, DedupStream
-from cdpflow.transforms.enrich import Enrich, LoadReferenceData, rates_loader
+from cdpflow.transforms.enrich import EnrichFromFiles
 from cdpflow.transforms.features import PROFILES, TRANSITIONS
 from cdpflow.transforms.identity import MOVES, ROUTED, ResolveIdentityStream
 from cdpflow.transforms.lateness import ON_TIME, CheckLateness
@@ -61,7 +60,6 @@ def build_stream(lines: beam.PCollection, config: Dict[str, Any], identity_store
       accepted events, preloaded ones included, before identity: their profile is the identity
       store's to say), `dead_letters`.
     """
-    pipeline = lines.pipeline
     settings = FeatureSettings.from_config(config)
     enrichment = config.get("enrichment") or {}
     if preload is not None:
@@ -74,9 +72,8 @@ def build_stream(lines: beam.PCollection, config: Dict[str, Any], identity_store
                                                              settings.allowed_lateness_us)
     on_time = unique[UNIQUE] | "CheckLateness" >> CheckLateness(settings.allowed_lateness_us)
     accepted = on_time[ON_TIME] | "AtEventTime" >> beam.Map(_at_event_time)
-    catalog = pipeline | "LoadCatalog" >> LoadReferenceData(enrichment.get("catalog"), load_catalog)
-    rates = pipeline | "LoadRates" >> LoadReferenceData(enrichment.get("rates"), rates_loader(config["reporting_currency"]))
-    enriched = accepted | "Enrich" >> Enrich(catalog, rates)
+    enriched = accepted | "Enrich" >> EnrichFromFiles(enrichment.get("catalog"), enrichment.get("rates"),
+                                                      config["reporting_currency"])
     identity = enriched | "ResolveIdentity" >> ResolveIdentityStream(
         identity_store, identity_rules or IdentityRules.from_config(config["identity"]))
     features = (identity[ROUTED], identity[MOVES]) | "StreamFeatures" >> StreamFeatures(settings, clv_model)

@@ -31,11 +31,16 @@ def _describe(model, as_of):
 
 
 class _ScoreFn(beam.DoFn):
-    def __init__(self):
+    """Scores batches of rows; the model comes as a side input (batch) or is fixed (a stream
+    applies the model the batch job last fitted)."""
+
+    def __init__(self, model=None):
+        self.model = model
         self.scored = Metrics.counter(self.__class__, "scored")
         self.batch = Metrics.distribution(self.__class__, "batch_size")
 
-    def process(self, rows, model):
+    def process(self, rows, model=None):
+        model = self.model if model is None else model
         self.batch.update(len(rows))
         with_history = [r for r in rows if r.get("_history") is not None]
         predictions = score(model, [r["_history"] for r in with_history]) if with_history and model["status"] == "fitted" else None

@@ -2,8 +2,8 @@
 
 Input: PCollection[NormalizedEvent]; output: the same events with `enrichment` (device/OS/
 browser, campaign, products with category and brand) and `revenue_reporting` set. The catalog
-and the rates are side inputs (`LoadReferenceData` reads them once in batch; a streaming job can
-give a periodically refreshed PCollection instead).
+and the rates are side inputs in batch (`LoadReferenceData` reads them once); the stream uses
+`EnrichFromFiles`, which loads them in each worker's setup.
 """
 from __future__ import annotations
 
@@ -78,8 +78,37 @@ class Enrich(beam.PTransform):
         ).with_input_types(NormalizedEvent, dict, Rates).with_output_types(NormalizedEvent)
 
 
+class _EnrichLoadedFn(_EnrichFn):
+    def __init__(self, catalog_path: Optional[str], rates_path: Optional[str], reporting_currency: str):
+        super().__init__()
+        self.paths = (catalog_path, rates_path)
+        self.reporting_currency = reporting_currency
+
+    def setup(self):
+        self.catalog = load_catalog(self.paths[0])
+        self.rates = Rates.load(self.paths[1], self.reporting_currency)
+
+    def process(self, event: NormalizedEvent):
+        return super().process(event, self.catalog, self.rates)
+
+
+class EnrichFromFiles(beam.PTransform):
+    """Enrich for a stream: each worker loads the catalog and rates files once, in setup.
+
+    Why not side inputs: a streaming runner may hand the first events to the DoFn before a
+    side input has any value (Prism does), and reference files change by redeploying anyway.
+    """
+
+    def __init__(self, catalog_path: Optional[str], rates_path: Optional[str], reporting_currency: str):
+        super().__init__()
+        self.fn = _EnrichLoadedFn(catalog_path, rates_path, reporting_currency)
+
+    def expand(self, events):
+        return events | "Enrich" >> beam.ParDo(self.fn).with_input_types(NormalizedEvent).with_output_types(NormalizedEvent)
+
+
 def rates_loader(reporting_currency: str) -> Callable[[Optional[str]], Rates]:
     return lambda path: Rates.load(path, reporting_currency)
 
 
-__all__ = ["Enrich", "LoadReferenceData", "load_catalog", "rates_loader"]
+__all__ = ["Enrich", "EnrichFromFiles", "LoadReferenceData", "load_catalog", "rates_loader"]

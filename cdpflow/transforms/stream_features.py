@@ -195,9 +195,9 @@ class StreamFeatures(beam.PTransform):
             _IdentifierStateFn(self.settings.session_timeout_us)).with_input_types(Tuple[str, Any])
         results = to_profiles | "ProfileFeatures" >> beam.ParDo(
             _ProfileFeaturesFn(self.settings)).with_input_types(Tuple[str, Any]).with_outputs(TRANSITIONS, main=PROFILES)
-        # The models the batch job fitted over the warehouse, applied to the rows in batches.
-        model = results[PROFILES].pipeline | "ClvModel" >> beam.Create([self.clv_model])
+        # The models the batch job fitted over the warehouse, applied to the rows in batches
+        # (fixed in the DoFn, not a side input: a stream may start before a side input is ready).
         scored = (results[PROFILES]
                   | "BatchRows" >> beam.BatchElements(min_batch_size=1, max_batch_size=500)
-                  | "PredictCustomerValue" >> beam.ParDo(_ScoreFn(), beam.pvalue.AsSingleton(model)))
+                  | "PredictCustomerValue" >> beam.ParDo(_ScoreFn(self.clv_model)))
         return {PROFILES: scored, TRANSITIONS: results[TRANSITIONS]}

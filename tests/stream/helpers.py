@@ -1,5 +1,8 @@
-"""Runs the streaming graph on a TestStream (Beam's BundleBased DirectRunner, streaming mode)
-and collects what it emits, in emission order."""
+"""Runs the streaming graph on a TestStream and collects what it emits, in emission order.
+
+Runners: `direct` is Beam's BundleBased DirectRunner in streaming mode; `prism` is Prism (the
+binary `make prism` builds), whose Python workers run in this process (loopback).
+"""
 from __future__ import annotations
 
 import itertools
@@ -15,6 +18,7 @@ from apache_beam.utils.timestamp import Timestamp
 from cdpflow.config import load_config
 from cdpflow.core.timeutil import US_PER_DAY, format_ts, parse_ts
 from cdpflow.pipelines.stream import build_stream
+from cdpflow.runners.direct import runner_for
 
 # The runner executes in this process, so a module-level sink can collect the outputs.
 _COLLECTED: Dict[str, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
@@ -47,11 +51,21 @@ class _Collect(beam.DoFn):
         helpers._COLLECTED[self.run][self.table].append(row)
 
 
+STREAM_RUNNERS = ("direct", "prism")
+# One SDK worker: with two, Prism 2.73 let more re-sent copies through the stateful dedup
+# behind a TestStream (docs/versions.md).
+PRISM_EXTRA = ["--sdk_worker_parallelism=1"]
+
+
 def run_stream(stream: EventStream, store: str, config: Optional[dict] = None, preload: Optional[List[bytes]] = None,
-               clv_model: Optional[dict] = None, **overrides) -> Dict[str, list]:
+               clv_model: Optional[dict] = None, runner: str = "direct", **overrides) -> Dict[str, list]:
     """Runs build_stream on `stream`; returns {table: rows in emission order}."""
     run = f"run{next(_RUNS)}"
-    pipeline = beam.Pipeline(runner="BundleBasedDirectRunner", options=PipelineOptions(streaming=True))
+    if runner == "prism":
+        prism, args = runner_for("prism", ["--streaming", "--environment_type=LOOPBACK"] + PRISM_EXTRA)
+        pipeline = beam.Pipeline(runner=prism, options=PipelineOptions(args))
+    else:
+        pipeline = beam.Pipeline(runner="BundleBasedDirectRunner", options=PipelineOptions(streaming=True))
     lines = pipeline | "Source" >> stream
     old = pipeline | "Preload" >> beam.Create(preload) if preload is not None else None
     outputs = build_stream(lines, config or load_config(**overrides), store, preload=old, clv_model=clv_model)

@@ -8,7 +8,9 @@ from apache_beam.testing.test_stream import TestStream as EventStream
 from apache_beam.utils.timestamp import Timestamp
 
 from cdpflow.core.timeutil import US_PER_DAY, parse_ts
-from tests.stream.helpers import HOUR, latest_rows, run_stream, stamped, track
+import pytest
+
+from tests.stream.helpers import HOUR, STREAM_RUNNERS, latest_rows, run_stream, stamped, track
 
 T0 = parse_ts("2026-03-01T10:00:00Z")
 DAY = US_PER_DAY
@@ -18,11 +20,12 @@ def watermark(stream, at):
     return stream.advance_watermark_to(Timestamp(micros=at))
 
 
-def test_windows_fall_with_time_and_no_new_event(tmp_path):
+@pytest.mark.parametrize("runner", STREAM_RUNNERS)
+def test_windows_fall_with_time_and_no_new_event(tmp_path, runner):
     stream = EventStream().add_elements([stamped(track("o1", T0, revenue=40, userId="u1"))])
     stream = watermark(stream, T0 + HOUR)
     stream = watermark(stream, T0 + 40 * DAY)
-    out = run_stream(stream, str(tmp_path / "id.sqlite"))
+    out = run_stream(stream, str(tmp_path / "id.sqlite"), runner=runner)
     rows = out["profiles"]
     assert rows[0]["as_of"] == T0 and (rows[0]["orders_7d"], rows[0]["orders_30d"]) == (1, 1)
     first_day = T0 // DAY
@@ -35,7 +38,8 @@ def test_windows_fall_with_time_and_no_new_event(tmp_path):
     assert [r["as_of"] for r in rows] == sorted(r["as_of"] for r in rows)  # never back in time
 
 
-def test_late_event_within_allowed_lateness_corrects_later_one_is_dead_letter(tmp_path):
+@pytest.mark.parametrize("runner", STREAM_RUNNERS)
+def test_late_event_within_allowed_lateness_corrects_later_one_is_dead_letter(tmp_path, runner):
     stream = EventStream().add_elements([stamped(track("o1", T0, revenue=10, userId="u1"))])
     stream = watermark(stream, T0 + 2 * DAY)
     late = track("o2", T0 + HOUR, received=T0 + 2 * DAY, revenue=5, userId="u1")  # 47 h late: within 72 h
@@ -44,7 +48,7 @@ def test_late_event_within_allowed_lateness_corrects_later_one_is_dead_letter(tm
     stream = watermark(stream, T0 + 3 * DAY)
     stream = stream.add_elements([stamped(too_late)])
     stream = watermark(stream, T0 + 6 * DAY)
-    out = run_stream(stream, str(tmp_path / "id.sqlite"))
+    out = run_stream(stream, str(tmp_path / "id.sqlite"), runner=runner)
     rows = out["profiles"]
     assert rows[0]["orders_total"] == 1
     corrected = [r for r in rows if r["orders_total"] == 2]
@@ -56,12 +60,13 @@ def test_late_event_within_allowed_lateness_corrects_later_one_is_dead_letter(tm
     assert "118.0 h" in letters[0].error
 
 
-def test_lifecycle_transitions_are_emitted_when_the_watermark_passes_them(tmp_path):
+@pytest.mark.parametrize("runner", STREAM_RUNNERS)
+def test_lifecycle_transitions_are_emitted_when_the_watermark_passes_them(tmp_path, runner):
     stream = EventStream().add_elements([stamped(track("o1", T0, revenue=10, userId="u1"))])
     stream = watermark(stream, T0 + 400 * DAY)
     stream = stream.add_elements([stamped(track("o2", T0 + 400 * DAY + HOUR, revenue=10, userId="u1"))])
     stream = watermark(stream, T0 + 401 * DAY)
-    out = run_stream(stream, str(tmp_path / "id.sqlite"))
+    out = run_stream(stream, str(tmp_path / "id.sqlite"), runner=runner)
     transitions = [(t["from_stage"], t["to_stage"], t["transitioned_at"]) for t in out["lifecycle_transitions"]]
     assert transitions[:6] == [
         (None, "new", T0), ("new", "active", T0 + 30 * DAY), ("active", "at_risk", T0 + 90 * DAY),
@@ -72,7 +77,8 @@ def test_lifecycle_transitions_are_emitted_when_the_watermark_passes_them(tmp_pa
     assert stages[T0 + 90 * DAY] == "at_risk" and stages[T0 + 400 * DAY + HOUR] == "reactivated"
 
 
-def test_survivor_covers_both_histories_right_after_the_merge(tmp_path):
+@pytest.mark.parametrize("runner", STREAM_RUNNERS)
+def test_survivor_covers_both_histories_right_after_the_merge(tmp_path, runner):
     before = [
         track("a1", T0, revenue=10, anonymousId="cookie-1"),
         track("a2", T0 + HOUR, name="Product Viewed", anonymousId="cookie-1", channel="web"),
@@ -88,7 +94,7 @@ def test_survivor_covers_both_histories_right_after_the_merge(tmp_path):
     stream = watermark(stream, merge_at + 1000)
     stream = stream.add_elements([stamped(track("c1", T0 + 6 * HOUR, revenue=5, anonymousId="cookie-1"))])
     stream = watermark(stream, T0 + 7 * HOUR)
-    out = run_stream(stream, str(tmp_path / "id.sqlite"))
+    out = run_stream(stream, str(tmp_path / "id.sqlite"), runner=runner)
     rows = out["profiles"]
     before_merge = {r["profile_id"]: r for r in rows if r["as_of"] < merge_at and not r.get("deleted")}
     assert len(before_merge) == 2  # two profiles, each with history

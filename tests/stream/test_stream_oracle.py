@@ -5,7 +5,10 @@ following arrival, with the generator's duplicates, late and very late events, b
 and identity merges. After the input ends, the last row of every profile must equal
 tests/feature_oracle.py computed over the final identity partition (the stream's own identity
 store) at that row's as_of. A second run starts on a warehouse holding the first part of the
-traffic (preload) and streams the rest; it must end in the same place.
+traffic (preload) and streams the rest; it must end in the same place. Runner: Beam's
+BundleBased DirectRunner in streaming mode. (Prism runs the TestStream unit tests in
+tests/stream/test_stream_features.py; on this traffic Prism 2.73 let re-sent copies through the
+stateful dedup, see docs/versions.md.)
 """
 from __future__ import annotations
 
