@@ -40,6 +40,7 @@ test-fast: venv
 
 bench: venv
 	$(BIN)/python benchmarks/pipeline_vs_reference.py
+	$(BIN)/python benchmarks/features.py
 
 # Prism, Beam's portable local runner, built from the Go module proxy (used by --runner prism).
 prism: .cache/bin/prism

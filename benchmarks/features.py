@@ -1,16 +1,17 @@
 """Benchmark: feature updates per second and feature state bytes per profile.
 
     .venv/bin/python benchmarks/features.py                       # 1,000 customers x 365 days
-    .venv/bin/python benchmarks/features.py --customers 3000 --days 365
+    .venv/bin/python benchmarks/features.py --customers 200 --days 120 --stream-runners direct prism
 
 On generated traffic (identity resolved by the plain-Python reference, so only features are
 timed) it measures:
   - fold: events folded into per-profile ProfileStates in plain Python (the floor),
   - rows: profile rows computed from the states (`features`),
   - batch: the ComputeFeatures stage on the FnApiRunner (CombinePerKey of states),
-  - stream: the StreamFeatures stage (both stateful stages, timers, rows) on the BundleBased
-    DirectRunner in streaming mode, fed by a TestStream whose watermark follows event time
-    a day at a time; updates/s counts events in, rows out are reported beside it,
+  - stream: the StreamFeatures stage (both stateful stages, timers, rows, CLV scoring) fed by
+    a TestStream whose watermark follows event time a day at a time, on the BundleBased
+    DirectRunner in streaming mode and on Prism (`make prism`); updates/s counts events in,
+    rows out are reported beside it,
   - state: pickled bytes of each profile's ProfileState (one stateful stage's share) and of
     the two stages together, mean / p50 / p95 / max over profiles.
 Results go to benchmarks/results/features.json.
@@ -18,6 +19,7 @@ Results go to benchmarks/results/features.json.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import pickle
@@ -41,6 +43,7 @@ from reference import accepted_events  # noqa: E402
 from cdpflow.config import load_config  # noqa: E402
 from cdpflow.core.features import FeatureSettings, ProfileState, features  # noqa: E402
 from cdpflow.core.timeutil import US_PER_DAY  # noqa: E402
+from cdpflow.runners.direct import runner_for  # noqa: E402
 from cdpflow.synthetic import generate  # noqa: E402
 from cdpflow.transforms.features import PROFILES, ComputeFeatures  # noqa: E402
 from cdpflow.transforms.stream_features import StreamFeatures  # noqa: E402
@@ -58,8 +61,15 @@ class _Count(beam.DoFn):
 
 
 def bench_batch(events, as_of, config):
+    # Read from a file, not beam.Create: Create would put every event into the pipeline proto.
+    staged = tempfile.mktemp(suffix=".b64")
+    with open(staged, "w") as handle:
+        for event in events:
+            handle.write(base64.b64encode(pickle.dumps(event)).decode() + "\n")
     pipeline = beam.Pipeline(runner=FnApiRunner())
-    rows = (pipeline | "Events" >> beam.Create(events)) | ComputeFeatures(
+    read = (pipeline | "Read" >> beam.io.ReadFromText(staged)
+            | "Decode" >> beam.Map(lambda line: pickle.loads(base64.b64decode(line))))
+    rows = read | ComputeFeatures(
         pipeline | "Links" >> beam.Create([]), pipeline | "AsOf" >> beam.Create([as_of]), config)
     counter = tempfile.mktemp()
     _ = rows[PROFILES] | beam.ParDo(_Count(counter))
@@ -68,7 +78,7 @@ def bench_batch(events, as_of, config):
     return time.perf_counter() - started, len(open(counter).read())
 
 
-def bench_stream(events, config):
+def bench_stream(events, config, runner):
     # One identifier per profile (identity is not what is measured): key = profile, epoch 0.
     ordered = sorted(events, key=lambda e: (e.timestamp, e.message_id))
     stream, day = TestStream(), None
@@ -80,7 +90,11 @@ def bench_stream(events, config):
         day = event.timestamp // US_PER_DAY
         chunk.append(beam.window.TimestampedValue((event.profile_id, (event, 0)), Timestamp(micros=event.timestamp)))
     stream = stream.add_elements(chunk).advance_watermark_to(Timestamp(micros=(day + 1) * US_PER_DAY))
-    pipeline = beam.Pipeline(runner="BundleBasedDirectRunner", options=PipelineOptions(streaming=True))
+    if runner == "prism":
+        prism, args = runner_for("prism", ["--streaming", "--environment_type=LOOPBACK", "--sdk_worker_parallelism=1"])
+        pipeline = beam.Pipeline(runner=prism, options=PipelineOptions(args))
+    else:
+        pipeline = beam.Pipeline(runner="BundleBasedDirectRunner", options=PipelineOptions(streaming=True))
     routed = pipeline | "Source" >> stream
     moves = pipeline | "NoMoves" >> beam.Create([])
     out = (routed, moves) | StreamFeatures(config)
@@ -102,6 +116,7 @@ def main(argv=None):
     parser.add_argument("--customers", type=int, default=1000)
     parser.add_argument("--days", type=int, default=365)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--stream-runners", nargs="+", default=["direct"], choices=["direct", "prism"])
     args = parser.parse_args(argv)
     root = tempfile.mkdtemp(prefix="cdpflow-bench-features-")
     generate(root, customers=args.customers, days=args.days, seed=args.seed)
@@ -130,9 +145,10 @@ def main(argv=None):
 
     seconds, emitted = bench_batch(events, as_of, config)
     results["batch_fnapi"] = {"seconds": round(seconds, 1), "updates_per_s": round(len(events) / seconds), "rows": emitted}
-    seconds, emitted = bench_stream(events, config)
-    results["stream_direct"] = {"seconds": round(seconds, 1), "updates_per_s": round(len(events) / seconds),
-                                "rows": emitted, "rows_per_s": round(emitted / seconds)}
+    for runner in args.stream_runners:
+        seconds, emitted = bench_stream(events, config, runner)
+        results[f"stream_{runner}"] = {"seconds": round(seconds, 1), "updates_per_s": round(len(events) / seconds),
+                                       "rows": emitted, "rows_per_s": round(emitted / seconds)}
 
     one_stage = [len(pickle.dumps(s, protocol=pickle.HIGHEST_PROTOCOL)) for s in states.values()]
     results["state_bytes_per_profile"] = {"one_stage": quantiles(one_stage),
@@ -145,8 +161,10 @@ def main(argv=None):
     print(f"fold (plain Python):         {results['fold']['updates_per_s']:>10,} updates/s")
     print(f"rows (plain Python):         {results['rows']['rows_per_s']:>10,} rows/s")
     print(f"batch ComputeFeatures:       {results['batch_fnapi']['updates_per_s']:>10,} updates/s (FnApiRunner)")
-    print(f"stream StreamFeatures:       {results['stream_direct']['updates_per_s']:>10,} updates/s "
-          f"({emitted:,} rows, {results['stream_direct']['rows_per_s']:,} rows/s; BundleBased DirectRunner)")
+    for runner in args.stream_runners:
+        r = results[f"stream_{runner}"]
+        print(f"stream StreamFeatures:       {r['updates_per_s']:>10,} updates/s ({r['rows']:,} rows, "
+              f"{r['rows_per_s']:,} rows/s; {'BundleBased DirectRunner' if runner == 'direct' else 'Prism'})")
     q = results["state_bytes_per_profile"]
     print(f"state bytes per profile:     mean {q['one_stage']['mean']:,} p50 {q['one_stage']['p50']:,} "
           f"p95 {q['one_stage']['p95']:,} max {q['one_stage']['max']:,} per stage (x2 for both stages)")

@@ -166,6 +166,8 @@ CREATE INDEX IF NOT EXISTS merge_survivor ON merge(survivor);
 CREATE TABLE IF NOT EXISTS conflict(seq INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT NOT NULL, value TEXT NOT NULL,
     profiles TEXT NOT NULL, rule TEXT NOT NULL, cause TEXT NOT NULL, ts INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS moved(epoch INTEGER NOT NULL, key TEXT NOT NULL, profile TEXT NOT NULL, PRIMARY KEY(epoch, key)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS decided_in(message_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS fanout(key TEXT NOT NULL, account TEXT NOT NULL, first_ts INTEGER NOT NULL,
     last_ts INTEGER NOT NULL, PRIMARY KEY(key, account)) WITHOUT ROWID;
 """
@@ -188,6 +190,7 @@ class IdentityStore:
         # front, so two workers never interleave the reads and writes of one union).
         self.db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
         self._changed: Set[str] = set()  # profile ids (founders) whose root the open batch changed
+        self.replayed_moves: List[Tuple[int, str, str]] = []
         self._initialise(path)
 
     def _initialise(self, path: str):
@@ -318,6 +321,15 @@ class IdentityStore:
                         (survivor, absorbed, message_id, f"rehomed {identifier[0]} from {other}", ts))
         return survivor
 
+    def _epochs_of(self, message_ids: Sequence[str]) -> Dict[str, int]:
+        """The epoch of the batch that decided each of these events, for those whose batch moved identifiers."""
+        found: Dict[str, int] = {}
+        for start in range(0, len(message_ids), 500):
+            chunk = list(message_ids[start:start + 500])
+            found.update(self.db.execute(
+                f"SELECT message_id, epoch FROM decided_in WHERE message_id IN ({','.join('?' * len(chunk))})", chunk))
+        return found
+
     def _union(self, survivor: str, absorbed: str):
         # Flattened union-find: every founder points straight at its root, so a find is one
         # indexed read; a union rewrites the absorbed profile's founders (few per profile).
@@ -334,9 +346,9 @@ class IdentityStore:
         Returns:
           One Decision per event; an event already decided gets its recorded decision back.
         """
-        return self.resolve_batch_with_moves(events)[0]
+        return self.resolve_batch_with_moves(events, record=False)[0]
 
-    def resolve_batch_with_moves(self, events: Iterable[Tuple[str, int, Sequence[Identifier]]]
+    def resolve_batch_with_moves(self, events: Iterable[Tuple[str, int, Sequence[Identifier]]], record: bool = True
                                  ) -> Tuple[List[Decision], int, Dict[str, str]]:
         """`resolve_batch`, and what a stream needs to move feature state with the profiles.
 
@@ -345,11 +357,16 @@ class IdentityStore:
           split profiles, so later is larger; the decisions were taken at `epoch - 1` or, if
           this batch moved nothing, at `epoch`; `moves` maps the node key of every identifier
           whose profile this batch changed to its profile after the batch (at `epoch`).
+          After the call, `replayed_moves` lists (epoch, node key, profile) of the moves that
+          earlier batches deciding some of these same events made: a retried bundle repeats them.
+          `record=False` (batch runs, which read final profiles instead) keeps no such record.
         """
         decisions = []
         self._changed = set()
         self.db.execute("BEGIN IMMEDIATE")
         try:
+            events = list(events)
+            earlier = self._epochs_of([m for m, _, _ in events]) if record else {}
             for message_id, ts, identifiers in events:
                 decisions.append(self._resolve(message_id, ts, identifiers))
             row = self.db.execute("SELECT value FROM meta WHERE name = 'epoch'").fetchone()
@@ -365,12 +382,22 @@ class IdentityStore:
                     moves.update(self.db.execute(
                         "SELECT n.key, p.root FROM node n JOIN profile p ON p.pid = n.owner "
                         f"WHERE n.owner IN ({','.join('?' * len(chunk))})", chunk).fetchall())
+                if record:
+                    self.db.executemany("INSERT INTO moved(epoch, key, profile) VALUES (?, ?, ?)",
+                                        [(epoch, k, p) for k, p in moves.items()])
+                    self.db.executemany("INSERT OR IGNORE INTO decided_in(message_id, epoch) VALUES (?, ?)",
+                                        [(m, epoch) for m, _, _ in events if m not in earlier])
+            # A retried bundle (its outputs were lost with it) must tell the stream again about
+            # the moves its events caused the first time; an older epoch is harmless to repeat.
+            replayed = [(e, k, p) for e in sorted(set(earlier.values()))
+                        for k, p in self.db.execute("SELECT key, profile FROM moved WHERE epoch = ?", (e,))]
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
         finally:
             self._changed = set()
+        self.replayed_moves = replayed
         return decisions, epoch, moves
 
     def resolve(self, message_id: str, ts: int, identifiers: Sequence[Identifier]) -> Decision:

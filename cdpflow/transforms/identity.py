@@ -213,9 +213,12 @@ class _ResolveStreamFn(_StoreFn):
                     event.raw, "identity",
                     "every identifier is a blocked value: " + ", ".join(f"{t}={v!r}" for t, v in event.identifiers),
                     event.schema_version, event.received_at), ts, [window]))
-        for key, profile_id in sorted(moves.items()):
+        repeated = [(key, (profile_id, moved_at)) for moved_at, key, profile_id in self.store.replayed_moves]
+        for key, value in sorted(moves.items()):
+            repeated.append((key, (value, epoch)))
+        for move in repeated:
             self.moved.inc()
-            yield pvalue.TaggedOutput(MOVES, WindowedValue((key, (profile_id, epoch)), latest[1], [latest[2]]))
+            yield pvalue.TaggedOutput(MOVES, WindowedValue(move, latest[1], [latest[2]]))
 
 
 class ResolveIdentityStream(beam.PTransform):

@@ -208,3 +208,17 @@ def test_for_a_stream_the_newest_epoch_names_each_identifiers_final_profile(even
     for key, facts in heard.items():
         newest = max(epoch for epoch, _ in facts)
         assert {profile for epoch, profile in facts if epoch == newest} == {final[key]}, (key, facts)
+
+
+def test_a_retried_stream_batch_repeats_the_moves_its_first_attempt_made():
+    # The first attempt's outputs die with a failed bundle; its store writes do not. The retry
+    # must still tell the stream that the cookie's profile moved.
+    store = IdentityStore(":memory:", UNLIMITED)
+    store.resolve_batch_with_moves([("a", 1, [("anonymous_id", "c1")]), ("b", 2, [("user_id", "u1")])])
+    batch = [("m", 3, [("anonymous_id", "c1"), ("user_id", "u1")])]
+    _, epoch, moves = store.resolve_batch_with_moves(batch)
+    assert moves and store.replayed_moves == []
+    _, again, fresh = store.resolve_batch_with_moves(batch)
+    assert fresh == {} and again == epoch
+    assert sorted((k, p) for e, k, p in store.replayed_moves) == sorted(moves.items())
+    assert {e for e, _, _ in store.replayed_moves} == {epoch}
