@@ -43,8 +43,8 @@ def _at_event_time(event):
 
 def build_stream(lines: beam.PCollection, config: Dict[str, Any], identity_store: str,
                  identity_rules: Optional[IdentityRules] = None,
-                 preload: Optional[beam.PCollection] = None, clv_model: Optional[dict] = None
-                 ) -> Dict[str, beam.PCollection]:
+                 preload: Optional[beam.PCollection] = None, clv_model: Optional[dict] = None,
+                 until: Optional[int] = None) -> Dict[str, beam.PCollection]:
     """Wires the streaming graph after `lines` (raw event lines, bytes).
 
     Args:
@@ -54,6 +54,7 @@ def build_stream(lines: beam.PCollection, config: Dict[str, Any], identity_store
       identity_rules: merge protection (default: from config).
       preload: raw lines of events already accepted into the warehouse (its `events.raw`).
       clv_model: the warehouse's latest fitted `clv_models` row (`DuckDBWarehouse.latest_clv_model`).
+      until: for a replay of recorded traffic, its end: timers stop there (None for a live stream).
 
     Returns:
       PCollections: `profiles` (rows and deletions), `lifecycle_transitions`, `events` (the
@@ -76,7 +77,7 @@ def build_stream(lines: beam.PCollection, config: Dict[str, Any], identity_store
                                                       config["reporting_currency"])
     identity = enriched | "ResolveIdentity" >> ResolveIdentityStream(
         identity_store, identity_rules or IdentityRules.from_config(config["identity"]))
-    features = (identity[ROUTED], identity[MOVES]) | "StreamFeatures" >> StreamFeatures(settings, clv_model)
+    features = (identity[ROUTED], identity[MOVES]) | "StreamFeatures" >> StreamFeatures(settings, clv_model, until)
     dead_letters = ((parsed[DEAD_LETTERS], normalized[DEAD_LETTERS], unique[DEAD_LETTERS], on_time[DEAD_LETTERS],
                      identity[DEAD_LETTERS])
                     | "AllDeadLetters" >> beam.Flatten())

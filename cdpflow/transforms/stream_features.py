@@ -106,8 +106,9 @@ class _ProfileFeaturesFn(beam.DoFn):
     PENDING = ReadModifyWriteStateSpec("pending", PickleCoder())  # when the timer is set for
     TICK = TimerSpec("tick", TimeDomain.WATERMARK)
 
-    def __init__(self, settings: FeatureSettings):
+    def __init__(self, settings: FeatureSettings, until: Optional[int] = None):
         self.settings = settings
+        self.until = until
         self.updates = Metrics.counter(self.__class__, "updates")
         self.rows = Metrics.counter(self.__class__, "rows")
         self.stale = Metrics.counter(self.__class__, "stale_messages")
@@ -167,7 +168,7 @@ class _ProfileFeaturesFn(beam.DoFn):
                 "as_of": as_of, "source": "stream"})
         emitted.write((as_of, True))
         following = next_change(merged, as_of, self.settings.lifecycle)
-        if following is not None:
+        if following is not None and (self.until is None or following <= self.until):
             tick.set(_timer_time(following))
             pending.write(following)
 
@@ -179,12 +180,16 @@ class StreamFeatures(beam.PTransform):
       routed: PCollection[(node key, (event, epoch))].
       moves: PCollection[(node key, (profile_id, epoch))].
       settings: FeatureSettings, or the configuration.
+      clv_model: the `clv_models` row to score rows with (none: CLV columns stay null).
+      until: a replay's end: no window or lifecycle timer is set past it (a live stream: None).
     """
 
-    def __init__(self, settings: Union[FeatureSettings, dict] = FeatureSettings(), clv_model: Optional[dict] = None):
+    def __init__(self, settings: Union[FeatureSettings, dict] = FeatureSettings(), clv_model: Optional[dict] = None,
+                 until: Optional[int] = None):
         super().__init__()
         self.settings = _settings(settings)
         self.clv_model = clv_model or {"status": "no model", "model_id": None}
+        self.until = until
 
     def expand(self, inputs):
         routed, moves = inputs
@@ -194,7 +199,7 @@ class StreamFeatures(beam.PTransform):
         to_profiles = tagged | "IdentifierState" >> beam.ParDo(
             _IdentifierStateFn(self.settings.session_timeout_us)).with_input_types(Tuple[str, Any])
         results = to_profiles | "ProfileFeatures" >> beam.ParDo(
-            _ProfileFeaturesFn(self.settings)).with_input_types(Tuple[str, Any]).with_outputs(TRANSITIONS, main=PROFILES)
+            _ProfileFeaturesFn(self.settings, self.until)).with_input_types(Tuple[str, Any]).with_outputs(TRANSITIONS, main=PROFILES)
         # The models the batch job fitted over the warehouse, applied to the rows in batches
         # (fixed in the DoFn, not a side input: a stream may start before a side input is ready).
         scored = (results[PROFILES]

@@ -58,7 +58,8 @@ PRISM_EXTRA = ["--sdk_worker_parallelism=1"]
 
 
 def run_stream(stream: EventStream, store: str, config: Optional[dict] = None, preload: Optional[List[bytes]] = None,
-               clv_model: Optional[dict] = None, runner: str = "direct", **overrides) -> Dict[str, list]:
+               clv_model: Optional[dict] = None, runner: str = "direct", until: Optional[int] = None,
+               **overrides) -> Dict[str, list]:
     """Runs build_stream on `stream`; returns {table: rows in emission order}."""
     run = f"run{next(_RUNS)}"
     if runner == "prism":
@@ -68,7 +69,8 @@ def run_stream(stream: EventStream, store: str, config: Optional[dict] = None, p
         pipeline = beam.Pipeline(runner="BundleBasedDirectRunner", options=PipelineOptions(streaming=True))
     lines = pipeline | "Source" >> stream
     old = pipeline | "Preload" >> beam.Create(preload) if preload is not None else None
-    outputs = build_stream(lines, config or load_config(**overrides), store, preload=old, clv_model=clv_model)
+    outputs = build_stream(lines, config or load_config(**overrides), store, preload=old, clv_model=clv_model,
+                           until=until)
     for table, pcoll in outputs.items():
         _ = pcoll | f"Collect_{table}" >> beam.ParDo(_Collect(run, table))
     pipeline.run().wait_until_finish()

@@ -12,22 +12,20 @@ stateful dedup, see docs/versions.md.)
 """
 from __future__ import annotations
 
-import glob
-import json
 import shutil
 from collections import Counter
 from decimal import Decimal
 
 import duckdb
 import pytest
-from apache_beam.testing.test_stream import TestStream as EventStream
-from apache_beam.utils.timestamp import Timestamp
 
 from cdpflow.config import load_config
 from cdpflow.core.identity import IdentityStore
-from cdpflow.core.timeutil import US_PER_DAY, parse_ts
+from cdpflow.core.timeutil import US_PER_DAY
 from cdpflow.models.clv import history_from_days, score
+from cdpflow.pipelines import replay
 from cdpflow.pipelines.batch import identity_store_path, run_batch
+from cdpflow.pipelines.replay import end_of
 from cdpflow.synthetic import generate
 from cdpflow.warehouse import DuckDBWarehouse
 from tests.feature_oracle import events_from_warehouse, oracle_profiles
@@ -38,38 +36,13 @@ pytestmark = pytest.mark.e2e
 
 
 def arrival_order(sample):
-    """(receivedAt, line) of every line, in the order a collector would pass them on."""
-    lines = []
-    for path in sorted(glob.glob(str(sample / "events" / "*.jsonl"))):
-        with open(path, "rb") as handle:
-            for line in handle:
-                if line.strip():
-                    try:
-                        received = parse_ts(json.loads(line)["receivedAt"])
-                    except (ValueError, KeyError, TypeError, AttributeError):
-                        received = None  # a broken line: it arrives with its neighbours
-                    lines.append([received, line.rstrip(b"\n")])
-    last = min(r for r, _ in lines if r is not None)
-    for item in lines:
-        last = item[0] = item[0] if item[0] is not None else last
-    return sorted(lines, key=lambda item: item[0])
+    return replay.arrival_order([str(sample / "events")])
 
 
-def end_of(lines):
-    """The last watermark as_stream sets: just after the last arrival."""
-    return lines[-1][0] // 1000 * 1000 + 1000
-
-
-def as_stream(lines, chunk=100):
-    """Lines in chunks; after each the watermark moves to the chunk's earliest arrival (whole ms)."""
-    stream, mark = EventStream(), None
-    for start in range(0, len(lines), chunk):
-        part = lines[start:start + chunk]
-        low = part[0][0] // 1000 * 1000
-        mark = low if mark is None else max(mark, low)
-        stream = stream.add_elements([(line) for _, line in part], event_timestamp=Timestamp(micros=mark))
-        stream = stream.advance_watermark_to(Timestamp(micros=mark))
-    return stream.advance_watermark_to(Timestamp(micros=end_of(lines)))
+def as_stream(lines):
+    # Watermark steps of at most 100 lines and 3 days: each step costs the local runners a
+    # round of every stage, and 60-odd steps over 150 days still pass many window edges.
+    return replay.as_stream(lines, step_us=3 * US_PER_DAY, chunk=100)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +85,7 @@ def assert_equals_oracle(rows, store_path, all_events, config, until):
 def test_stream_ends_equal_to_the_oracle(traffic, tmp_path):
     sample, config, lines, all_events, _ = traffic
     store = str(tmp_path / "identity.sqlite")
-    out = run_stream(as_stream(lines), store, config)
+    out = run_stream(as_stream(lines), store, config, until=end_of(lines))
     # the stream accepted exactly the events the batch job accepted, and refused the same kinds
     assert sorted(e.message_id for e in out["events"]) == sorted(all_events["message_id"])
     assert {d.stage for d in out["dead_letters"]} >= {"parse", "validate", "lateness"}
@@ -141,7 +114,7 @@ def test_stream_started_on_a_warehouse_continues_from_its_history(traffic, tmp_p
         preload = [line.rstrip(b"\n") for line in handle]
     assert len(preload) == history > 1000
     assert model is not None  # fitted by the batch job over the warehouse...
-    out = run_stream(as_stream(lines[cut:]), store, config, preload=preload, clv_model=model)
+    out = run_stream(as_stream(lines[cut:]), store, config, preload=preload, clv_model=model, until=end_of(lines))
     expected = assert_equals_oracle(out["profiles"], store, all_events, config, end_of(lines))
     # ...and applied in the stream: every row of a customer with orders is scored with it, and
     # matches the model evaluated here on the oracle's purchase history
