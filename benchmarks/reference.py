@@ -1,6 +1,6 @@
 """The plain single-process Python reference: the same per-event work as the batch pipeline, no Beam.
 
-Parse -> validate -> normalise -> dedup -> lateness -> enrich -> identity (event-time order) -> features ->
+Parse -> validate -> normalise -> lateness -> dedup -> enrich -> identity (event-time order) -> features ->
 segments, using the same `cdpflow.core` functions the pipeline's DoFns call. Its throughput is
 the limit the pipeline is measured against.
 """
@@ -44,15 +44,15 @@ def accepted_events(events_dir: str, config: Dict):
                 except (orjson.JSONDecodeError, SchemaViolation, NormalizationError):
                     counts["dead_letters"] += 1
                     continue
+                if normalized.received_at - normalized.timestamp > settings.allowed_lateness_us:
+                    counts["dead_letters"] += 1
+                    continue
                 copies.setdefault(normalized.message_id, []).append(normalized)
     unique = []
     for group in copies.values():
         kept, duplicates, late = split_copies(group, horizon)
         counts["duplicates"] += len(duplicates)
         counts["dead_letters"] += len(late)
-        if kept.received_at - kept.timestamp > settings.allowed_lateness_us:
-            counts["dead_letters"] += 1
-            continue
         enrichment = {}
         if isinstance(kept.context.get("userAgent"), str):
             enrichment["user_agent"] = parse_user_agent(kept.context["userAgent"])

@@ -232,6 +232,7 @@ def cmd_run(args) -> int:
         ("identifiers", summary.written.get("identity_links", 0)),
         ("merges", summary.written.get("profile_merges", 0)),
         ("identity conflicts (links refused, quarantines)", summary.written.get("identity_conflicts", 0)),
+        ("lifecycle transitions (whole history)", summary.written.get("lifecycle_transitions", 0)),
         ("events of forgotten identifiers (suppressed)", summary.suppressed),
         ("as of", format_ts(summary.as_of) if summary.as_of else "-"),
         ("seconds", f"{summary.seconds:.1f}"),

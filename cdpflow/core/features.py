@@ -306,7 +306,8 @@ def lifecycle_transitions(state: ProfileState, since: Optional[int], until: int,
 
 def next_change(state: ProfileState, after: int, thresholds: Mapping[str, int] = DEFAULT_LIFECYCLE) -> Optional[int]:
     """The first time after `after` at which a feature changes with no new event: a day with
-    data leaving a window, or a lifecycle threshold passing. None if nothing will change."""
+    data leaving a window, a lifecycle threshold passing, or a birthday. None if nothing will.
+    (recency_days and tenure_days grow continuously; they are as of each row.)"""
     best = None
     data_days = set(state.days)
     data_days.update(epoch_day(run[0]) for run in state.runs)
@@ -322,7 +323,34 @@ def next_change(state: ProfileState, after: int, thresholds: Mapping[str, int] =
             if best is None or point < best:
                 best = point
             break
+    birthday = _next_birthday(state, after)
+    if birthday is not None and (best is None or birthday < best):
+        best = birthday
     return best
+
+
+def _next_birthday(state: ProfileState, after: int) -> Optional[int]:
+    """The start (UTC) of the first day after `after` on which `age` (from a birthday trait) grows."""
+    traits = {k: v[2] for k, v in state.traits.items()}
+    if isinstance(traits.get("age"), int) and not isinstance(traits.get("age"), bool):
+        return None  # an age trait wins over the birthday and does not grow by itself
+    birthday = traits.get("birthday")
+    if not isinstance(birthday, str):
+        return None
+    try:
+        born = date.fromisoformat(birthday[:10])
+    except ValueError:
+        return None
+    year = to_datetime(after).year
+    for candidate_year in (year, year + 1):
+        try:
+            day = date(candidate_year, born.month, born.day)
+        except ValueError:  # 29 February in a common year: age grows on 1 March
+            day = date(candidate_year, 3, 1)
+        moment = (day - date(1970, 1, 1)).days * US_PER_DAY
+        if moment > after:
+            return moment
+    return None
 
 
 def features(state: ProfileState, as_of: int, settings: FeatureSettings = FeatureSettings()) -> Dict[str, Any]:

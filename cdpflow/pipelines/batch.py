@@ -84,11 +84,13 @@ def build_pipeline(pipeline: beam.Pipeline, inputs: Sequence[str], staging_dir: 
     lines = pipeline | "ReadEvents" >> ReadEvents(inputs)
     parsed = lines | "ParseAndValidate" >> ParseAndValidate()
     normalized = parsed[VALID] | "Normalize" >> Normalize(config["default_region"])
-    unique = normalized[NORMALIZED] | "Dedup" >> Dedup(config["dedup"]["horizon_hours"])
+    # Lateness before dedup: it depends on the copy alone, so a copy refused as late never
+    # takes a messageId from an on-time copy of the same event.
+    on_time = normalized[NORMALIZED] | "CheckLateness" >> CheckLateness(FeatureSettings.from_config(config).allowed_lateness_us)
+    unique = on_time[ON_TIME] | "Dedup" >> Dedup(config["dedup"]["horizon_hours"])
     catalog = pipeline | "LoadCatalog" >> LoadReferenceData(enrichment.get("catalog"), load_catalog)
     rates = pipeline | "LoadRates" >> LoadReferenceData(enrichment.get("rates"), rates_loader(config["reporting_currency"]))
-    on_time = unique[UNIQUE] | "CheckLateness" >> CheckLateness(FeatureSettings.from_config(config).allowed_lateness_us)
-    enriched = on_time[ON_TIME] | "Enrich" >> Enrich(catalog, rates)
+    enriched = unique[UNIQUE] | "Enrich" >> Enrich(catalog, rates)
     identity = enriched | "ResolveIdentity" >> ResolveIdentity(
         identity_store or os.path.join(staging_dir, IDENTITY_STORE),
         identity_rules or IdentityRules.from_config(config["identity"]),

@@ -1,6 +1,6 @@
 """The streaming graph: raw event lines in, live profile rows, lifecycle transitions and dead letters out.
 
-    lines -> ParseAndValidate -> Normalize -> DedupStream -> CheckLateness -> (event time)
+    lines -> ParseAndValidate -> Normalize -> CheckLateness -> DedupStream -> (event time)
           -> Enrich -> ResolveIdentityStream -> StreamFeatures -> profile rows, transitions
 
 `build_stream` wires it into a streaming pipeline whose source is given as a PCollection of
@@ -69,10 +69,12 @@ def build_stream(lines: beam.PCollection, config: Dict[str, Any], identity_store
         lines = (lines, preload) | "WithHistory" >> beam.Flatten()
     parsed = lines | "ParseAndValidate" >> ParseAndValidate()
     normalized = parsed[VALID] | "Normalize" >> Normalize(config["default_region"])
-    unique = normalized[NORMALIZED] | "Dedup" >> DedupStream(config["dedup"]["horizon_hours"],
-                                                             settings.allowed_lateness_us)
-    on_time = unique[UNIQUE] | "CheckLateness" >> CheckLateness(settings.allowed_lateness_us)
-    accepted = on_time[ON_TIME] | "AtEventTime" >> beam.Map(_at_event_time)
+    # Lateness before dedup: it depends on the copy alone, so a late copy processed first never
+    # takes the messageId from an on-time one (the history and the live lines are not ordered).
+    on_time = normalized[NORMALIZED] | "CheckLateness" >> CheckLateness(settings.allowed_lateness_us)
+    unique = on_time[ON_TIME] | "Dedup" >> DedupStream(config["dedup"]["horizon_hours"],
+                                                       settings.allowed_lateness_us)
+    accepted = unique[UNIQUE] | "AtEventTime" >> beam.Map(_at_event_time)
     enriched = accepted | "Enrich" >> EnrichFromFiles(enrichment.get("catalog"), enrichment.get("rates"),
                                                       config["reporting_currency"])
     identity = enriched | "ResolveIdentity" >> ResolveIdentityStream(

@@ -11,16 +11,19 @@ TRANSITIONS, the `lifecycle_transitions` rows since the profile's previous emiss
 Two stateful stages, because Beam state belongs to one key and a pipeline cannot loop: a
 profile cannot read the state of the profile it merges with.
   IdentifierState (keyed by node key) folds the events attributed to one identifier into a
-      ProfileState and knows which profile owns the identifier. When the store moves the
-      identifier (a newer epoch), it retracts its state from the old profile and hands the whole
-      state to the new one; otherwise it forwards each event.
+      ProfileState and knows which profile owns the identifier. After each event it sends its
+      whole state to the owner; when the store moves the identifier (a newer epoch), it
+      retracts its state from the old profile and sends it to the new one.
   ProfileFeatures (keyed by profile) holds the states of its identifiers. An event-time timer
       fires when the watermark passes a change (an event's time, a hand-over) and again at
       `next_change`: the next moment a day leaves a window or a lifecycle threshold passes,
       so features fall as time passes with no new event. A row is as of the latest of the timer
       time, the profile's newest event and its previous row, so rows never go back in time.
-Messages from an identifier carry a sequence number; ProfileFeatures applies each at most once
-and ignores one older than what it holds (a hand-over already contains earlier events).
+Messages from an identifier carry a sequence number and the identifier's whole state, so
+ProfileFeatures keeps the newest it has seen per identifier and the order in which the runner
+delivers them does not matter (runners do not keep order across a shuffle). The lifecycle
+transitions sent are remembered per profile, so a late event or a merge that changes the stage
+history before the previous row sends the changed transitions, and nothing is sent twice.
 State size: each event is counted in both stages' per-day buckets, sessions and order times.
 
 Run in a streaming pipeline (`cdpflow.pipelines.stream`); tests drive it with TestStream.
@@ -39,12 +42,12 @@ from apache_beam.utils.timestamp import Timestamp
 
 from cdpflow.core.features import (ORDERS, REVENUE, FeatureSettings, ProfileState, copy_state, features,
                                    lifecycle_transitions, next_change)
-from cdpflow.core.timeutil import epoch_day
+from cdpflow.core.timeutil import US_PER_DAY, epoch_day
 from cdpflow.models.clv import history_from_days
 from cdpflow.transforms.clv import _ScoreFn
 from cdpflow.transforms.features import PROFILES, TRANSITIONS, _settings
 
-_ADD, _PUT, _RETRACT = "add", "put", "retract"
+_PUT, _RETRACT = "put", "retract"
 
 
 def _micros(ts: Timestamp) -> int:
@@ -76,12 +79,13 @@ class _IdentifierStateFn(beam.DoFn):
             held = held or ProfileState(self.session_timeout_us)
             held.add(event)
             state.write(held)
+            out = []
             if profile is None or (epoch > version and event.profile_id != profile):
                 # First event, or the store's decision is newer than what this identifier knew.
                 out = list(self._hand_over(key, profile, event.profile_id, held, seq + 1))
                 profile = event.profile_id
             else:
-                out = [(profile, (_ADD, key, seq + 1, event))]
+                out = [(profile, (_PUT, key, seq + 1, copy_state(held)))]
             owner.write((profile, max(epoch, version), seq + 1))
         else:
             new_profile, epoch = payload
@@ -102,7 +106,7 @@ class _IdentifierStateFn(beam.DoFn):
 
 class _ProfileFeaturesFn(beam.DoFn):
     MEMBERS = ReadModifyWriteStateSpec("members", PickleCoder())  # {node key: (seq, ProfileState or None)}
-    EMITTED = ReadModifyWriteStateSpec("emitted", PickleCoder())  # (as_of of the last row, profile exists)
+    EMITTED = ReadModifyWriteStateSpec("emitted", PickleCoder())  # (as_of of the last row, exists, transitions sent)
     PENDING = ReadModifyWriteStateSpec("pending", PickleCoder())  # when the timer is set for
     TICK = TimerSpec("tick", TimeDomain.WATERMARK)
 
@@ -117,19 +121,14 @@ class _ProfileFeaturesFn(beam.DoFn):
                 pending=beam.DoFn.StateParam(PENDING), tick=beam.DoFn.TimerParam(TICK)):
         _, (kind, key, seq, payload) = element
         held: Dict[str, Tuple[int, Any]] = members.read() or {}
-        last_seq, state = held.get(key, (0, None))
+        last_seq, _ = held.get(key, (0, None))
         if seq <= last_seq:
+            # Overtaken by a newer message from the same identifier (its state already includes
+            # this one's): the order between the two stages does not matter.
             self.stale.inc()
             return
         self.updates.inc()
-        if kind == _ADD:
-            state = state or ProfileState(self.settings.session_timeout_us)
-            state.add(payload)
-        elif kind == _PUT:
-            state = payload
-        else:
-            state = None
-        held[key] = (seq, state)
+        held[key] = (seq, payload if kind == _PUT else None)
         members.write(held)
         when = _micros(timestamp)
         due = pending.read()
@@ -142,15 +141,19 @@ class _ProfileFeaturesFn(beam.DoFn):
                 emitted=beam.DoFn.StateParam(EMITTED), pending=beam.DoFn.StateParam(PENDING),
                 tick=beam.DoFn.TimerParam(TICK)):
         pending.clear()
+        if self.until is None and _micros(fired) > time.time() * 1_000_000 + US_PER_DAY:
+            # A live stream being drained: the runner moves the watermark to the end of time and
+            # fires every window and lifecycle timer, for times that have not come yet.
+            return
         held = members.read() or {}
         merged = ProfileState(self.settings.session_timeout_us)
         for _, state in held.values():
             if state is not None:
                 merged.merge(state)
-        last_as_of, exists = emitted.read() or (None, False)
+        last_as_of, exists, sent = emitted.read() or (None, False, frozenset())
         if merged.first_seen is None:
             if exists:
-                emitted.write((last_as_of, False))
+                emitted.write((last_as_of, False, sent))
                 yield {"profile_id": key, "deleted": True, "as_of": max(_micros(fired), last_as_of or 0)}
             return
         as_of = max(_micros(fired), merged.last_seen, last_as_of if last_as_of is not None else merged.last_seen)
@@ -161,12 +164,15 @@ class _ProfileFeaturesFn(beam.DoFn):
                                               epoch_day(as_of)))
         self.rows.inc()
         yield row
-        since = last_as_of if exists else None
-        for at, before, after in lifecycle_transitions(merged, since, as_of, self.settings.lifecycle):
+        # The whole stage history as it now stands, less what was already sent: a late order or a
+        # merge can change the stage at a time before the previous row, and that change is sent too.
+        history = lifecycle_transitions(merged, None, as_of, self.settings.lifecycle)
+        new = [t for t in history if t not in sent]
+        for at, before, after in new:
             yield beam.pvalue.TaggedOutput(TRANSITIONS, {
                 "profile_id": key, "from_stage": before, "to_stage": after, "transitioned_at": at,
                 "as_of": as_of, "source": "stream"})
-        emitted.write((as_of, True))
+        emitted.write((as_of, True, sent | frozenset(new)))
         following = next_change(merged, as_of, self.settings.lifecycle)
         if following is not None and (self.until is None or following <= self.until):
             tick.set(_timer_time(following))
@@ -181,7 +187,8 @@ class StreamFeatures(beam.PTransform):
       moves: PCollection[(node key, (profile_id, epoch))].
       settings: FeatureSettings, or the configuration.
       clv_model: the `clv_models` row to score rows with (none: CLV columns stay null).
-      until: a replay's end: no window or lifecycle timer is set past it (a live stream: None).
+      until: a replay's end: no window or lifecycle timer is set past it. None (a live stream):
+        timers more than a day past the wall clock (a drain) emit nothing.
     """
 
     def __init__(self, settings: Union[FeatureSettings, dict] = FeatureSettings(), clv_model: Optional[dict] = None,

@@ -140,6 +140,17 @@ def test_windows_fall_with_time_and_next_change_says_when():
     assert features(state, leaves)["orders_7d"] == 0 and features(state, leaves)["orders_30d"] == 1
 
 
+def test_a_birthday_is_a_change_with_no_new_event():
+    state = ProfileState().add(ev("i", 0, type_="identify", traits={"birthday": "1990-07-04"}))
+    birthday = parse_ts("2026-07-04T00:00:00Z")
+    assert next_change(state, AS_OF) == birthday  # before the page's day leaves the 7-day window
+    assert features(state, birthday - 1)["age"] == 35 and features(state, birthday)["age"] == 36
+    leap = ProfileState().add(ev("j", 0, type_="identify", traits={"birthday": "2000-02-29"}))
+    assert next_change(leap, parse_ts("2027-01-10T00:00:00Z")) <= parse_ts("2027-03-01T00:00:00Z")
+    assert features(leap, parse_ts("2027-03-01T00:00:00Z"))["age"] == 27
+    assert features(leap, parse_ts("2027-03-01T00:00:00Z") - 1)["age"] == 26
+
+
 _EVENTS = st.lists(st.tuples(st.integers(0, 60 * 24 * 20), st.sampled_from(["page", "order", "open", "view", "track"]),
                              st.sampled_from([None, "web", "server"])), min_size=1, max_size=40)
 

@@ -19,7 +19,7 @@ from cdpflow.config import load_config
 from cdpflow.pipelines.batch import run_batch
 from cdpflow.pipelines.replay import arrival_order, end_of
 from tests.feature_oracle import events_from_warehouse
-from tests.stream.test_stream_oracle import assert_equals_oracle
+from tests.stream.test_stream_oracle import assert_equals_oracle, assert_transitions_cover_the_oracle
 
 pytestmark = pytest.mark.e2e
 
@@ -52,9 +52,11 @@ def test_replay_from_a_warehouse_writes_rows_equal_to_the_oracle(sample, tmp_pat
         for key, value in row.items():
             if key.startswith(("revenue", "avg_order_value")) and value is not None:
                 row[key] = Decimal(value)
-    assert_equals_oracle(rows, str(out / "identity.sqlite"), events_from_warehouse(everything), config, end_of(lines))
+    _, events, final = assert_equals_oracle(rows, str(out / "identity.sqlite"), events_from_warehouse(everything),
+                                            config, end_of(lines))
     transitions = read_rows(out / "lifecycle_transitions")
     assert transitions and {t["source"] for t in transitions} == {"stream"}
+    assert_transitions_cover_the_oracle(transitions, events, final, config)
     letters = read_rows(out / "dead_letters")
     assert letters and all(l["raw"] and l["error"] for l in letters)
 

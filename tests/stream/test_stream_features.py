@@ -25,7 +25,7 @@ def test_windows_fall_with_time_and_no_new_event(tmp_path, runner):
     stream = EventStream().add_elements([stamped(track("o1", T0, revenue=40, userId="u1"))])
     stream = watermark(stream, T0 + HOUR)
     stream = watermark(stream, T0 + 40 * DAY)
-    out = run_stream(stream, str(tmp_path / "id.sqlite"), runner=runner)
+    out = run_stream(stream, str(tmp_path / "id.sqlite"), runner=runner, until=T0 + 40 * DAY)
     rows = out["profiles"]
     assert rows[0]["as_of"] == T0 and (rows[0]["orders_7d"], rows[0]["orders_30d"]) == (1, 1)
     first_day = T0 // DAY
@@ -48,12 +48,14 @@ def test_late_event_within_allowed_lateness_corrects_later_one_is_dead_letter(tm
     stream = watermark(stream, T0 + 3 * DAY)
     stream = stream.add_elements([stamped(too_late)])
     stream = watermark(stream, T0 + 6 * DAY)
-    out = run_stream(stream, str(tmp_path / "id.sqlite"), runner=runner)
+    out = run_stream(stream, str(tmp_path / "id.sqlite"), runner=runner, until=T0 + 6 * DAY)
     rows = out["profiles"]
     assert rows[0]["orders_total"] == 1
     corrected = [r for r in rows if r["orders_total"] == 2]
     assert corrected and corrected[0]["revenue_total"] == Decimal(15)
-    assert corrected[0]["as_of"] >= rows[0]["as_of"]
+    # the correction came when the late event arrived (watermark at 2 days), not at the next
+    # window edge: the 7-day window still holds both orders
+    assert corrected[0]["as_of"] < (T0 // DAY + 7) * DAY and corrected[0]["orders_7d"] == 2
     assert all(r["orders_total"] <= 2 for r in rows)  # o3 never counted
     letters = out["dead_letters"]
     assert [(d.stage, '"o3"' in d.raw) for d in letters] == [("lateness", True)]
@@ -66,7 +68,7 @@ def test_lifecycle_transitions_are_emitted_when_the_watermark_passes_them(tmp_pa
     stream = watermark(stream, T0 + 400 * DAY)
     stream = stream.add_elements([stamped(track("o2", T0 + 400 * DAY + HOUR, revenue=10, userId="u1"))])
     stream = watermark(stream, T0 + 401 * DAY)
-    out = run_stream(stream, str(tmp_path / "id.sqlite"), runner=runner)
+    out = run_stream(stream, str(tmp_path / "id.sqlite"), runner=runner, until=T0 + 401 * DAY)
     transitions = [(t["from_stage"], t["to_stage"], t["transitioned_at"]) for t in out["lifecycle_transitions"]]
     assert transitions[:6] == [
         (None, "new", T0), ("new", "active", T0 + 30 * DAY), ("active", "at_risk", T0 + 90 * DAY),
@@ -94,7 +96,7 @@ def test_survivor_covers_both_histories_right_after_the_merge(tmp_path, runner):
     stream = watermark(stream, merge_at + 1000)
     stream = stream.add_elements([stamped(track("c1", T0 + 6 * HOUR, revenue=5, anonymousId="cookie-1"))])
     stream = watermark(stream, T0 + 7 * HOUR)
-    out = run_stream(stream, str(tmp_path / "id.sqlite"), runner=runner)
+    out = run_stream(stream, str(tmp_path / "id.sqlite"), runner=runner, until=T0 + 7 * HOUR)
     rows = out["profiles"]
     before_merge = {r["profile_id"]: r for r in rows if r["as_of"] < merge_at and not r.get("deleted")}
     assert len(before_merge) == 2  # two profiles, each with history
@@ -108,3 +110,83 @@ def test_survivor_covers_both_histories_right_after_the_merge(tmp_path, runner):
     assert {row["profile_id"], gone[0]["profile_id"]} == set(before_merge)
     final = latest_rows(rows)
     assert list(final) == [row["profile_id"]] and final[row["profile_id"]]["orders_total"] == 3
+
+
+@pytest.mark.parametrize("runner", STREAM_RUNNERS)
+def test_a_late_order_before_the_last_row_sends_the_changed_stage_history(tmp_path, runner):
+    stream = EventStream().add_elements([stamped(track("p1", T0, name="Product Viewed", userId="u1"))])
+    stream = watermark(stream, T0 + HOUR)
+    late_order = track("o1", T0 - HOUR, received=T0 + 2 * HOUR, revenue=9, userId="u1")  # 3 h late: accepted
+    stream = stream.add_elements([stamped(late_order)])
+    stream = watermark(stream, T0 + 3 * HOUR)
+    out = run_stream(stream, str(tmp_path / "id.sqlite"), runner=runner, until=T0 + 3 * HOUR)
+    sent = [(t["transitioned_at"], t["from_stage"], t["to_stage"]) for t in out["lifecycle_transitions"]]
+    # first the stage as it stood, then the history as the late order rewrote it, each once
+    assert sent == [(T0, None, "prospect"), (T0 - HOUR, None, "new")]
+    assert out["profiles"][-1]["lifecycle_stage"] == "new"
+
+
+@pytest.mark.parametrize("runner", STREAM_RUNNERS)
+def test_a_late_copy_processed_first_does_not_take_the_message_from_the_on_time_one(tmp_path, runner):
+    on_time = track("o1", T0, received=T0 + HOUR, revenue=9, userId="u1")
+    late_copy = dict(on_time, receivedAt=track("x", T0, received=T0 + 100 * HOUR)["receivedAt"])
+    stream = EventStream().add_elements([stamped(late_copy)])  # e.g. a preload and a re-send out of order
+    stream = stream.add_elements([stamped(on_time)])
+    stream = watermark(stream, T0 + 101 * HOUR)
+    out = run_stream(stream, str(tmp_path / "id.sqlite"), runner=runner, until=T0 + 101 * HOUR)
+    assert [e.message_id for e in out["events"]] == ["o1"]
+    assert [d.stage for d in out["dead_letters"]] == ["lateness"]
+    assert latest_rows(out["profiles"])[out["profiles"][-1]["profile_id"]]["orders_total"] == 1
+
+
+class _Value:
+    """A stand-in for a Beam state cell or timer, to drive a DoFn's methods directly."""
+
+    def __init__(self):
+        self.value = None
+
+    def read(self):
+        return self.value
+
+    def write(self, value):
+        self.value = value
+
+    def clear(self):
+        self.value = None
+
+    def set(self, value):
+        self.value = value
+
+
+def test_profile_state_does_not_depend_on_the_order_messages_arrive_in():
+    # Runners do not keep order across the shuffle between the two stateful stages.
+    from apache_beam.utils.timestamp import Timestamp as BeamTime
+
+    from cdpflow.core.features import FeatureSettings, ProfileState, features
+    from cdpflow.schemas.records import NormalizedEvent
+    from cdpflow.transforms.stream_features import _IdentifierStateFn, _ProfileFeaturesFn
+
+    def order(mid, at, amount):
+        return NormalizedEvent(message_id=mid, type="track", event="Order Completed", timestamp=at, received_at=at,
+                               identifiers=(("user_id", "u"),), traits={}, properties={}, context={}, raw="{}",
+                               schema_version="track/v1", revenue=Decimal(amount), currency="USD",
+                               revenue_reporting=Decimal(amount), profile_id="pA")
+    source = _IdentifierStateFn(30 * 60 * 1_000_000)
+    state, owner = _Value(), _Value()
+    messages = []
+    for i, amount in enumerate((10, 20, 30)):
+        messages += list(source.process(("k", ("event", (order(f"o{i}", T0 + i * HOUR, amount), 0))),
+                                        state=state, owner=owner))
+    assert len(messages) == 3
+    whole = ProfileState()
+    for i, amount in enumerate((10, 20, 30)):
+        whole.add(order(f"o{i}", T0 + i * HOUR, amount))
+    for arrival in ([2, 0, 1], [1, 2, 0], [0, 1, 2]):
+        sink = _ProfileFeaturesFn(FeatureSettings())
+        members, pending, tick = _Value(), _Value(), _Value()
+        for index in arrival:
+            sink.process(messages[index], timestamp=BeamTime(micros=T0), members=members, pending=pending, tick=tick)
+        merged = ProfileState()
+        for _, held in members.read().values():
+            merged.merge(held)
+        assert features(merged, T0 + DAY) == features(whole, T0 + DAY), arrival

@@ -28,7 +28,7 @@ from cdpflow.pipelines.batch import identity_store_path, run_batch
 from cdpflow.pipelines.replay import end_of
 from cdpflow.synthetic import generate
 from cdpflow.warehouse import DuckDBWarehouse
-from tests.feature_oracle import events_from_warehouse, oracle_profiles
+from tests.feature_oracle import events_from_warehouse, oracle_profiles, oracle_transitions
 from tests.pipelines.test_features_oracle import same
 from tests.stream.helpers import latest_rows, run_stream
 
@@ -79,7 +79,22 @@ def assert_equals_oracle(rows, store_path, all_events, config, until):
                   if not same(final[p][c], want)]
     detail = "\n".join(f"  {p} {c}: stream {g!r} oracle {w!r}" for p, c, g, w in mismatches[:20])
     assert not mismatches, f"{len(mismatches)} mismatches, by column {dict(Counter(m[1] for m in mismatches))}:\n{detail}"
-    return expected
+    return expected, events, final
+
+
+def assert_transitions_cover_the_oracle(transitions, events, final, config):
+    """Every stage change of each profile's final history (up to its last row) was sent under its id."""
+    sent = {}
+    for t in transitions:
+        sent.setdefault(t["profile_id"], set()).add((t["transitioned_at"], t["from_stage"], t["to_stage"]))
+    missing = {}
+    for profile, row in final.items():
+        history = oracle_transitions(events[events["profile_id"] == profile], None, row["as_of"], config).get(profile, [])
+        lost = [h for h in history if h not in sent.get(profile, set())]
+        if lost:
+            missing[profile] = lost
+    assert not missing, f"{len(missing)} profiles lack transitions, e.g. {list(missing.items())[:3]}"
+    return sum(len(v) for v in sent.values())
 
 
 def test_stream_ends_equal_to_the_oracle(traffic, tmp_path):
@@ -89,7 +104,8 @@ def test_stream_ends_equal_to_the_oracle(traffic, tmp_path):
     # the stream accepted exactly the events the batch job accepted, and refused the same kinds
     assert sorted(e.message_id for e in out["events"]) == sorted(all_events["message_id"])
     assert {d.stage for d in out["dead_letters"]} >= {"parse", "validate", "lateness"}
-    expected = assert_equals_oracle(out["profiles"], store, all_events, config, end_of(lines))
+    expected, events, final = assert_equals_oracle(out["profiles"], store, all_events, config, end_of(lines))
+    assert assert_transitions_cover_the_oracle(out["lifecycle_transitions"], events, final, config) > len(expected)
     assert len(expected) > 100
     assert any(r.get("deleted") for r in out["profiles"])  # merges happened while streaming
     assert len({r["lifecycle_stage"] for r in expected.values()}) >= 4
@@ -115,7 +131,8 @@ def test_stream_started_on_a_warehouse_continues_from_its_history(traffic, tmp_p
     assert len(preload) == history > 1000
     assert model is not None  # fitted by the batch job over the warehouse...
     out = run_stream(as_stream(lines[cut:]), store, config, preload=preload, clv_model=model, until=end_of(lines))
-    expected = assert_equals_oracle(out["profiles"], store, all_events, config, end_of(lines))
+    expected, events, final_rows = assert_equals_oracle(out["profiles"], store, all_events, config, end_of(lines))
+    assert_transitions_cover_the_oracle(out["lifecycle_transitions"], events, final_rows, config)
     # ...and applied in the stream: every row of a customer with orders is scored with it, and
     # matches the model evaluated here on the oracle's purchase history
     final = latest_rows(out["profiles"], end_of(lines))
@@ -134,5 +151,6 @@ def test_stream_started_on_a_warehouse_continues_from_its_history(traffic, tmp_p
     for row in out["profiles"]:
         first_rows.setdefault(row["profile_id"], row)
     carried = [p for p in before if p in first_rows and not first_rows[p].get("deleted")]
-    assert carried and all(first_rows[p]["event_count"] >= 1 for p in carried)
-    assert sum(first_rows[p]["event_count"] >= before[p] for p in carried) > len(carried) // 2
+    # (the first row comes when the watermark first passes the profile's history, by which time
+    # the runner may not have handed every preloaded event to the stage yet: most, not all)
+    assert carried and sum(first_rows[p]["event_count"] >= before[p] for p in carried) > len(carried) // 2
