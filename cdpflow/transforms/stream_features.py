@@ -6,7 +6,7 @@ Outputs (tags): PROFILES, a profile row (the `profiles` columns, definitions in
 docs/features.md) each time the watermark passes a change of a profile, scored with the CLV
 models the batch job last fitted (`clv_model`: a `clv_models` row), and a row
 `{"profile_id": ..., "deleted": True}` when a profile stops existing (absorbed by a merge);
-TRANSITIONS, the `lifecycle_transitions` rows since the profile's previous emission.
+TRANSITIONS, the `lifecycle_transitions` rows of the profile's history not emitted before.
 
 Two stateful stages, because Beam state belongs to one key and a pipeline cannot loop: a
 profile cannot read the state of the profile it merges with.
