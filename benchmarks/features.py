@@ -20,17 +20,14 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import os
 import pickle
-import platform
 import statistics
 import sys
 import tempfile
 import time
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.utils.timestamp import Timestamp
@@ -38,26 +35,38 @@ from apache_beam.utils.timestamp import Timestamp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import common  # noqa: E402
 from reference import accepted_events  # noqa: E402
 
 from cdpflow.config import load_config  # noqa: E402
 from cdpflow.core.features import FeatureSettings, ProfileState, features  # noqa: E402
 from cdpflow.core.timeutil import US_PER_DAY  # noqa: E402
-from cdpflow.runners.direct import runner_for  # noqa: E402
+from cdpflow.runners.direct import streaming_pipeline  # noqa: E402
 from cdpflow.synthetic import generate  # noqa: E402
 from cdpflow.transforms.features import PROFILES, ComputeFeatures  # noqa: E402
 from cdpflow.transforms.stream_features import StreamFeatures  # noqa: E402
 
 
 class _Count(beam.DoFn):
-    """Counts rows into a file per run (the runner may run this in another process)."""
+    """Counts rows (not deletions) per bundle into a file (the runner may run this in another process)."""
 
     def __init__(self, path):
         self.path = path
 
+    def start_bundle(self):
+        self.rows = 0
+
     def process(self, row):
+        self.rows += not row.get("deleted")
+
+    def finish_bundle(self):
         with open(self.path, "a") as handle:
-            handle.write("1" if not row.get("deleted") else "0")
+            handle.write(f"{self.rows}\n")
+
+
+def _counted(path):
+    with open(path) as handle:
+        return sum(int(line) for line in handle)
 
 
 def bench_batch(events, as_of, config):
@@ -75,7 +84,7 @@ def bench_batch(events, as_of, config):
     _ = rows[PROFILES] | beam.ParDo(_Count(counter))
     started = time.perf_counter()
     pipeline.run().wait_until_finish()
-    return time.perf_counter() - started, len(open(counter).read())
+    return time.perf_counter() - started, _counted(counter)
 
 
 def bench_stream(events, config, runner):
@@ -90,11 +99,7 @@ def bench_stream(events, config, runner):
         day = event.timestamp // US_PER_DAY
         chunk.append(beam.window.TimestampedValue((event.profile_id, (event, 0)), Timestamp(micros=event.timestamp)))
     stream = stream.add_elements(chunk).advance_watermark_to(Timestamp(micros=(day + 1) * US_PER_DAY))
-    if runner == "prism":
-        prism, args = runner_for("prism", ["--streaming", "--environment_type=LOOPBACK", "--sdk_worker_parallelism=1"])
-        pipeline = beam.Pipeline(runner=prism, options=PipelineOptions(args))
-    else:
-        pipeline = beam.Pipeline(runner="BundleBasedDirectRunner", options=PipelineOptions(streaming=True))
+    pipeline = streaming_pipeline(runner)
     routed = pipeline | "Source" >> stream
     moves = pipeline | "NoMoves" >> beam.Create([])
     out = (routed, moves) | StreamFeatures(config)
@@ -102,7 +107,7 @@ def bench_stream(events, config, runner):
     _ = out[PROFILES] | beam.ParDo(_Count(counter))
     started = time.perf_counter()
     pipeline.run().wait_until_finish()
-    return time.perf_counter() - started, len(open(counter).read())
+    return time.perf_counter() - started, _counted(counter)
 
 
 def quantiles(values):
@@ -124,7 +129,7 @@ def main(argv=None):
     settings = FeatureSettings.from_config(config)
     _, events, _ = accepted_events(os.path.join(root, "events"), config)
     as_of = max(e.timestamp for e in events)
-    results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    results = {"machine": common.machine(),
                "sample": {"customers": args.customers, "days": args.days, "events": len(events)}}
 
     started = time.perf_counter()
@@ -168,9 +173,7 @@ def main(argv=None):
     q = results["state_bytes_per_profile"]
     print(f"state bytes per profile:     mean {q['one_stage']['mean']:,} p50 {q['one_stage']['p50']:,} "
           f"p95 {q['one_stage']['p95']:,} max {q['one_stage']['max']:,} per stage (x2 for both stages)")
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "features.json"), "w") as handle:
-        json.dump(results, handle, indent=2)
+    common.save_results("features", results)
     return results
 
 

@@ -17,7 +17,6 @@ Results go to benchmarks/results/identity.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -29,7 +28,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import common  # noqa: E402
 from cdpflow.core.identity import IdentityRules, IdentityStore  # noqa: E402
 from cdpflow.schemas.records import NormalizedEvent  # noqa: E402
 from cdpflow.transforms.identity import ResolveIdentity  # noqa: E402
@@ -143,9 +144,7 @@ def main(argv=None):
         print(f"ResolveIdentity stage, {label:22s}: {len(stage_keys) / seconds:8,.0f} events/s")
     results["adversarial_seconds_20k_events"] = adversarial()
     print(f"adversarial graphs, 20,000 events each (seconds): {results['adversarial_seconds_20k_events']}")
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "identity.json"), "w") as handle:
-        json.dump(results, handle, indent=2)
+    common.save_results("identity", results)
     return results
 
 

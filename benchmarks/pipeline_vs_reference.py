@@ -9,15 +9,14 @@ writes them to benchmarks/results/latest.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import common  # noqa: E402
 from reference import run_reference  # noqa: E402
 
 from cdpflow.config import load_config  # noqa: E402
@@ -40,7 +39,7 @@ def main(argv=None):
     started = time.perf_counter()
     reference = run_reference(os.path.join(sample, "events"), config)
     ref_seconds = time.perf_counter() - started
-    results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    results = {"machine": common.machine(),
                "sample": {"customers": args.customers, "days": args.days, "events": reference["read"]},
                "reference": {"seconds": round(ref_seconds, 2), "events_per_s": round(reference["read"] / ref_seconds)},
                "pipeline": {}}
@@ -59,9 +58,7 @@ def main(argv=None):
                                        "slower_than_reference": round(ratio, 1)}
         print(f"cdpflow run --runner {runner:12s}: {seconds:6.1f} s  {rate:10,.0f} events/s  "
               f"({ratio:.1f}x the reference's time)")
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "latest.json"), "w") as handle:
-        json.dump(results, handle, indent=2)
+    common.save_results("latest", results)
     return results
 
 

@@ -331,10 +331,10 @@ def next_change(state: ProfileState, after: int, thresholds: Mapping[str, int] =
 
 def _next_birthday(state: ProfileState, after: int) -> Optional[int]:
     """The start (UTC) of the first day after `after` on which `age` (from a birthday trait) grows."""
-    traits = {k: v[2] for k, v in state.traits.items()}
-    if isinstance(traits.get("age"), int) and not isinstance(traits.get("age"), bool):
+    age = state.traits.get("age", (None, None, None))[2]
+    if isinstance(age, int) and not isinstance(age, bool):
         return None  # an age trait wins over the birthday and does not grow by itself
-    birthday = traits.get("birthday")
+    birthday = state.traits.get("birthday", (None, None, None))[2]
     if not isinstance(birthday, str):
         return None
     try:
@@ -355,8 +355,6 @@ def _next_birthday(state: ProfileState, after: int) -> Optional[int]:
 
 def features(state: ProfileState, as_of: int, settings: FeatureSettings = FeatureSettings()) -> Dict[str, Any]:
     """The profile's features and main traits as of a time (events after it must not be in the state)."""
-    if isinstance(settings, Mapping):  # a lifecycle thresholds mapping, as older callers pass
-        settings = FeatureSettings(lifecycle={**DEFAULT_LIFECYCLE, **settings})
     today = epoch_day(as_of)
     sums = {w: [0, Decimal(0), 0, 0, 0, 0, 0] for w in WINDOWS}
     orders_total, revenue_total = 0, Decimal(0)

@@ -22,14 +22,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import orjson
-from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.utils.timestamp import Timestamp
 
 from cdpflow.core.timeutil import US_PER_SECOND, parse_ts
 from cdpflow.pipelines.batch import identity_store_path
 from cdpflow.pipelines.stream import build_stream
-from cdpflow.runners.direct import runner_for
+from cdpflow.runners.direct import streaming_pipeline
 from cdpflow.transforms import DEAD_LETTERS
 from cdpflow.transforms.capture import expand_inputs
 from cdpflow.transforms.features import PROFILES, TRANSITIONS
@@ -114,15 +113,6 @@ class _AppendJsonLines(beam.DoFn):
             self.handle.close()
 
 
-def stream_pipeline(runner: str) -> beam.Pipeline:
-    if runner == "prism":
-        prism, args = runner_for("prism", ["--streaming", "--environment_type=LOOPBACK", "--sdk_worker_parallelism=1"])
-        return beam.Pipeline(runner=prism, options=PipelineOptions(args))
-    if runner != "direct":
-        raise ValueError(f"replay runs on direct or prism, not {runner!r}")
-    return beam.Pipeline(runner="BundleBasedDirectRunner", options=PipelineOptions(streaming=True))
-
-
 def run_replay(inputs: Sequence[str], out_dir: str, config: dict, warehouse: Optional[str] = None,
                runner: str = "direct") -> Dict[str, int]:
     """Replays `inputs` through the streaming graph; returns rows written per output."""
@@ -149,7 +139,7 @@ def run_replay(inputs: Sequence[str], out_dir: str, config: dict, warehouse: Opt
             model = wh.latest_clv_model()
         with open(replay_file, "rb") as handle:
             history = [line.rstrip(b"\n") for line in handle if line.strip()]
-    pipeline = stream_pipeline(runner)
+    pipeline = streaming_pipeline(runner)
     source = pipeline | "Replay" >> as_stream(lines)
     preload = pipeline | "WarehouseEvents" >> beam.Create(history) if history else None
     # Timers stop at the end of the recording: past it the runner would fire every window and

@@ -8,6 +8,7 @@ engine explicitly instead:
   prism         PrismRunner with a binary built by `go install` (`make prism`); the path comes
                 from --prism_location, $CDPFLOW_PRISM or .cache/bin/prism
   anything else is passed to Beam as the runner's name (DataflowRunner, FlinkRunner, ...).
+Streaming (`streaming_pipeline`): the BundleBased DirectRunner or Prism.
 """
 from __future__ import annotations
 
@@ -41,3 +42,21 @@ def runner_for(name: str, pipeline_args: List[str]) -> Tuple[object, List[str]]:
             args.append(f"--prism_location={prism_binary()}")
         return PrismRunner(), args
     return name, args
+
+
+STREAM_RUNNERS = ("direct", "prism")
+
+
+def streaming_pipeline(runner: str):
+    """A streaming pipeline on a local runner: `direct` (Beam's BundleBased DirectRunner, the one
+    that runs TestStream) or `prism` (its Python workers in this process)."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+    if runner == "prism":
+        # One SDK worker: with two, Prism 2.73 let more re-sent copies through the stateful dedup
+        # behind a TestStream (docs/versions.md).
+        prism, args = runner_for("prism", ["--streaming", "--environment_type=LOOPBACK", "--sdk_worker_parallelism=1"])
+        return beam.Pipeline(runner=prism, options=PipelineOptions(args))
+    if runner != "direct":
+        raise ValueError(f"a local stream runs on {' or '.join(STREAM_RUNNERS)}, not {runner!r}")
+    return beam.Pipeline(runner="BundleBasedDirectRunner", options=PipelineOptions(streaming=True))

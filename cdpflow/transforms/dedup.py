@@ -25,6 +25,15 @@ from cdpflow.transforms import DEAD_LETTERS
 UNIQUE = "unique"
 
 
+def _repeat_too_late(event: NormalizedEvent, first_received_at: int, horizon_us: int) -> DeadLetter:
+    """The dead letter for a copy received more than the horizon after the first one (batch and stream)."""
+    return DeadLetter(
+        event.raw, "dedup",
+        f"messageId {event.message_id} was first received at {format_ts(first_received_at)}, "
+        f"more than the dedup horizon ({horizon_us // US_PER_SECOND} s) before this copy",
+        event.schema_version, event.received_at)
+
+
 class _PickFirstFn(beam.DoFn):
     def __init__(self, horizon_us: int):
         self.horizon_us = horizon_us
@@ -43,11 +52,7 @@ class _PickFirstFn(beam.DoFn):
         yield kept
         for late in too_late:
             self.dead_lettered.inc()
-            yield pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter(
-                late.raw, "dedup",
-                f"messageId {late.message_id} was first received at {format_ts(kept.received_at)}, "
-                f"more than the dedup horizon ({self.horizon_us // US_PER_SECOND} s) before this copy",
-                late.schema_version, late.received_at))
+            yield pvalue.TaggedOutput(DEAD_LETTERS, _repeat_too_late(late, kept.received_at, self.horizon_us))
 
 
 class Dedup(beam.PTransform):
@@ -97,11 +102,7 @@ class _FirstCopyFn(beam.DoFn):
             self.deduplicated.inc()
         else:  # as in batch: a repeat this late cannot be told from a replay bug
             self.dead_lettered.inc()
-            yield pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter(
-                event.raw, "dedup",
-                f"messageId {event.message_id} was first received at {format_ts(seen)}, "
-                f"more than the dedup horizon ({self.horizon_us // US_PER_SECOND} s) before this copy",
-                event.schema_version, event.received_at))
+            yield pvalue.TaggedOutput(DEAD_LETTERS, _repeat_too_late(event, seen, self.horizon_us))
 
     @on_timer(EXPIRY)
     def forget(self, first=beam.DoFn.StateParam(FIRST)):

@@ -11,14 +11,13 @@ from collections import defaultdict
 from typing import Dict, List, Optional
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_stream import TestStream as EventStream
 from apache_beam.utils.timestamp import Timestamp
 
 from cdpflow.config import load_config
 from cdpflow.core.timeutil import US_PER_DAY, format_ts, parse_ts
 from cdpflow.pipelines.stream import build_stream
-from cdpflow.runners.direct import runner_for
+from cdpflow.runners.direct import streaming_pipeline
 
 # The runner executes in this process, so a module-level sink can collect the outputs.
 _COLLECTED: Dict[str, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
@@ -51,22 +50,12 @@ class _Collect(beam.DoFn):
         helpers._COLLECTED[self.run][self.table].append(row)
 
 
-STREAM_RUNNERS = ("direct", "prism")
-# One SDK worker: with two, Prism 2.73 let more re-sent copies through the stateful dedup
-# behind a TestStream (docs/versions.md).
-PRISM_EXTRA = ["--sdk_worker_parallelism=1"]
-
-
 def run_stream(stream: EventStream, store: str, config: Optional[dict] = None, preload: Optional[List[bytes]] = None,
                clv_model: Optional[dict] = None, runner: str = "direct", until: Optional[int] = None,
                **overrides) -> Dict[str, list]:
     """Runs build_stream on `stream`; returns {table: rows in emission order}."""
     run = f"run{next(_RUNS)}"
-    if runner == "prism":
-        prism, args = runner_for("prism", ["--streaming", "--environment_type=LOOPBACK"] + PRISM_EXTRA)
-        pipeline = beam.Pipeline(runner=prism, options=PipelineOptions(args))
-    else:
-        pipeline = beam.Pipeline(runner="BundleBasedDirectRunner", options=PipelineOptions(streaming=True))
+    pipeline = streaming_pipeline(runner)
     lines = pipeline | "Source" >> stream
     old = pipeline | "Preload" >> beam.Create(preload) if preload is not None else None
     outputs = build_stream(lines, config or load_config(**overrides), store, preload=old, clv_model=clv_model,

@@ -10,7 +10,8 @@ from apache_beam.utils.timestamp import Timestamp
 from cdpflow.core.timeutil import US_PER_DAY, parse_ts
 import pytest
 
-from tests.stream.helpers import HOUR, STREAM_RUNNERS, latest_rows, run_stream, stamped, track
+from cdpflow.runners.direct import STREAM_RUNNERS
+from tests.stream.helpers import HOUR, latest_rows, run_stream, stamped, track
 
 T0 = parse_ts("2026-03-01T10:00:00Z")
 DAY = US_PER_DAY

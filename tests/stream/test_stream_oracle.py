@@ -16,7 +16,6 @@ import shutil
 from collections import Counter
 from decimal import Decimal
 
-import duckdb
 import pytest
 
 from cdpflow.config import load_config
