@@ -27,9 +27,9 @@ venv: $(VENV)/.installed
 
 # Generate a sample (>= 50,000 events), run the batch pipeline on the local runner, print the summary.
 run: venv
-	rm -f $(WAREHOUSE) $(basename $(WAREHOUSE)).segment_changes.jsonl
+	rm -f $(WAREHOUSE) $(basename $(WAREHOUSE)).segment_changes.jsonl $(basename $(WAREHOUSE)).identity.sqlite
 	$(BIN)/cdpflow generate --customers $(CUSTOMERS) --days $(DAYS) --seed $(SEED) --out $(SAMPLE)
-	$(BIN)/cdpflow run --input $(SAMPLE)/events --catalog $(SAMPLE)/catalog.csv --rates $(SAMPLE)/rates.csv \
+	CDPFLOW_DEMO=1 $(BIN)/cdpflow run --input $(SAMPLE)/events --catalog $(SAMPLE)/catalog.csv --rates $(SAMPLE)/rates.csv \
 		--warehouse $(WAREHOUSE)
 
 test: venv prism

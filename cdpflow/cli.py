@@ -7,7 +7,11 @@
     cdpflow profile IDENTIFIER --warehouse out/cdp.duckdb
     cdpflow replay --input out/sample/events --out out/stream [--warehouse out/cdp.duckdb] [--runner direct|prism]
 
-Exit codes: 0 done, 2 bad arguments or input, 1 the run failed.
+    cdpflow forget IDENTIFIER --warehouse out/cdp.duckdb
+    cdpflow publish --warehouse out/cdp.duckdb
+
+Exit codes: 0 done, 2 bad arguments, input or configuration, 3 another command committed to the
+warehouse meanwhile (nothing was written; run again), 1 the run failed.
 """
 from __future__ import annotations
 
@@ -48,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", required=True, help="folder for profiles/, lifecycle_transitions/, dead_letters/ (JSON lines)")
     rep.add_argument("--warehouse", help="start from this warehouse's history, identity graph and CLV models")
     rep.add_argument("--runner", default="direct", choices=("direct", "prism"), help="direct (default) or prism")
+    rep.add_argument("--identity-store", help="sqlite:///FILE to build the replay's identity store in and keep "
+                                              "(default: a private temporary one)")
     rep.add_argument("--config", help="YAML configuration merged over the defaults")
     rep.add_argument("--catalog", help="product catalog CSV for enrichment")
     rep.add_argument("--rates", help="currency rates CSV for enrichment")
@@ -77,17 +83,21 @@ def _parser() -> argparse.ArgumentParser:
     forget = sub.add_parser("forget", help="delete a person (profile, links, events) and keep replays from bringing them back")
     forget.add_argument("identifier", help="any identifier of the person, or the profile id")
     forget.add_argument("--warehouse", required=True)
-    forget.add_argument("--changes-out", help="JSON-lines file the segment exits are appended to")
+    forget.add_argument("--config", help="YAML configuration merged over the defaults (its governance section)")
+    forget.add_argument("--changes-out", help="JSON-lines file the segment exits are published to")
+
+    pub = sub.add_parser("publish", help="deliver segment changes committed but not yet published (after a crash)")
+    pub.add_argument("--warehouse", required=True)
+    pub.add_argument("--changes-out", help="JSON-lines file the segment changes are published to")
     return parser
 
 
 def identity_report(warehouse: str, truth_path: str):
     """The IdentityReport of a warehouse against a truth file."""
     from cdpflow.core.evaluation import evaluate, load_truth
-    from cdpflow.warehouse import DuckDBWarehouse
-    with DuckDBWarehouse(warehouse, read_only=True) as wh:
-        links = {(r["identifier_type"], r["identifier_value"]): r["profile_id"]
-                 for r in wh.query("SELECT identifier_type, identifier_value, profile_id FROM identity_links")}
+    from cdpflow.warehouse import open_warehouse
+    with open_warehouse(warehouse, read_only=True) as wh:
+        links = {(r["identifier_type"], r["identifier_value"]): r["profile_id"] for r in wh.identity_links()}
     return evaluate(links, load_truth(truth_path))
 
 
@@ -135,8 +145,8 @@ def cmd_split(args) -> int:
     from cdpflow.config import load_config
     from cdpflow.core.identity import profile_id_for
     from cdpflow.pipelines.batch import reference_overrides, run_batch
-    from cdpflow.warehouse import DuckDBWarehouse
-    with DuckDBWarehouse(args.warehouse) as wh:
+    from cdpflow.warehouse import open_warehouse
+    with open_warehouse(args.warehouse) as wh:
         profile_id = wh.resolve_profile_id(args.profile)
         if profile_id is None:
             err_console.print(f"no profile holds {args.profile!r}")
@@ -146,12 +156,18 @@ def cmd_split(args) -> int:
             err_console.print(f"profile {profile_id} has no merge to undo" + (f" that absorbed {args.merge}" if args.merge else ""))
             return 2
         founders = {}
-        for row in wh.query("SELECT identifier_type, identifier_value FROM identity_links WHERE profile_id = ?", [profile_id]):
+        for row in wh.identity_links():
             identifier = (row["identifier_type"], row["identifier_value"])
             founders[profile_id_for(identifier)] = identifier
         pairs = [(founders[m["survivor_id"]], founders[m["absorbed_id"]]) for m in merges
                  if m["survivor_id"] in founders and m["absorbed_id"] in founders]
-        added = wh.add_separations(pairs, _now_us(), args.reason)
+        if not pairs:
+            err_console.print(f"the merges of {profile_id} name no identifiers this warehouse still holds: nothing to split")
+            return 2
+        added = wh.add_separations(pairs, _now_us(), args.reason, expected_version=wh.version())
+    if not added:
+        err_console.print(f"every merge of {profile_id} asked for is already split: nothing recorded")
+        return 2
     console.print(f"recorded {added} separation(s) for {len(merges)} merge(s) of {profile_id}; re-deriving the warehouse")
     config = load_config(args.config, enrichment=reference_overrides(args.catalog, args.rates))
     summary = run_batch([], args.warehouse, config, runner=args.runner)
@@ -160,27 +176,56 @@ def cmd_split(args) -> int:
 
 
 def cmd_forget(args) -> int:
-    import orjson
-    from cdpflow.core.timeutil import format_ts
-    from cdpflow.transforms.segments import idempotency_key
-    from cdpflow.warehouse import DuckDBWarehouse
+    from cdpflow.config import load_config
+    from cdpflow.core import governance
+    from cdpflow.outbox import JsonLinesPublisher, changes_file_for, publish_pending
+    from cdpflow.warehouse import open_warehouse
+    config = load_config(args.config)
     now = _now_us()
-    with DuckDBWarehouse(args.warehouse) as wh:
-        done = wh.forget(args.identifier, now)
-    if done is None:
-        err_console.print(f"no profile holds {args.identifier!r}")
-        return 2
-    changes_file = args.changes_out or os.path.splitext(args.warehouse)[0] + ".segment_changes.jsonl"
-    cause = f"forget:{done['request_id']}"
-    with open(changes_file, "ab") as handle:
-        for row in done["closed_memberships"]:
-            handle.write(orjson.dumps({
-                "idempotency_key": idempotency_key(row["profile_id"], row["segment"], "exit", cause),
-                "profile_id": row["profile_id"], "segment": row["segment"], "source": row["source"],
-                "direction": "exit", "at": format_ts(now), "cause_message_id": cause,
-                "model_version": row["model_version"]}) + b"\n")
-    console.print(f"forgot profile {done['profile_id']}: {done['identifiers']} identifiers suppressed, "
-                  f"deleted {done['deleted']}, {len(done['closed_memberships'])} segment exits appended to {changes_file}")
+    changes_file = args.changes_out or changes_file_for(args.warehouse)
+    with open_warehouse(args.warehouse) as wh:
+        key = governance.suppression_key(config, wh.demo_key_file())
+        governance.identity_rules(config, wh.governance(), key)  # refuses hashes of a key it cannot match
+        done = wh.forget(args.identifier, now, key, expected_version=wh.version())
+        if done is None:
+            err_console.print(f"no profile or dead letter holds {args.identifier!r}")
+            return 2
+        # The identity store kept with the warehouse forgets them too, in every profile holding
+        # one of their identifiers, and then agrees with the warehouse's new version.
+        rules = governance.identity_rules(config, wh.governance(), key)
+        removed = forget_in_identity_store(wh.default_identity_store(), done["identifiers"], rules, wh.version())
+        published = publish_pending(wh, JsonLinesPublisher(changes_file))
+    console.print(f"forgot {done['profile_id'] or args.identifier}: {len(done['identifiers'])} identifier(s) suppressed, "
+                  f"deleted {done['deleted']}, {removed} identifier(s) removed from the identity store, "
+                  f"{done['exits']} segment exit(s) published to {changes_file} ({published['published']} message(s))")
+    return 0
+
+
+def forget_in_identity_store(uri, identifiers, rules, version: int) -> int:
+    """Removes a forgotten person from an identity store (and anything else its rules suppress)."""
+    from cdpflow.core.identity import IdentityStore
+    from cdpflow.pipelines.batch import sqlite_path
+    if not uri:
+        return 0
+    path = sqlite_path(uri)
+    if not os.path.exists(path):
+        return 0
+    store = IdentityStore(path, rules)
+    try:
+        removed = store.forget(identifiers) + store.purge(rules)
+        store.stamp_warehouse_version(version)
+        return removed
+    finally:
+        store.close()
+
+
+def cmd_publish(args) -> int:
+    from cdpflow.outbox import JsonLinesPublisher, changes_file_for, publish_pending
+    from cdpflow.warehouse import open_warehouse
+    changes_file = args.changes_out or changes_file_for(args.warehouse)
+    with open_warehouse(args.warehouse) as wh:
+        done = publish_pending(wh, JsonLinesPublisher(changes_file))
+    console.print(f"{done['pending']} pending segment change(s); {done['published']} published to {changes_file}")
     return 0
 
 
@@ -247,7 +292,7 @@ def cmd_run(args) -> int:
     for name, size in summary.segment_sizes.items():
         seg.add_row(name, str(size))
     console.print(seg)
-    console.print(f"segment changes appended to {summary.changes_file}")
+    console.print(f"segment changes published to {summary.changes_file}")
     return 0
 
 
@@ -260,7 +305,7 @@ def cmd_replay(args) -> int:
     started = time.perf_counter()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console) as progress:
         progress.add_task(f"replaying the events as a stream on {args.runner}", total=None)
-        written = run_replay(args.input, args.out, config, args.warehouse, args.runner)
+        written = run_replay(args.input, args.out, config, args.warehouse, args.runner, args.identity_store)
     seconds = time.perf_counter() - started
     table = Table(title=f"cdpflow replay -> {args.out}")
     table.add_column("what")
@@ -275,9 +320,9 @@ def cmd_replay(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from cdpflow.warehouse import DuckDBWarehouse
+    from cdpflow.warehouse import open_warehouse
     out = args.out or f"{args.table}.{args.format}"
-    with DuckDBWarehouse(args.warehouse, read_only=True) as wh:
+    with open_warehouse(args.warehouse, read_only=True) as wh:
         count = wh.export(args.table, args.format, out)
     console.print(f"wrote {count} rows of {args.table} to {out}")
     return 0
@@ -293,8 +338,8 @@ def _show(value):
 
 def cmd_profile(args) -> int:
     import orjson
-    from cdpflow.warehouse import DuckDBWarehouse
-    with DuckDBWarehouse(args.warehouse, read_only=True) as wh:
+    from cdpflow.warehouse import open_warehouse
+    with open_warehouse(args.warehouse, read_only=True) as wh:
         found = wh.profile(args.identifier)
     if found is None:
         err_console.print(f"no profile holds {args.identifier!r}")
@@ -323,12 +368,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=os.environ.get("CDPFLOW_LOG", "WARNING"))
     args = _parser().parse_args(argv)
     handlers = {"generate": cmd_generate, "run": cmd_run, "replay": cmd_replay, "export": cmd_export,
-                "profile": cmd_profile, "identity": cmd_identity, "forget": cmd_forget}
-    from cdpflow.core.segments import RuleError
-    from cdpflow.warehouse import WarehouseError
+                "profile": cmd_profile, "identity": cmd_identity, "forget": cmd_forget, "publish": cmd_publish}
+    from cdpflow.core.governance import GovernanceError
+    from cdpflow.errors import BadInput
+    from cdpflow.warehouse import ConcurrentWriteError, WarehouseError
     try:
         return handlers[args.command](args)
-    except (FileNotFoundError, RuleError, WarehouseError, ValueError) as err:
+    except ConcurrentWriteError as err:
+        # Lost a race with another command: nothing of this one was written; it can simply run again.
+        err_console.print(f"[red]cdpflow {args.command}: {err}[/red]")
+        return 3
+    except (FileNotFoundError, BadInput, WarehouseError, GovernanceError) as err:
         err_console.print(f"[red]cdpflow {args.command}: {err}[/red]")
         return 2
 

@@ -7,6 +7,8 @@ from typing import Any, Dict, Optional
 
 import yaml
 
+from cdpflow.errors import BadInput
+
 
 def _merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
     out = copy.deepcopy(base)
@@ -34,9 +36,9 @@ def load_config(path: Optional[str] = None, **overrides: Any) -> Dict[str, Any]:
             try:
                 user = yaml.safe_load(handle) or {}
             except yaml.YAMLError as err:
-                raise ValueError(f"{path}: not valid YAML: {err}") from None
+                raise BadInput(f"{path}: not valid YAML: {err}") from None
         if not isinstance(user, dict):
-            raise ValueError(f"{path}: the configuration must be a YAML mapping")
+            raise BadInput(f"{path}: the configuration must be a YAML mapping")
         config = _merge(config, user)
     config = _merge(config, {k: v for k, v in overrides.items() if v is not None})
     validate(config, path or "the configuration")
@@ -49,7 +51,7 @@ def _number(config, where, *keys, minimum=0.0, integer=False):
         value = value.get(key) if isinstance(value, dict) else None
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds) or value <= minimum:
-        raise ValueError(f"{where}: {'.'.join(keys)} must be a {'whole ' if integer else ''}number above {minimum:g}, "
+        raise BadInput(f"{where}: {'.'.join(keys)} must be a {'whole ' if integer else ''}number above {minimum:g}, "
                          f"got {value!r}")
     return value
 
@@ -62,26 +64,27 @@ def validate(config: Dict[str, Any], where: str) -> None:
     """
     region = config.get("default_region")
     if not (isinstance(region, str) and len(region) == 2 and region.isalpha()):
-        raise ValueError(f"{where}: default_region must be a two-letter region code such as US, got {region!r}")
+        raise BadInput(f"{where}: default_region must be a two-letter region code such as US, got {region!r}")
     currency = config.get("reporting_currency")
     if not (isinstance(currency, str) and len(currency) == 3 and currency.isalpha()):
-        raise ValueError(f"{where}: reporting_currency must be a three-letter currency code, got {currency!r}")
+        raise BadInput(f"{where}: reporting_currency must be a three-letter currency code, got {currency!r}")
     _number(config, where, "dedup", "horizon_hours")
     days = [_number(config, where, "lifecycle", k, integer=True)
             for k in ("new_days", "active_days", "at_risk_days", "churned_days")]
     if not days[1] <= days[2] <= days[3]:
-        raise ValueError(f"{where}: lifecycle needs active_days <= at_risk_days <= churned_days")
+        raise BadInput(f"{where}: lifecycle needs active_days <= at_risk_days <= churned_days")
     _number(config, where, "features", "allowed_lateness_hours")
+    _number(config, where, "features", "max_future_skew_hours")
     _number(config, where, "features", "session_timeout_minutes")
     for key in ("open_weight", "click_weight", "scale"):
         _number(config, where, "features", "engagement", key)
     identity = config.get("identity") or {}
     if not (isinstance(identity.get("priority"), list) and all(isinstance(t, str) for t in identity["priority"])):
-        raise ValueError(f"{where}: identity.priority must be a list of identifier types")
+        raise BadInput(f"{where}: identity.priority must be a list of identifier types")
     for id_type, limit in (identity.get("max_per_profile") or {}).items():
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise ValueError(f"{where}: identity.max_per_profile.{id_type} must be a whole number >= 1 or null")
+            raise BadInput(f"{where}: identity.max_per_profile.{id_type} must be a whole number >= 1 or null")
     _number(config, where, "identity", "quarantine", "max_profiles", integer=True)
     _number(config, where, "identity", "quarantine", "window_days")
     if identity.get("mode", "ordered") not in ("ordered", "parallel"):
-        raise ValueError(f"{where}: identity.mode must be ordered or parallel, got {identity.get('mode')!r}")
+        raise BadInput(f"{where}: identity.mode must be ordered or parallel, got {identity.get('mode')!r}")

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from ua_parser import parse as parse_ua
 
 from cdpflow.core.timeutil import epoch_day
+from cdpflow.errors import BadInput
 
 CatalogEntry = Dict[str, str]
 
@@ -52,7 +53,7 @@ class Rates:
                         day = (date.fromisoformat(row["date"]) - date(1970, 1, 1)).days
                         table.setdefault(row["currency"].upper(), []).append((day, Decimal(row["rate"])))
                     except (KeyError, AttributeError, ValueError, ArithmeticError) as err:
-                        raise ValueError(f"{path}:{line}: expected date,currency,rate with an ISO date and a "
+                        raise BadInput(f"{path}:{line}: expected date,currency,rate with an ISO date and a "
                                          f"decimal rate ({type(err).__name__}: {err})") from None
         for rows in table.values():
             rows.sort()

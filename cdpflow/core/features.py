@@ -58,6 +58,7 @@ class FeatureSettings:
     click_weight: float = 3.0
     engagement_scale: float = 5.0
     allowed_lateness_us: int = 72 * 3600 * US_PER_SECOND
+    max_future_skew_us: int = 24 * 3600 * US_PER_SECOND
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "FeatureSettings":
@@ -68,7 +69,8 @@ class FeatureSettings:
                    open_weight=float(engagement.get("open_weight", 1)),
                    click_weight=float(engagement.get("click_weight", 3)),
                    engagement_scale=float(engagement.get("scale", 5)),
-                   allowed_lateness_us=int(section.get("allowed_lateness_hours", 72) * 3600 * US_PER_SECOND))
+                   allowed_lateness_us=int(section.get("allowed_lateness_hours", 72) * 3600 * US_PER_SECOND),
+                   max_future_skew_us=int(section.get("max_future_skew_hours", 24) * 3600 * US_PER_SECOND))
 
 
 def is_interaction(event: NormalizedEvent) -> bool:

@@ -78,9 +78,14 @@ def profile_id_for(identifier: Identifier) -> str:
     return "p_" + digest[:20]
 
 
-def identifier_hash(identifier: Identifier) -> str:
-    """How a forgotten identifier is remembered: only as a hash, so that it can be recognised, not read."""
-    return hashlib.sha256(("forget\x00" + node_key(identifier)).encode("utf-8")).hexdigest()
+def identifier_hash(identifier: Identifier, key=None) -> str:
+    """How a forgotten identifier is remembered: only as a hash, so that it can be recognised, not read.
+
+    Args:
+      key: a `cdpflow.core.governance.SuppressionKey` (default: the legacy constant salt).
+    """
+    from cdpflow.core.governance import LEGACY_KEY
+    return (key or LEGACY_KEY).hash(tuple(identifier))
 
 
 @dataclass(frozen=True)
@@ -94,9 +99,11 @@ class IdentityRules:
     quarantine_window_days: float = 90
     separations: FrozenSet[Tuple[Identifier, Identifier]] = frozenset()
     suppressed: FrozenSet[str] = frozenset()  # identifier_hash values
+    suppression_keys: Tuple = ()  # SuppressionKeys the hashes were made with (default: the legacy salt)
 
     @classmethod
-    def from_config(cls, section: Optional[Mapping] = None, separations=(), suppressed=()) -> "IdentityRules":
+    def from_config(cls, section: Optional[Mapping] = None, separations=(), suppressed=(),
+                    suppression_keys: Tuple = ()) -> "IdentityRules":
         section = dict(section or {})
         quarantine = section.get("quarantine") or {}
         return cls(
@@ -109,9 +116,13 @@ class IdentityRules:
             quarantine_window_days=float(quarantine.get("window_days", 90)),
             separations=frozenset((tuple(a), tuple(b)) for a, b in separations),
             suppressed=frozenset(suppressed),
+            suppression_keys=tuple(suppression_keys),
         )
 
     def __post_init__(self):
+        if not self.suppression_keys:
+            from cdpflow.core.governance import LEGACY_KEY
+            object.__setattr__(self, "suppression_keys", (LEGACY_KEY,))
         compiled = {t: [re.compile(p) for p in patterns] for t, patterns in self.blocked.items()}
         object.__setattr__(self, "_blocked", compiled)
         object.__setattr__(self, "_rank", {t: i for i, t in enumerate(self.priority)})
@@ -126,6 +137,12 @@ class IdentityRules:
             if pattern.search(value):
                 return True
         return False
+
+    def is_suppressed(self, identifiers: Iterable[Identifier]) -> bool:
+        """True if any of the identifiers was forgotten (its hash under any known key is suppressed)."""
+        if not self.suppressed:
+            return False
+        return any(key.hash(tuple(i)) in self.suppressed for i in identifiers for key in self.suppression_keys)
 
     def limit(self, id_type: str) -> Optional[int]:
         return self.max_per_profile.get(id_type)
@@ -404,13 +421,18 @@ class IdentityStore:
         return self.resolve_batch([(message_id, ts, identifiers)])[0]
 
     def _resolve(self, message_id: str, ts: int, identifiers: Sequence[Identifier]) -> Decision:
+        rules = self.rules
+        # Suppression first, before any recorded decision: a person forgotten after their events
+        # were decided must not come back through a retry or a replay of those events.
+        if rules.is_suppressed(identifiers):
+            # Recorded (replacing an older decision) so that read-outs by messageId answer too.
+            self.db.execute("INSERT OR REPLACE INTO decision(message_id, status, key, profile, worker) "
+                            "VALUES (?, ?, NULL, NULL, ?)", (message_id, SUPPRESSED, self.worker))
+            return Decision(message_id, SUPPRESSED, None, None)
         row = self.db.execute("SELECT status, key, profile FROM decision WHERE message_id = ?", (message_id,)).fetchone()
         if row is not None:
             # Decided before (a retry, or a replay of accepted history): its profile is today's.
             return Decision(message_id, row[0], row[1], self._root(row[1]) if row[1] else None)
-        rules = self.rules
-        if rules.suppressed and any(identifier_hash(tuple(i)) in rules.suppressed for i in identifiers):
-            return self._decide(message_id, SUPPRESSED, None, None)
         ids = sorted({tuple(i) for i in identifiers if not rules.is_blocked(tuple(i))}, key=rules.rank)
         if not ids:
             return self._decide(message_id, BLOCKED, None, None)
@@ -592,6 +614,61 @@ class IdentityStore:
             if self._root_of_pid(survivor) != self._root_of_pid(absorbed):
                 self.db.execute("UPDATE merge SET undone_at = ?, undone_by = ? WHERE seq = ?", (ts, f"{why} ({cause})", seq))
         return sorted(new_roots)
+
+    # ---------------------------------------------------------------- governance
+    def forget(self, identifiers: Iterable[Identifier]) -> int:
+        """Removes every trace of the profiles holding these identifiers; returns the identifiers removed.
+
+        Nodes, founders, counts, link sets, decisions of the events attributed to them, merges,
+        conflicts, fan-out rows and recorded moves all go, in one transaction. Their events, if
+        replayed, meet the suppression check (the caller records the hashes) and are not attributed.
+        """
+        wanted = [node_key(tuple(i)) for i in identifiers]
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            roots = {r[0] for k in wanted for r in self.db.execute(
+                "SELECT p.root FROM node n JOIN profile p ON p.pid = n.owner WHERE n.key = ?", (k,))}
+            pids = [r[0] for root in roots for r in self.db.execute("SELECT pid FROM profile WHERE root = ?", (root,))]
+            keys = set(wanted)
+            for pid in pids:
+                keys.update(r[0] for r in self.db.execute("SELECT key FROM node WHERE owner = ?", (pid,)))
+            present = [k for k in keys if self._node(k) is not None]
+            for key in keys:
+                for (text,) in self.db.execute("SELECT members FROM linkset_member WHERE key = ?", (key,)).fetchall():
+                    self.db.execute("DELETE FROM linkset WHERE members = ?", (text,))
+                    self.db.execute("DELETE FROM linkset_member WHERE members = ?", (text,))
+                self.db.execute("DELETE FROM decision WHERE key = ?", (key,))
+                self.db.execute("DELETE FROM fanout WHERE key = ? OR account = ?", (key, key))
+                self.db.execute("DELETE FROM moved WHERE key = ?", (key,))
+                id_type, value = key_identifier(key)
+                self.db.execute("DELETE FROM conflict WHERE type = ? AND value = ?", (id_type, value))
+                self.db.execute("DELETE FROM node WHERE key = ?", (key,))
+            for pid in pids:
+                self.db.execute("DELETE FROM profile WHERE pid = ?", (pid,))
+                self.db.execute("DELETE FROM merge WHERE survivor = ? OR absorbed = ?", (pid, pid))
+                self.db.execute("DELETE FROM conflict WHERE profiles LIKE ?", (f'%"{pid}"%',))
+            for root in roots:
+                self.db.execute("DELETE FROM counts WHERE root = ?", (root,))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return len(present)
+
+    def purge(self, rules: "IdentityRules") -> int:
+        """Forgets every profile holding an identifier the rules suppress (for a store older than a forget)."""
+        hit = [key_identifier(r[0]) for r in self.db.execute("SELECT key FROM node").fetchall()
+               if rules.is_suppressed([key_identifier(r[0])])]
+        return self.forget(hit) if hit else 0
+
+    def warehouse_version(self) -> Optional[int]:
+        """The warehouse version this store was last made to agree with (None: never stamped)."""
+        row = self.db.execute("SELECT value FROM meta WHERE name = 'warehouse_version'").fetchone()
+        return int(row[0]) if row else None
+
+    def stamp_warehouse_version(self, version: int) -> None:
+        """Records that the store agrees with this warehouse version (after a commit or a forget)."""
+        self.db.execute("INSERT OR REPLACE INTO meta(name, value) VALUES ('warehouse_version', ?)", (int(version),))
 
     # ---------------------------------------------------------------- read-outs
     def profile_of(self, identifier: Identifier) -> Optional[str]:

@@ -163,11 +163,17 @@ def extract_identifiers(event: Dict[str, Any], default_region: str) -> List[Iden
         if device_id:
             found.add(("device_id", device_id))
     for external in context.get("externalIds") or ():
+        if not isinstance(external, dict):
+            continue
         id_type = _text(external.get("type"))
         value = _text(external.get("id"))
         if id_type and value:
             id_type = id_type.lower()
-            value = normalize_email(value) if id_type == EMAIL else value
+            # The same normalisation as the traits', so one phone is one identifier wherever it came from.
+            if id_type == EMAIL:
+                value = normalize_email(value)
+            elif id_type == PHONE:
+                value = normalize_phone(value, default_region)
             if value:
                 found.add((id_type, value))
     return sorted(found)

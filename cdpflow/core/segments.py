@@ -21,16 +21,19 @@ missing field fails every operator except `exists: false` and `ne`.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Callable, Dict, List, Mapping, Sequence
 
 import yaml
 
+from cdpflow.errors import BadInput
+
 _MISSING = object()
 
 
-class RuleError(ValueError):
+class RuleError(BadInput):
     """A segment definition that cannot be understood."""
 
 
@@ -156,3 +159,25 @@ def parse_rules(document: Mapping[str, Any]) -> RuleSet:
 def load_rules(path: str) -> RuleSet:
     with open(path, encoding="utf-8") as handle:
         return parse_rules(yaml.safe_load(handle))
+
+
+SEGMENT_CHANGES_TOPIC = "cdp.segments.changes"
+
+
+def idempotency_key(profile_id: str, segment: str, direction: str, cause: str) -> str:
+    """The key of one segment change: the same change computed twice (a replay, a retry) has the same key."""
+    return hashlib.sha256(f"{profile_id}\x00{segment}\x00{direction}\x00{cause}".encode()).hexdigest()[:32]
+
+
+def segment_change(profile_id: str, segment: str, source: str, direction: str, at: str, cause: str,
+                   model_version=None) -> Dict[str, Any]:
+    """One `cdp.segments.changes` message: enter or exit, at an ISO-8601 time, caused by a messageId."""
+    return {"idempotency_key": idempotency_key(profile_id, segment, direction, cause), "profile_id": profile_id,
+            "segment": segment, "source": source, "direction": direction, "at": at, "cause_message_id": cause,
+            "model_version": model_version}
+
+
+def outbox_message(change: Mapping[str, Any]) -> Dict[str, Any]:
+    """A segment change as an outbox row: keyed by its profile, so one person's changes keep their order."""
+    return {"idempotency_key": change["idempotency_key"], "topic": SEGMENT_CHANGES_TOPIC,
+            "message_key": change["profile_id"], "payload": dict(change)}

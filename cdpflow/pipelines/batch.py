@@ -28,7 +28,7 @@ import sqlite3
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import apache_beam as beam
 import orjson
@@ -51,9 +51,14 @@ from cdpflow.core.identity import IdentityRules, IdentityStore
 from cdpflow.transforms.identity import CONFLICTS, EVENTS, LINKS, MERGES, ResolveIdentity
 from cdpflow.transforms.normalize import NORMALIZED, Normalize
 from cdpflow.transforms.segments import CHANGES, MEMBERSHIPS, AssignSegments
-from cdpflow.transforms.sinks import WriteStaged, dead_letter_row, event_row
+from cdpflow.transforms.sinks import DeadLetterRows, WriteStaged, event_row
 from cdpflow.transforms.validate import VALID, ParseAndValidate
-from cdpflow.warehouse import DuckDBWarehouse
+from cdpflow import faults
+from cdpflow.core import governance
+from cdpflow.errors import BadInput
+from cdpflow.core.segments import outbox_message
+from cdpflow.outbox import JsonLinesPublisher, changes_file_for, publish_pending
+from cdpflow.warehouse import open_warehouse, warehouse_path
 
 REPLACED_TABLES = ("events", "identity_links", "profile_merges", "identity_conflicts", "profiles", "segment_memberships",
                    "lifecycle_transitions")
@@ -64,7 +69,7 @@ PREVIOUS_MEMBERSHIPS = "previous_memberships.jsonl"
 def build_pipeline(pipeline: beam.Pipeline, inputs: Sequence[str], staging_dir: str,
                    config: Dict[str, Any], as_of: Optional[int] = None,
                    previous_memberships: Optional[str] = None, identity_store: Optional[str] = None,
-                   identity_rules: Optional[IdentityRules] = None) -> Dict[str, beam.PCollection]:
+                   *, identity_rules: IdentityRules) -> Dict[str, beam.PCollection]:
     """Wires the batch graph into `pipeline`.
 
     Args:
@@ -75,7 +80,8 @@ def build_pipeline(pipeline: beam.Pipeline, inputs: Sequence[str], staging_dir: 
       as_of: time features are computed at (UTC microseconds); default the newest event time.
       previous_memberships: JSON-lines file of the warehouse's segment_memberships before the run.
       identity_store: the identity store's SQLite file (default: `identity.sqlite` in staging_dir).
-      identity_rules: merge protection (default: from config, without suppressions or splits).
+      identity_rules: from `cdpflow.core.governance.identity_rules` (the configuration with the
+        warehouse's forgotten identifiers and separations; no default, so no path forgets them).
 
     Returns:
       The main PCollections by table name (for tests).
@@ -86,14 +92,16 @@ def build_pipeline(pipeline: beam.Pipeline, inputs: Sequence[str], staging_dir: 
     normalized = parsed[VALID] | "Normalize" >> Normalize(config["default_region"])
     # Lateness before dedup: it depends on the copy alone, so a copy refused as late never
     # takes a messageId from an on-time copy of the same event.
-    on_time = normalized[NORMALIZED] | "CheckLateness" >> CheckLateness(FeatureSettings.from_config(config).allowed_lateness_us)
+    settings = FeatureSettings.from_config(config)
+    on_time = normalized[NORMALIZED] | "CheckLateness" >> CheckLateness(settings.allowed_lateness_us,
+                                                                        settings.max_future_skew_us)
     unique = on_time[ON_TIME] | "Dedup" >> Dedup(config["dedup"]["horizon_hours"])
     catalog = pipeline | "LoadCatalog" >> LoadReferenceData(enrichment.get("catalog"), load_catalog)
     rates = pipeline | "LoadRates" >> LoadReferenceData(enrichment.get("rates"), rates_loader(config["reporting_currency"]))
     enriched = unique[UNIQUE] | "Enrich" >> Enrich(catalog, rates)
+    rules = identity_rules
     identity = enriched | "ResolveIdentity" >> ResolveIdentity(
-        identity_store or os.path.join(staging_dir, IDENTITY_STORE),
-        identity_rules or IdentityRules.from_config(config["identity"]),
+        identity_store or os.path.join(staging_dir, IDENTITY_STORE), rules,
         ordered=config["identity"].get("mode", "ordered") == "ordered")
 
     if as_of is None:
@@ -127,7 +135,7 @@ def build_pipeline(pipeline: beam.Pipeline, inputs: Sequence[str], staging_dir: 
         "segment_changes": segments[CHANGES],
         "clv_models": predicted[CLV_MODELS],
         "lifecycle_transitions": features[TRANSITIONS],
-        "dead_letters": dead_letters | "DeadLetterRows" >> beam.Map(dead_letter_row),
+        "dead_letters": dead_letters | "DeadLetterRows" >> DeadLetterRows(config["default_region"], rules),
     }
     for name, rows in outputs.items():
         _ = rows | f"Stage_{name}" >> WriteStaged(staging_dir, name)
@@ -157,7 +165,8 @@ class RunSummary:
     @property
     def dead_lettered(self) -> int:
         return sum(self.counter(s, "dead_lettered")
-                   for s in ("_ParseAndValidateFn", "_NormalizeFn", "_PickFirstFn", "_CheckLatenessFn", "_AttachProfileFn"))
+                   for s in ("_ParseAndValidateFn", "_NormalizeFn", "_PickFirstFn", "_CheckLatenessFn", "_AttachProfileFn")
+                   ) - self.counter("_DeadLetterRowFn", "suppressed")
 
     @property
     def deduplicated(self) -> int:
@@ -165,8 +174,8 @@ class RunSummary:
 
     @property
     def suppressed(self) -> int:
-        """Events of forgotten identifiers: dropped on purpose, counted, stored nowhere."""
-        return self.counter("_AttachProfileFn", "suppressed")
+        """Records of forgotten identifiers (events and dead letters): dropped on purpose, counted, stored nowhere."""
+        return self.counter("_AttachProfileFn", "suppressed") + self.counter("_DeadLetterRowFn", "suppressed")
 
     @property
     def accepted(self) -> int:
@@ -185,19 +194,31 @@ def collect_counters(result) -> Dict[str, int]:
 
 def run_batch(inputs: Sequence[str], warehouse: str, config: Dict[str, Any], as_of: Optional[int] = None,
               runner: str = "direct", pipeline_args: Sequence[str] = (),
-              changes_out: Optional[str] = None, replay: bool = True) -> RunSummary:
-    """Runs the batch pipeline and commits its tables to the DuckDB warehouse.
+              changes_out: Optional[str] = None, replay: bool = True,
+              before_commit: Optional[Callable[[], None]] = None) -> RunSummary:
+    """Runs the batch pipeline and commits its tables and segment changes to the warehouse.
+
+    The warehouse's version is read before the pipeline starts and checked by the commit: if
+    another command (a forget, a split, another run) committed meanwhile, nothing is written
+    and `ConcurrentWriteError` says so. The segment changes go to the outbox in the same
+    transaction and are published after it (`cdpflow.outbox`); the identity store kept beside
+    the warehouse is replaced only after the commit, stamped with the version it agrees with.
 
     Args:
       inputs: JSON-lines files, folders or globs.
-      warehouse: the .duckdb file.
+      warehouse: the warehouse URI (`duckdb:///path`, or a file path).
       config: the merged configuration.
       as_of: UTC microseconds, or None for the newest event time.
       runner: direct | multiprocess | prism | a Beam runner name.
       pipeline_args: extra Beam pipeline options.
-      changes_out: JSON-lines file the segment changes are appended to (default: beside the
+      changes_out: JSON-lines file the segment changes are published to (default: beside the
         warehouse, `<name>.segment_changes.jsonl`).
       replay: re-read the warehouse's accepted events (off only for tests of a single input).
+      before_commit: called after the pipeline, before the commit (tests race other commands here).
+
+    Raises:
+      GovernanceError: no suppression secret outside the demo, or hashes of an unknown key.
+      ConcurrentWriteError: another command committed after this run read the warehouse.
     """
     started = time.time()
     # Reference data is read here once before the workers read it: a missing or broken file is
@@ -205,7 +226,10 @@ def run_batch(inputs: Sequence[str], warehouse: str, config: Dict[str, Any], as_
     enrichment = config.get("enrichment") or {}
     load_catalog(enrichment.get("catalog"))
     Rates.load(enrichment.get("rates"), config["reporting_currency"])
-    os.makedirs(os.path.dirname(os.path.abspath(warehouse)), exist_ok=True)
+    local = warehouse_path(warehouse)
+    if local:
+        os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+    changes_file = changes_out or changes_file_for(warehouse)
     staging = tempfile.mkdtemp(prefix="cdpflow-staging-")
     try:
         all_inputs = list(inputs)
@@ -213,14 +237,19 @@ def run_batch(inputs: Sequence[str], warehouse: str, config: Dict[str, Any], as_
         previous_path = os.path.join(staging, PREVIOUS_MEMBERSHIPS)
         # The warehouse is opened, read and closed before the pipeline starts: DuckDB allows one
         # writer, and the commit below reopens it once the workers are done.
-        with DuckDBWarehouse(warehouse) as wh:
+        with open_warehouse(warehouse) as wh:
+            # Changes a crashed command committed but never published go out first, in order.
+            publish_pending(wh, JsonLinesPublisher(changes_file))
+            version = wh.version()
+            rules = governance.identity_rules(config, wh.governance(),
+                                              governance.suppression_key(config, wh.demo_key_file()))
             if replay:
                 replay_path = os.path.join(staging, "replay.jsonl")
                 replayed = wh.write_replay(replay_path)
                 if replayed:
                     all_inputs.append(replay_path)
             previous = wh.memberships()
-            rules = IdentityRules.from_config(config["identity"], wh.separations(), wh.suppressions())
+            kept_store = wh.default_identity_store()
         with open(previous_path, "wb") as handle:
             for row in previous:
                 handle.write(orjson.dumps(row) + b"\n")
@@ -229,19 +258,26 @@ def run_batch(inputs: Sequence[str], warehouse: str, config: Dict[str, Any], as_
         pipeline = beam.Pipeline(runner=runner_obj, options=options)
         store_path = os.path.join(staging, IDENTITY_STORE)
         build_pipeline(pipeline, all_inputs, os.path.join(staging, "tables"), config, as_of,
-                       previous_path if previous else None, store_path, rules)
+                       previous_path if previous else None, store_path, identity_rules=rules)
         result = pipeline.run()
         result.wait_until_finish()
         counters = collect_counters(result)
         tables = os.path.join(staging, "tables")
-        keep_identity_store(store_path, identity_store_path(warehouse))
-        with DuckDBWarehouse(warehouse) as wh:
-            written = wh.commit(tables, REPLACED_TABLES, {"dead_letters": "dead_letter_id", "clv_models": "model_id"})
-            sizes = {r["segment"]: r["n"] for r in wh.query(
-                "SELECT segment, count(*) AS n FROM segment_memberships WHERE exited_at IS NULL "
-                "GROUP BY segment ORDER BY segment")}
-        changes_file = changes_out or os.path.splitext(warehouse)[0] + ".segment_changes.jsonl"
-        _append_staged(tables, "segment_changes", changes_file)
+        changes = sorted((orjson.loads(line) for line in _staged_lines(tables, "segment_changes")),
+                         key=lambda c: (c["profile_id"], c["at"], c["direction"] == "enter", c["segment"]))
+        if before_commit is not None:
+            before_commit()
+        faults.fault_point("before-commit")
+        with open_warehouse(warehouse) as wh:
+            written = wh.commit(tables, REPLACED_TABLES, {"dead_letters": "dead_letter_id", "clv_models": "model_id"},
+                                outbox=[outbox_message(c) for c in changes], expected_version=version,
+                                suppressed=rules.is_suppressed)
+            committed = wh.version()
+            faults.fault_point("after-commit")
+            if kept_store:
+                keep_identity_store(store_path, sqlite_path(kept_store), committed)
+            publish_pending(wh, JsonLinesPublisher(changes_file))
+            sizes = wh.open_segment_sizes()
         staged_as_of = [orjson.loads(line) for line in _staged_lines(tables, "as_of")]
         return RunSummary(counters, written, time.time() - started, replayed,
                           staged_as_of[0]["as_of"] if staged_as_of else as_of, sizes, changes_file)
@@ -249,15 +285,25 @@ def run_batch(inputs: Sequence[str], warehouse: str, config: Dict[str, Any], as_
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def sqlite_path(uri: str) -> str:
+    """The file of a `sqlite:///path` identity-store URI (a plain path is taken as it is)."""
+    return uri[len("sqlite://"):] if uri.startswith("sqlite://") else uri
+
+
 def identity_store_path(warehouse: str) -> str:
     """Where the identity graph of a warehouse's latest run is kept (beside the warehouse)."""
-    return os.path.splitext(warehouse)[0] + ".identity.sqlite"
+    return os.path.splitext(warehouse_path(warehouse) or warehouse)[0] + ".identity.sqlite"
 
 
-def keep_identity_store(store_path: str, destination: str) -> None:
-    """Copies the run's identity store beside the warehouse (SQLite's online backup, WAL included)."""
+def keep_identity_store(store_path: str, destination: str, version: int) -> None:
+    """Copies the run's identity store beside the warehouse (SQLite's online backup, WAL included).
+
+    The copy is stamped with the warehouse version it agrees with, so a reader can tell a store
+    left behind by a crash from a current one.
+    """
     source = IdentityStore(store_path)
     try:
+        source.stamp_warehouse_version(version)
         target = sqlite3.connect(destination + ".tmp")
         source.db.backup(target)
         target.close()
@@ -275,14 +321,6 @@ def _staged_lines(tables: str, name: str) -> List[bytes]:
     return lines
 
 
-def _append_staged(tables: str, name: str, out: str) -> int:
-    lines = sorted(_staged_lines(tables, name))
-    with open(out, "ab") as handle:
-        for line in lines:
-            handle.write(line if line.endswith(b"\n") else line + b"\n")
-    return len(lines)
-
-
 def reference_overrides(catalog: Optional[str], rates: Optional[str]) -> Optional[Dict[str, str]]:
     """Configuration override for the enrichment files given on the command line (None if none)."""
     found = {k: v for k, v in (("catalog", catalog), ("rates", rates)) if v}
@@ -291,7 +329,7 @@ def reference_overrides(catalog: Optional[str], rates: Optional[str]) -> Optiona
 
 def add_rederive_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags any command that re-derives the warehouse needs (run, identity split)."""
-    parser.add_argument("--warehouse", required=True, help="the DuckDB warehouse file")
+    parser.add_argument("--warehouse", required=True, help="the warehouse: duckdb:///path/cdp.duckdb or a file path")
     parser.add_argument("--runner", default="direct", help="direct (default) | multiprocess | prism | a Beam runner name")
     parser.add_argument("--config", help="YAML configuration merged over the defaults")
     parser.add_argument("--catalog", help="product catalog CSV for enrichment")
@@ -303,14 +341,18 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", nargs="+", required=True, help="JSON-lines files, folders or globs")
     add_rederive_arguments(parser)
     parser.add_argument("--as-of", help="ISO-8601 time features are computed at (default: newest event time)")
-    parser.add_argument("--changes-out", help="JSON-lines file segment changes are appended to")
+    parser.add_argument("--changes-out", help="JSON-lines file segment changes are published to")
     parser.add_argument("beam_args", nargs=argparse.REMAINDER, help="after --: Beam pipeline options")
 
 
 def run_from_args(args: argparse.Namespace) -> RunSummary:
     """Runs the batch pipeline from parsed `add_run_arguments` flags."""
     config = load_config(args.config, enrichment=reference_overrides(args.catalog, args.rates))
-    return run_batch(args.input, args.warehouse, config, parse_ts(args.as_of) if args.as_of else None,
+    try:
+        as_of = parse_ts(args.as_of) if args.as_of else None
+    except ValueError as err:
+        raise BadInput(f"--as-of {args.as_of!r}: {err}") from None
+    return run_batch(args.input, args.warehouse, config, as_of,
                      args.runner, [a for a in args.beam_args if a != "--"], args.changes_out)
 
 

@@ -10,13 +10,16 @@ or lifecycle boundary), lifecycle transitions, and dead letters, appended as JSO
 `--out` (`profiles/`, `lifecycle_transitions/`, `dead_letters/`).
 
 With `--warehouse`, the replay starts where the warehouse stands: its accepted events are loaded
-into the feature state first, a copy of its identity store resolves them and the new events, and
-rows are scored with its latest fitted CLV models. The warehouse itself is not written.
+into the feature state first, an identity store rebuilt from them under the warehouse's
+governance (forgotten identifiers stay forgotten, separations stay apart) resolves them and the
+new events, and rows are scored with its latest fitted CLV models. The warehouse itself is not
+written, and no copy of its events or identity graph is left under `--out`.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -25,14 +28,18 @@ import orjson
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.utils.timestamp import Timestamp
 
+from cdpflow.core import governance
+from cdpflow.errors import BadInput
+from cdpflow.core.identity import IdentityStore
 from cdpflow.core.timeutil import US_PER_SECOND, parse_ts
-from cdpflow.pipelines.batch import identity_store_path
+from cdpflow.pipelines.batch import sqlite_path
 from cdpflow.pipelines.stream import build_stream
 from cdpflow.runners.direct import streaming_pipeline
 from cdpflow.transforms import DEAD_LETTERS
 from cdpflow.transforms.capture import expand_inputs
 from cdpflow.transforms.features import PROFILES, TRANSITIONS
-from cdpflow.transforms.sinks import dead_letter_row, to_json_line
+from cdpflow.transforms.sinks import DeadLetterRows, to_json_line
+from cdpflow.warehouse import open_warehouse, warehouse_path
 
 OUTPUTS = (PROFILES, TRANSITIONS, DEAD_LETTERS)
 
@@ -92,69 +99,111 @@ def as_stream(lines: Sequence[Tuple[int, bytes]], step_us: int = 86_400 * US_PER
 
 
 class _AppendJsonLines(beam.DoFn):
-    """Appends rows as JSON lines to a file of this worker's own under `<out>/<name>/`."""
+    """Writes each bundle's rows as one JSON-lines file of its own under `<out>/<name>/`.
+
+    The file is written under a temporary name and renamed when the bundle finishes, so a
+    bundle the runner retries leaves no rows behind from its failed attempt.
+    """
 
     def __init__(self, out_dir: str, name: str):
         self.folder = os.path.join(out_dir, name)
-        self.handle = None
+        self.rows: List[str] = []
+
+    def start_bundle(self):
+        self.rows = []
 
     def process(self, row):
-        if self.handle is None:  # opened on the first row: an instance that writes nothing leaves no file
-            os.makedirs(self.folder, exist_ok=True)
-            self.handle = open(os.path.join(self.folder, f"part-{uuid.uuid4().hex}.jsonl"), "a", encoding="utf-8")
-        self.handle.write(to_json_line({k: v for k, v in row.items() if not k.startswith("_")}) + "\n")
+        self.rows.append(to_json_line({k: v for k, v in row.items() if not k.startswith("_")}))
 
     def finish_bundle(self):
-        if self.handle is not None:
-            self.handle.flush()
+        if not self.rows:  # a bundle that wrote nothing leaves no file
+            return
+        os.makedirs(self.folder, exist_ok=True)
+        final = os.path.join(self.folder, f"part-{uuid.uuid4().hex}.jsonl")
+        with open(final + ".tmp", "w", encoding="utf-8") as handle:
+            handle.write("\n".join(self.rows) + "\n")
+        os.replace(final + ".tmp", final)
+        self.rows = []
 
-    def teardown(self):
-        if self.handle is not None:
-            self.handle.close()
+
+def rebuild_identity_store(path: str, rules, history: Sequence[tuple], batch_size: int = 500) -> int:
+    """Resolves a warehouse's accepted events into a new identity store, in event-time order.
+
+    The order and the batching are the batch run's, so the graph is the one it committed; the
+    rules are the warehouse's governance, so nothing forgotten is rebuilt. Returns the events resolved.
+    """
+    store = IdentityStore(path, rules)
+    try:
+        for start in range(0, len(history), batch_size):
+            store.resolve_batch((mid, ts, ids) for ts, mid, ids in history[start:start + batch_size])
+    finally:
+        store.close()
+    return len(history)
 
 
 def run_replay(inputs: Sequence[str], out_dir: str, config: dict, warehouse: Optional[str] = None,
-               runner: str = "direct") -> Dict[str, int]:
-    """Replays `inputs` through the streaming graph; returns rows written per output."""
+               runner: str = "direct", identity_store: Optional[str] = None) -> Dict[str, int]:
+    """Replays `inputs` through the streaming graph; returns rows written per output.
+
+    With a warehouse, its governance (forgotten identifiers, separations) rules every stage
+    through `cdpflow.core.governance.identity_rules`, and the identity store is rebuilt from
+    its accepted events in a private folder (never copied from a store a forget may not have
+    reached). Nothing but the three output folders is written under `out_dir`.
+
+    Args:
+      identity_store: where the replay's identity store is built (`sqlite:///path` of a file
+        that does not exist yet); default a private folder, deleted afterwards.
+    """
     lines = arrival_order(inputs)
     if not lines:
-        raise ValueError(f"no event lines in {', '.join(inputs)}")
+        raise BadInput(f"no event lines in {', '.join(inputs)}")
     os.makedirs(out_dir, exist_ok=True)
     for name in OUTPUTS:
         shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
-    store = os.path.join(out_dir, "identity.sqlite")
-    for suffix in ("", "-wal", "-shm"):
-        if os.path.exists(store + suffix):
-            os.remove(store + suffix)
-    history, model = None, None
-    if warehouse:
-        from cdpflow.warehouse import DuckDBWarehouse
-        if not os.path.exists(warehouse):
-            raise FileNotFoundError(f"no warehouse at {warehouse}")
-        if os.path.exists(identity_store_path(warehouse)):
-            shutil.copy(identity_store_path(warehouse), store)
-        replay_file = os.path.join(out_dir, "warehouse-events.jsonl")
-        with DuckDBWarehouse(warehouse, read_only=True) as wh:
-            wh.write_replay(replay_file)
-            model = wh.latest_clv_model()
-        with open(replay_file, "rb") as handle:
-            history = [line.rstrip(b"\n") for line in handle if line.strip()]
-    pipeline = streaming_pipeline(runner)
-    source = pipeline | "Replay" >> as_stream(lines)
-    preload = pipeline | "WarehouseEvents" >> beam.Create(history) if history else None
-    # Timers stop at the end of the recording: past it the runner would fire every window and
-    # lifecycle timer down to the end of time, for times the stream never reached.
-    outputs = build_stream(source, config, store, preload=preload, clv_model=model, until=end_of(lines))
-    _ = (outputs[DEAD_LETTERS] | "DeadLetterRows" >> beam.Map(dead_letter_row)
-         | "Write_dead_letters" >> beam.ParDo(_AppendJsonLines(out_dir, DEAD_LETTERS)))
-    for name in (PROFILES, TRANSITIONS):
-        _ = outputs[name] | f"Write_{name}" >> beam.ParDo(_AppendJsonLines(out_dir, name))
-    pipeline.run().wait_until_finish()
+    store = sqlite_path(identity_store) if identity_store else None
+    if store and os.path.exists(store):
+        raise BadInput(f"--identity-store {identity_store}: exists already; a replay builds a new store")
+    work = tempfile.mkdtemp(prefix="cdpflow-replay-")
+    try:
+        store = store or os.path.join(work, "identity.sqlite")
+        history, model = None, None
+        state = governance.GovernanceState()
+        key = governance.LEGACY_KEY
+        if warehouse:
+            path = warehouse_path(warehouse)
+            if path is not None and not os.path.exists(path):
+                raise FileNotFoundError(f"no warehouse at {warehouse}")
+            with open_warehouse(warehouse, read_only=True) as wh:
+                state = wh.governance()
+                key = governance.suppression_key(config, wh.demo_key_file())
+                replay_file = os.path.join(work, "warehouse-events.jsonl")
+                wh.write_replay(replay_file)
+                identity_history = wh.identity_history()
+                model = wh.latest_clv_model()
+            with open(replay_file, "rb") as handle:
+                history = [line.rstrip(b"\n") for line in handle if line.strip()]
+        rules = governance.identity_rules(config, state, key)
+        if history:
+            rebuild_identity_store(store, rules, identity_history)
+        pipeline = streaming_pipeline(runner)
+        source = pipeline | "Replay" >> as_stream(lines)
+        preload = pipeline | "WarehouseEvents" >> beam.Create(history) if history else None
+        # Timers stop at the end of the recording: past it the runner would fire every window and
+        # lifecycle timer down to the end of time, for times the stream never reached.
+        outputs = build_stream(source, config, store, identity_rules=rules, preload=preload, clv_model=model,
+                               until=end_of(lines))
+        _ = (outputs[DEAD_LETTERS] | "DeadLetterRows" >> DeadLetterRows(config["default_region"], rules)
+             | "Write_dead_letters" >> beam.ParDo(_AppendJsonLines(out_dir, DEAD_LETTERS)))
+        for name in (PROFILES, TRANSITIONS):
+            _ = outputs[name] | f"Write_{name}" >> beam.ParDo(_AppendJsonLines(out_dir, name))
+        pipeline.run().wait_until_finish()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     written = {}
     for name in OUTPUTS:
         folder = os.path.join(out_dir, name)
         written[name] = sum(sum(1 for _ in open(os.path.join(folder, f), "rb"))
-                            for f in (os.listdir(folder) if os.path.isdir(folder) else ()))
+                            for f in (os.listdir(folder) if os.path.isdir(folder) else ()) if f.endswith(".jsonl"))
     written["lines"] = len(lines)
     written["preloaded"] = len(history or ())
     return written

@@ -11,9 +11,10 @@ event time while the source's watermark follows arrival.
 Starting on an existing warehouse (`preload`): the warehouse's accepted events (`events.raw`)
 are read once through the same steps as new ones. They pass dedup (first copies; and a re-sent
 copy arriving later is still dropped) and lateness (they passed it before) and reach the
-identity stage, which returns their recorded decisions from a copy of the identity store kept
-beside the warehouse; so feature state starts with the whole history and windows do not start
-empty. New events then continue from there.
+identity stage, which returns their recorded decisions from an identity store rebuilt from the
+warehouse's events under its governance (`cdpflow.pipelines.replay.rebuild_identity_store`);
+so feature state starts with the whole history and windows do not start empty. New events then
+continue from there.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def _at_event_time(event):
 
 
 def build_stream(lines: beam.PCollection, config: Dict[str, Any], identity_store: str,
-                 identity_rules: Optional[IdentityRules] = None,
+                 identity_rules: IdentityRules,
                  preload: Optional[beam.PCollection] = None, clv_model: Optional[dict] = None,
                  until: Optional[int] = None) -> Dict[str, beam.PCollection]:
     """Wires the streaming graph after `lines` (raw event lines, bytes).
@@ -51,7 +52,9 @@ def build_stream(lines: beam.PCollection, config: Dict[str, Any], identity_store
       lines: the source.
       config: see `cdpflow/config/default.yaml`.
       identity_store: the identity store's SQLite file, shared by every worker.
-      identity_rules: merge protection (default: from config).
+      identity_rules: from `cdpflow.core.governance.identity_rules`: the configuration with the
+        warehouse's forgotten identifiers and separations (required: a stream whose rules came
+        from the configuration alone would let a forgotten person back in).
       preload: raw lines of events already accepted into the warehouse (its `events.raw`).
       clv_model: the warehouse's latest fitted `clv_models` row (`DuckDBWarehouse.latest_clv_model`).
       until: for a replay of recorded traffic, its end: timers stop there (None for a live stream).
@@ -71,14 +74,15 @@ def build_stream(lines: beam.PCollection, config: Dict[str, Any], identity_store
     normalized = parsed[VALID] | "Normalize" >> Normalize(config["default_region"])
     # Lateness before dedup: it depends on the copy alone, so a late copy processed first never
     # takes the messageId from an on-time one (the history and the live lines are not ordered).
-    on_time = normalized[NORMALIZED] | "CheckLateness" >> CheckLateness(settings.allowed_lateness_us)
+    on_time = normalized[NORMALIZED] | "CheckLateness" >> CheckLateness(settings.allowed_lateness_us,
+                                                                               settings.max_future_skew_us)
     unique = on_time[ON_TIME] | "Dedup" >> DedupStream(config["dedup"]["horizon_hours"],
                                                        settings.allowed_lateness_us)
     accepted = unique[UNIQUE] | "AtEventTime" >> beam.Map(_at_event_time)
     enriched = accepted | "Enrich" >> EnrichFromFiles(enrichment.get("catalog"), enrichment.get("rates"),
                                                       config["reporting_currency"])
     identity = enriched | "ResolveIdentity" >> ResolveIdentityStream(
-        identity_store, identity_rules or IdentityRules.from_config(config["identity"]))
+        identity_store, identity_rules)
     features = (identity[ROUTED], identity[MOVES]) | "StreamFeatures" >> StreamFeatures(settings, clv_model, until)
     dead_letters = ((parsed[DEAD_LETTERS], normalized[DEAD_LETTERS], unique[DEAD_LETTERS], on_time[DEAD_LETTERS],
                      identity[DEAD_LETTERS])

@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from typing import List, Tuple
 
+from cdpflow.errors import BadInput
+
 LOCAL_RUNNERS = ("direct", "multiprocess", "prism")
 
 
@@ -58,5 +60,5 @@ def streaming_pipeline(runner: str):
         prism, args = runner_for("prism", ["--streaming", "--environment_type=LOOPBACK", "--sdk_worker_parallelism=1"])
         return beam.Pipeline(runner=prism, options=PipelineOptions(args))
     if runner != "direct":
-        raise ValueError(f"a local stream runs on {' or '.join(STREAM_RUNNERS)}, not {runner!r}")
+        raise BadInput(f"a local stream runs on {' or '.join(STREAM_RUNNERS)}, not {runner!r}")
     return beam.Pipeline(runner="BundleBasedDirectRunner", options=PipelineOptions(streaming=True))

@@ -108,9 +108,11 @@ IDENTITY_CONFLICTS = Table("identity_conflicts", "Links that merge protection re
 ))
 
 IDENTITY_SUPPRESSIONS = Table("identity_suppressions", "Forgotten identifiers, kept only as hashes so replays cannot bring them back.", (
-    _c("identifier_hash", "STRING", "sha256 of the identifier (type and normalised value), salted with 'forget'.", "REQUIRED"),
+    _c("identifier_hash", "STRING", "HMAC-SHA256 of the identifier (type and normalised value) under the deployment's "
+       "suppression key (the legacy rows: sha256 salted with 'forget').", "REQUIRED"),
     _c("suppressed_at", "TIMESTAMP", "When `cdpflow forget` ran.", "REQUIRED"),
     _c("request_id", "STRING", "Groups the identifiers of one forget request."),
+    _c("key_id", "STRING", "Id of the key the hash was made with (null or legacy-sha256: the constant salt)."),
 ), key=("identifier_hash",))
 
 IDENTITY_SEPARATIONS = Table("identity_separations", "Pairs of identifiers a manual split keeps in different profiles.", (
@@ -187,9 +189,11 @@ SEGMENT_MEMBERSHIPS = Table("segment_memberships", "Segment membership spans; an
 DEAD_LETTERS = Table("dead_letters", "Records that could not be accepted, with their raw payload.", (
     _c("dead_letter_id", "STRING", "Hash of stage and raw payload, so replays do not repeat a row.", "REQUIRED"),
     _c("raw", "STRING", "The record exactly as read.", "REQUIRED"),
-    _c("stage", "STRING", "The stage that refused it: parse, validate, normalize, dedup, lateness, identity.", "REQUIRED"),
+    _c("stage", "STRING", "The stage that refused it: parse, validate, normalize, lateness, future, dedup, identity.", "REQUIRED"),
     _c("error", "STRING", "What was wrong, in words.", "REQUIRED"),
     _c("schema_version", "STRING", "The schema applied (none if the kind was unknown)."),
+    _c("identifiers", "JSON", "The normalised identifiers the record carries, as far as it could be read: "
+       "[[type, value], ...] (how a forget finds it)."),
     _c("received_at", "TIMESTAMP", "receivedAt of the record if it had one, else when it was read."),
 ), key=("dead_letter_id",))
 
@@ -217,6 +221,22 @@ CLV_MODELS = Table("clv_models", "Every fit of the predictive customer-value mod
     _c("v", "FLOAT64", "Gamma-Gamma scale of the spend-scale gamma."),
 ), key=("model_id",))
 
+OUTBOX = Table("outbox", "Messages for the change topics, written in the same transaction as the tables they describe.", (
+    _c("idempotency_key", "STRING", "Unique per message: a re-publish sends nothing twice.", "REQUIRED"),
+    _c("topic", "STRING", "Where it goes, e.g. cdp.segments.changes.", "REQUIRED"),
+    _c("message_key", "STRING", "The message's partition key (the profile id)."),
+    _c("payload", "JSON", "The message.", "REQUIRED"),
+    _c("created_at", "TIMESTAMP", "Processing time of the commit that wrote it.", "REQUIRED"),
+    _c("warehouse_version", "INT64", "The warehouse version that commit created.", "REQUIRED"),
+    _c("published_at", "TIMESTAMP", "When a publisher delivered it (null until then)."),
+), key=("idempotency_key",))
+
+WAREHOUSE_META = Table("warehouse_meta", "Facts about the warehouse itself: its version, which every commit checks.", (
+    _c("name", "STRING", "version: bumped by every commit (optimistic concurrency).", "REQUIRED"),
+    _c("value", "INT64", "The value.", "REQUIRED"),
+    _c("updated_at", "TIMESTAMP", "When it last changed.", "REQUIRED"),
+), key=("name",))
+
 ALL_TABLES: Dict[str, Table] = {t.name: t for t in (
     EVENTS, IDENTITY_LINKS, PROFILE_MERGES, IDENTITY_CONFLICTS, PROFILES, SEGMENT_MEMBERSHIPS, DEAD_LETTERS,
-    IDENTITY_SUPPRESSIONS, IDENTITY_SEPARATIONS, CLV_MODELS, LIFECYCLE_TRANSITIONS)}
+    IDENTITY_SUPPRESSIONS, IDENTITY_SEPARATIONS, CLV_MODELS, LIFECYCLE_TRANSITIONS, OUTBOX, WAREHOUSE_META)}

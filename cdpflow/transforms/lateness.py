@@ -1,9 +1,11 @@
-"""CheckLateness: refuses events that arrived later than the allowed lateness (batch and stream).
+"""CheckLateness: refuses events too late or too far in the future (batch and stream alike).
 
 An event's lateness is receivedAt minus its (skew-corrected) event time; it depends only on the
 event, so the batch job and the stream refuse the same events, whatever order they come in.
-Input: PCollection[NormalizedEvent]. Outputs: `on_time` and `dead_letters` (stage `lateness`,
-the lateness and the limit in the error). Counters: received, succeeded, dead_lettered.
+An event time more than the allowed future skew ahead of receivedAt (a device clock set to
+2099) is refused too: accepted, it would move every window and lifecycle clock it touches.
+Input: PCollection[NormalizedEvent]. Outputs: `on_time` and `dead_letters` (stage `lateness`
+or `future`, the gap and the limit in the error). Counters: received, succeeded, dead_lettered.
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ def _hours(us: int) -> str:
 
 
 class _CheckLatenessFn(beam.DoFn):
-    def __init__(self, allowed_us: int):
+    def __init__(self, allowed_us: int, future_us: int):
         self.allowed_us = allowed_us
+        self.future_us = future_us
         self.received = Metrics.counter(self.__class__, "received")
         self.succeeded = Metrics.counter(self.__class__, "succeeded")
         self.dead_lettered = Metrics.counter(self.__class__, "dead_lettered")
@@ -32,6 +35,13 @@ class _CheckLatenessFn(beam.DoFn):
     def process(self, event: NormalizedEvent):
         self.received.inc()
         lateness = event.received_at - event.timestamp
+        if -lateness > self.future_us:
+            self.dead_lettered.inc()
+            yield pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter(
+                event.raw, "future",
+                f"event time is {_hours(-lateness)} after its receivedAt; at most {_hours(self.future_us)} is allowed "
+                "(features.max_future_skew_hours)", event.schema_version, event.received_at))
+            return
         if lateness > self.allowed_us:
             self.dead_lettered.inc()
             yield pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter(
@@ -48,12 +58,15 @@ class CheckLateness(beam.PTransform):
 
     Args:
       allowed_lateness_us: the most receivedAt may trail the event time (default 3 days).
+      max_future_us: the most the event time may lead receivedAt (default a day).
     """
 
-    def __init__(self, allowed_lateness_us: int = 72 * 3600 * US_PER_SECOND):
+    def __init__(self, allowed_lateness_us: int = 72 * 3600 * US_PER_SECOND,
+                 max_future_us: int = 24 * 3600 * US_PER_SECOND):
         super().__init__()
         self.allowed_us = int(allowed_lateness_us)
+        self.future_us = int(max_future_us)
 
     def expand(self, events):
-        results = events | "Check" >> beam.ParDo(_CheckLatenessFn(self.allowed_us)).with_outputs(DEAD_LETTERS, main=ON_TIME)
+        results = events | "Check" >> beam.ParDo(_CheckLatenessFn(self.allowed_us, self.future_us)).with_outputs(DEAD_LETTERS, main=ON_TIME)
         return {ON_TIME: results[ON_TIME], DEAD_LETTERS: results[DEAD_LETTERS]}

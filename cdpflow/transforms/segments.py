@@ -12,21 +12,16 @@ A previous member that no longer exists (absorbed by a merge) exits.
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Dict, Mapping, Optional
 
 import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
-from cdpflow.core.segments import parse_rules
+from cdpflow.core.segments import parse_rules, segment_change
 from cdpflow.core.timeutil import format_ts
 
 MEMBERSHIPS, CHANGES = "segment_memberships", "segment_changes"
-
-
-def idempotency_key(profile_id: str, segment: str, direction: str, cause: str) -> str:
-    return hashlib.sha256(f"{profile_id}\x00{segment}\x00{direction}\x00{cause}".encode()).hexdigest()[:32]
 
 
 class _DiffMembershipsFn(beam.DoFn):
@@ -75,10 +70,8 @@ class _DiffMembershipsFn(beam.DoFn):
 
     @staticmethod
     def change(profile_id, row, direction, cause, as_of):
-        return {"idempotency_key": idempotency_key(profile_id, row["segment"], direction, cause),
-                "profile_id": profile_id, "segment": row["segment"], "source": row["source"],
-                "direction": direction, "at": format_ts(as_of), "cause_message_id": cause,
-                "model_version": row["model_version"]}
+        return segment_change(profile_id, row["segment"], row["source"], direction, format_ts(as_of), cause,
+                              row["model_version"])
 
 
 class AssignSegments(beam.PTransform):

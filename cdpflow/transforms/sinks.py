@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import os
 from decimal import Decimal
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Sequence
 
 import apache_beam as beam
 import orjson
+from apache_beam.metrics import Metrics
 
-from cdpflow.schemas.records import DeadLetter, NormalizedEvent
+from cdpflow.core.governance import identifiers_of_raw
+from cdpflow.schemas.records import DeadLetter, Identifier, NormalizedEvent
 
 
 def _default(value: Any):
@@ -44,10 +46,48 @@ def event_row(event: NormalizedEvent) -> Dict[str, Any]:
     }
 
 
-def dead_letter_row(letter: DeadLetter) -> Dict[str, Any]:
+def dead_letter_row(letter: DeadLetter, identifiers: Optional[Sequence[Identifier]] = None) -> Dict[str, Any]:
     return {"dead_letter_id": letter.dead_letter_id, "raw": letter.raw, "stage": letter.stage,
             "error": letter.error, "schema_version": letter.schema_version,
+            "identifiers": [list(i) for i in identifiers] if identifiers is not None else None,
             "received_at": letter.received_at}
+
+
+class _DeadLetterRowFn(beam.DoFn):
+    def __init__(self, default_region: str, rules):
+        self.default_region = default_region
+        self.rules = rules
+        self.written = Metrics.counter(self.__class__, "written")
+        self.suppressed = Metrics.counter(self.__class__, "suppressed")
+
+    def process(self, letter: DeadLetter):
+        identifiers = identifiers_of_raw(letter.raw, self.default_region)
+        if self.rules is not None and self.rules.is_suppressed(identifiers):
+            # A forgotten person's refused record: counted, kept nowhere (as their accepted events).
+            self.suppressed.inc()
+            return
+        self.written.inc()
+        yield dead_letter_row(letter, identifiers)
+
+
+class DeadLetterRows(beam.PTransform):
+    """PCollection[DeadLetter] -> `dead_letters` rows carrying the record's normalised identifiers.
+
+    The identifiers are what a forget finds a dead letter by (exactly, never by searching the raw
+    text); a dead letter of a forgotten identifier is dropped and counted (`suppressed`).
+
+    Args:
+      default_region: how phone numbers without a country code are read.
+      rules: the `IdentityRules` of the run (from `cdpflow.core.governance.identity_rules`).
+    """
+
+    def __init__(self, default_region: str, rules):
+        super().__init__()
+        self.default_region = default_region
+        self.rules = rules
+
+    def expand(self, letters):
+        return letters | "DeadLetterRow" >> beam.ParDo(_DeadLetterRowFn(self.default_region, self.rules))
 
 
 class WriteStaged(beam.PTransform):

@@ -1,14 +1,20 @@
-"""The embedded warehouse: one DuckDB file with the tables of `cdpflow.schemas.tables`.
+"""The embedded warehouse backend: one DuckDB file with the tables of `cdpflow.schemas.tables`.
 
 DuckDB admits one writing process, so the warehouse has a single writer: the launcher of a run
 commits the run's staged tables in one transaction after the pipeline has finished, and the
-readers (`cdpflow export`, `cdpflow profile`) open the file read-only.
+readers (`cdpflow export`, `cdpflow profile`) open the file read-only. A writer that meets
+another's lock waits for it (`CDPFLOW_LOCK_TIMEOUT` seconds, default 60) instead of failing.
+
+Opened for writing, an older file is migrated first: tables added since are created, columns
+added since are appended (all nullable), and rows are always written by column name, never by
+position, so a column that sits elsewhere in an older file still gets its own values.
 """
 from __future__ import annotations
 
 import glob
 import hashlib
 import os
+import time
 from decimal import Decimal
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
@@ -16,9 +22,13 @@ import duckdb
 import orjson
 import pyarrow as pa
 
-from cdpflow.core.identity import identifier_hash
+from cdpflow.core.governance import LEGACY_KEY_ID, GovernanceState, SuppressionKey, identifiers_of_raw
 from cdpflow.core.normalize import normalize_email, normalize_phone
+from cdpflow.core.segments import outbox_message, segment_change
+from cdpflow.core.timeutil import format_ts
 from cdpflow.schemas.tables import ALL_TABLES, Table, duckdb_column
+from cdpflow.core.segments import SEGMENT_CHANGES_TOPIC
+from cdpflow.warehouse.base import ConcurrentWriteError, Warehouse, WarehouseError
 
 _ARROW = {
     "STRING": pa.string(), "INT64": pa.int64(), "FLOAT64": pa.float64(),
@@ -27,10 +37,6 @@ _ARROW = {
 }
 
 EXPORT_FORMATS = ("jsonl", "csv", "parquet")
-
-
-class WarehouseError(RuntimeError):
-    """The warehouse cannot be opened or does not hold what was asked for."""
 
 
 def _arrow_value(column, value):
@@ -68,26 +74,44 @@ def read_staged(staging_dir: str, name: str) -> List[Dict[str, Any]]:
     return rows
 
 
-class DuckDBWarehouse:
+class DuckDBWarehouse(Warehouse):
     """A DuckDB warehouse file.
 
     Args:
       path: the .duckdb file (created on first write).
       read_only: open for reading only (fails if the file does not exist).
+      default_region: how dead letters written before identifiers were stored are read when migrating.
     """
 
-    def __init__(self, path: str, read_only: bool = False):
-        self.path = path
-        if read_only and not os.path.exists(path):
-            raise WarehouseError(f"no warehouse at {path}; run `cdpflow run --warehouse {path} ...` first")
-        try:
-            self.con = duckdb.connect(path, read_only=read_only)
-        except duckdb.IOException as err:
-            raise WarehouseError(f"cannot open {path}: {err}") from None
+    def __init__(self, path: str, read_only: bool = False, default_region: str = "US"):
+        self.path = str(path)
+        self.uri = f"duckdb://{self.path}"
+        if read_only and not os.path.exists(self.path):
+            raise WarehouseError(f"no warehouse at {self.path}; run `cdpflow run --warehouse {self.path} ...` first")
+        deadline = time.monotonic() + float(os.environ.get("CDPFLOW_LOCK_TIMEOUT", "60"))
+        while True:
+            try:
+                self.con = duckdb.connect(self.path, read_only=read_only)
+                break
+            except duckdb.IOException as err:
+                # Another process holds the file (DuckDB: one writer, and no reader beside it).
+                if "lock" not in str(err).lower() or time.monotonic() > deadline:
+                    raise WarehouseError(f"cannot open {self.path}: {err}") from None
+                time.sleep(0.2)
         if not read_only:
-            for table in ALL_TABLES.values():
-                self.con.execute(table.duckdb_ddl())
-                self._add_missing_columns(table)
+            self._migrate(default_region)
+
+    def _migrate(self, default_region: str):
+        for table in ALL_TABLES.values():
+            self.con.execute(table.duckdb_ddl())
+            self._add_missing_columns(table)
+        # Dead letters written before they carried their identifiers: read them once from the raw
+        # record, so that a forget finds them by exact identifier.
+        rows = self.con.execute("SELECT dead_letter_id, raw FROM dead_letters WHERE identifiers IS NULL").fetchall()
+        if rows:
+            self.con.executemany("UPDATE dead_letters SET identifiers = ?::JSON WHERE dead_letter_id = ?", [
+                (orjson.dumps([list(i) for i in identifiers_of_raw(raw, default_region)]).decode(), dead_letter_id)
+                for dead_letter_id, raw in rows])
 
     def _add_missing_columns(self, table: Table):
         # A warehouse written by an older cdpflow gains the columns added since (all nullable).
@@ -100,11 +124,11 @@ class DuckDBWarehouse:
     def close(self):
         self.con.close()
 
-    def __enter__(self):
-        return self
+    def demo_key_file(self) -> Optional[str]:
+        return os.path.splitext(self.path)[0] + ".suppression.key"
 
-    def __exit__(self, *exc):
-        self.close()
+    def default_identity_store(self) -> Optional[str]:
+        return "sqlite://" + os.path.abspath(os.path.splitext(self.path)[0] + ".identity.sqlite")
 
     # Reading -------------------------------------------------------------------------------
     def has_table(self, name: str) -> bool:
@@ -114,25 +138,31 @@ class DuckDBWarehouse:
     def count(self, name: str) -> int:
         return self.con.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0] if self.has_table(name) else 0
 
-    def write_replay(self, out_path: str) -> int:
-        """Writes the raw payload of every accepted event, one per line, for a replay; returns how many."""
-        if not self.has_table("events"):
+    def version(self) -> int:
+        if not self.has_table("warehouse_meta"):
             return 0
-        rows = self.con.execute("SELECT raw::VARCHAR FROM events ORDER BY message_id").fetchall()
-        with open(out_path, "w", encoding="utf-8") as handle:
-            for (raw,) in rows:
-                handle.write(raw.replace("\n", " ") + "\n")
-        return len(rows)
+        row = self.con.execute("SELECT value FROM warehouse_meta WHERE name = 'version'").fetchone()
+        return int(row[0]) if row else 0
+
+    def accepted_events(self) -> List[str]:
+        if not self.has_table("events"):
+            return []
+        return [r[0] for r in self.con.execute("SELECT raw::VARCHAR FROM events ORDER BY message_id").fetchall()]
+
+    def identity_history(self) -> List[tuple]:
+        if not self.has_table("events"):
+            return []
+        return [(ts, mid, tuple(tuple(i) for i in orjson.loads(ids or "[]"))) for ts, mid, ids in self.con.execute(
+            "SELECT epoch_us(timestamp), message_id, identifiers::VARCHAR FROM events "
+            "ORDER BY timestamp, message_id").fetchall()]
 
     def latest_clv_model(self) -> Optional[Dict[str, Any]]:
-        """The newest fitted `clv_models` row (parameters for scoring), or None."""
         if not self.has_table("clv_models"):
             return None
         rows = self.query("SELECT * FROM clv_models WHERE status = 'fitted' ORDER BY as_of DESC, fitted_at DESC LIMIT 1")
         return rows[0] if rows else None
 
     def memberships(self) -> List[Dict[str, Any]]:
-        """The segment_memberships rows in staged form (timestamps as microseconds)."""
         if not self.has_table("segment_memberships"):
             return []
         cur = self.con.execute(
@@ -141,32 +171,88 @@ class DuckDBWarehouse:
         keys = ("profile_id", "segment", "source", "entered_at", "exited_at", "model_version")
         return [dict(zip(keys, row)) for row in cur.fetchall()]
 
+    def open_segment_sizes(self) -> Dict[str, int]:
+        if not self.has_table("segment_memberships"):
+            return {}
+        return dict(self.con.execute("SELECT segment, count(*) FROM segment_memberships WHERE exited_at IS NULL "
+                                     "GROUP BY segment ORDER BY segment").fetchall())
+
+    def identity_links(self) -> List[Dict[str, Any]]:
+        if not self.has_table("identity_links"):
+            return []
+        return self.query("SELECT identifier_type, identifier_value, profile_id FROM identity_links")
+
     def query(self, sql: str, params: Optional[list] = None) -> List[Dict[str, Any]]:
         cur = self.con.execute(sql, params or [])
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row)) for row in cur.fetchall()]
 
+    def pending_outbox(self, topic: str = SEGMENT_CHANGES_TOPIC) -> List[Dict[str, Any]]:
+        if not self.has_table("outbox"):
+            return []
+        return [{"idempotency_key": k, "message_key": m, "payload": orjson.loads(p)} for k, m, p in self.con.execute(
+            "SELECT idempotency_key, message_key, payload::VARCHAR FROM outbox WHERE topic = ? AND published_at IS NULL "
+            "ORDER BY warehouse_version, idempotency_key", [topic]).fetchall()]
+
     # Writing -------------------------------------------------------------------------------
-    def commit(self, staging_dir: str, replace: Iterable[str], append_unique: Mapping[str, str]) -> Dict[str, int]:
-        """Loads a run's staged tables in one transaction.
+    def _begin(self, expected_version: Optional[int]) -> int:
+        """Starts a transaction and checks the version the caller read; returns the new version."""
+        self.con.execute("BEGIN TRANSACTION")
+        found = self.version()
+        if expected_version is not None and found != expected_version:
+            self.con.execute("ROLLBACK")
+            raise ConcurrentWriteError(expected_version, found)
+        return found + 1
+
+    def _set_version(self, version: int):
+        self.con.execute("DELETE FROM warehouse_meta WHERE name = 'version'")
+        self.con.execute("INSERT INTO warehouse_meta BY NAME SELECT 'version' AS name, ? AS value, now() AS updated_at",
+                         [version])
+
+    def _insert_outbox(self, messages: Sequence[Mapping[str, Any]], version: int, now_us: int) -> int:
+        rows = [{"idempotency_key": m["idempotency_key"], "topic": m.get("topic", SEGMENT_CHANGES_TOPIC),
+                 "message_key": m.get("message_key"), "payload": m["payload"], "created_at": now_us,
+                 "warehouse_version": version, "published_at": None} for m in messages]
+        if not rows:
+            return 0
+        staged = arrow_table(ALL_TABLES["outbox"], rows)
+        self.con.register("staged_outbox", staged)
+        try:
+            return self.con.execute(
+                'INSERT INTO outbox BY NAME SELECT DISTINCT ON (idempotency_key) * FROM staged_outbox '
+                'WHERE idempotency_key NOT IN (SELECT idempotency_key FROM outbox)').fetchone()[0]
+        finally:
+            self.con.unregister("staged_outbox")
+
+    def commit(self, staging_dir: str, replace: Iterable[str], append_unique: Mapping[str, str],
+               outbox: Sequence[Mapping[str, Any]] = (), expected_version: Optional[int] = None,
+               suppressed=None) -> Dict[str, int]:
+        """Loads a run's staged tables and its outbox messages in one transaction.
 
         Args:
           staging_dir: where the run staged `<table>/*.jsonl`.
           replace: tables whose content the run re-derived in full (old rows are replaced).
           append_unique: table -> key column, for tables the run appends to (rows whose key
             already exists are skipped, so replays do not repeat them).
+          outbox: messages (idempotency_key, payload, message_key, topic) for the change topics.
+          expected_version: the version the run read; another means another command committed.
+          suppressed: identifiers -> True for a forgotten person (their old dead letters go).
 
         Returns:
           Rows written per table.
+
+        Raises:
+          ConcurrentWriteError: the warehouse is no longer at `expected_version` (nothing written).
         """
         written = {}
-        self.con.execute("BEGIN TRANSACTION")
+        version = self._begin(expected_version)
         try:
             for name in replace:
                 staged = arrow_table(ALL_TABLES[name], read_staged(staging_dir, name))
                 self.con.register("staged", staged)
                 self.con.execute(f'DELETE FROM "{name}"')
-                self.con.execute(f'INSERT INTO "{name}" SELECT * FROM staged')
+                # BY NAME: an older file may hold its columns in another order.
+                self.con.execute(f'INSERT INTO "{name}" BY NAME SELECT * FROM staged')
                 self.con.unregister("staged")
                 written[name] = staged.num_rows
             for name, key in append_unique.items():
@@ -174,15 +260,37 @@ class DuckDBWarehouse:
                 self.con.register("staged", staged)
                 before = self.count(name)
                 self.con.execute(
-                    f'INSERT INTO "{name}" SELECT DISTINCT ON ("{key}") * FROM staged '
+                    f'INSERT INTO "{name}" BY NAME SELECT DISTINCT ON ("{key}") * FROM staged '
                     f'WHERE "{key}" NOT IN (SELECT "{key}" FROM "{name}")')
                 self.con.unregister("staged")
                 written[name] = self.count(name) - before
+            if suppressed is not None:
+                gone = [d for d, found in self.con.execute(
+                    "SELECT dead_letter_id, identifiers::VARCHAR FROM dead_letters WHERE identifiers IS NOT NULL"
+                ).fetchall() if suppressed([tuple(i) for i in orjson.loads(found)])]
+                if gone:
+                    self.con.executemany("DELETE FROM dead_letters WHERE dead_letter_id = ?", [(d,) for d in gone])
+                written["dead_letters_forgotten"] = len(gone)
+            if outbox:
+                written["outbox"] = self._insert_outbox(outbox, version, int(time.time() * 1_000_000))
+            self._set_version(version)
             self.con.execute("COMMIT")
         except Exception:
             self.con.execute("ROLLBACK")
             raise
         return written
+
+    def mark_published(self, idempotency_keys: Sequence[str], now_us: int) -> None:
+        if not idempotency_keys:
+            return
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            self.con.executemany("UPDATE outbox SET published_at = make_timestamp(?) WHERE idempotency_key = ?",
+                                 [(now_us, k) for k in idempotency_keys])
+            self.con.execute("COMMIT")
+        except Exception:
+            self.con.execute("ROLLBACK")
+            raise
 
     # Export and look-up ----------------------------------------------------------------------
     def export(self, table: str, fmt: str, out: str) -> int:
@@ -196,30 +304,42 @@ class DuckDBWarehouse:
         self.con.execute(f"COPY (SELECT * FROM \"{table}\") TO '{escaped}' ({options})")
         return self.count(table)
 
-    def resolve_profile_id(self, identifier: str) -> Optional[str]:
-        """The current profile for an identifier ("type:value" or a bare value) or a profile id.
-
-        An absorbed profile id answers with its survivor.
-        """
-        candidates = [identifier]
-        id_type = None
+    def _candidates(self, identifier: str):
+        """(type or None, exact values to look up) for an identifier as typed by a user."""
         if ":" in identifier and not identifier.startswith("p_"):
             id_type, value = identifier.split(":", 1)
-            candidates = [value]
-        candidates += [c for c in (normalize_email(candidates[0]), normalize_phone(candidates[0])) if c]
-        for value in candidates:
+            id_type = id_type.strip().lower()
+            normalised = {"email": normalize_email(value), "phone": normalize_phone(value)}.get(id_type)
+            return id_type, [normalised or value.strip()]
+        values = [identifier] + [c for c in (normalize_email(identifier), normalize_phone(identifier)) if c]
+        return None, list(dict.fromkeys(values))
+
+    def profiles_holding(self, identifier: str) -> List[str]:
+        """Every profile holding an identifier that exactly equals `identifier` (typed, or bare and normalised)."""
+        id_type, values = self._candidates(identifier)
+        found = set()
+        for value in values:
             sql = "SELECT DISTINCT profile_id FROM identity_links WHERE identifier_value = ?"
             params = [value]
             if id_type:
                 sql += " AND identifier_type = ?"
                 params.append(id_type)
-            found = self.con.execute(sql, params).fetchall()
-            if found:
-                return sorted(r[0] for r in found)[0]
+            found.update(r[0] for r in self.con.execute(sql, params).fetchall())
+        return sorted(found)
+
+    def resolve_profile_id(self, identifier: str) -> Optional[str]:
+        """The current profile for an identifier ("type:value" or a bare value) or a profile id.
+
+        An absorbed profile id answers with its survivor (merges that were undone are not followed).
+        """
+        found = self.profiles_holding(identifier)
+        if found:
+            return found[0]
         profile_id = identifier
         for _ in range(1000):  # merges form chains survivor <- absorbed; follow them to the end
             row = self.con.execute(
-                "SELECT survivor_id FROM profile_merges WHERE absorbed_id = ?", [profile_id]).fetchone()
+                "SELECT survivor_id FROM profile_merges WHERE absorbed_id = ? AND undone_at IS NULL "
+                "ORDER BY merged_at DESC LIMIT 1", [profile_id]).fetchone()
             if row is None:
                 break
             profile_id = row[0]
@@ -246,67 +366,124 @@ class DuckDBWarehouse:
         }
 
     # Identity governance -------------------------------------------------------------------
-    def suppressions(self) -> List[str]:
-        """Hashes of forgotten identifiers."""
-        return [r[0] for r in self.con.execute("SELECT identifier_hash FROM identity_suppressions").fetchall()]
+    def governance(self) -> GovernanceState:
+        suppressed = frozenset((key_id or LEGACY_KEY_ID, h) for h, key_id in self.con.execute(
+            "SELECT identifier_hash, key_id FROM identity_suppressions").fetchall())
+        separations = frozenset(((a, b), (c, d)) for a, b, c, d in self.con.execute(
+            "SELECT left_type, left_value, right_type, right_value FROM identity_separations").fetchall())
+        return GovernanceState(suppressed, separations)
 
-    def separations(self) -> List[tuple]:
-        """Pairs of identifiers that manual splits keep apart: [((type, value), (type, value)), ...]."""
-        return [((a, b), (c, d)) for a, b, c, d in self.con.execute(
-            "SELECT left_type, left_value, right_type, right_value FROM identity_separations").fetchall()]
+    def forget(self, identifier: str, now_us: int, key: SuppressionKey,
+               expected_version: Optional[int] = None) -> Optional[Dict[str, Any]]:
+        """Deletes the person holding `identifier` everywhere in the warehouse; suppresses their identifiers.
 
-    def forget(self, identifier: str, now_us: int) -> Optional[Dict[str, Any]]:
-        """Deletes the profile holding `identifier`, its links and its events; suppresses its identifiers.
-
-        Dead letters whose raw text contains one of the identifiers go too. The open segment
-        memberships are closed and returned, so that the caller can publish their exits (the
-        destinations must drop the person as well).
+        `identifier` is `type:value` (normalised by type), an exact bare value (refused if it
+        names several profiles) or a profile id. Gone: the profile's row, links, events, merges,
+        conflicts, lifecycle transitions, memberships, the dead letters that carry one of their
+        identifiers (matched exactly, never by text search) and their outbox messages. The open
+        memberships' exits are written to the outbox in the same transaction, so the destinations
+        drop the person too.
 
         Returns:
-          What was deleted (counts, the closed memberships), or None if no profile holds it.
+          What was deleted (counts, the identifiers, the closed memberships), or None if no profile holds it.
+
+        Raises:
+          WarehouseError: a bare value that names several profiles.
+          ConcurrentWriteError: the warehouse is no longer at `expected_version`.
         """
-        profile_id = self.resolve_profile_id(identifier)
-        if profile_id is None:
-            return None
-        identifiers = [(r["identifier_type"], r["identifier_value"]) for r in self.query(
-            "SELECT identifier_type, identifier_value FROM identity_links WHERE profile_id = ?", [profile_id])]
-        request_id = hashlib.sha256(f"{profile_id}\x00{now_us}".encode()).hexdigest()[:16]
-        closed = self.query("SELECT profile_id, segment, source, model_version FROM segment_memberships "
-                            "WHERE profile_id = ? AND exited_at IS NULL", [profile_id])
+        holders = self.profiles_holding(identifier)
+        if len(holders) > 1:
+            raise WarehouseError(f"{identifier!r} names {len(holders)} profiles ({', '.join(holders)}): "
+                                 "say which with type:value, e.g. email:ann@example.org or user_id:42")
+        profile_id = holders[0] if holders else self.resolve_profile_id(identifier)
+        if profile_id is not None:
+            identifiers = [(r["identifier_type"], r["identifier_value"]) for r in self.query(
+                "SELECT identifier_type, identifier_value FROM identity_links WHERE profile_id = ?", [profile_id])]
+            closed = self.query("SELECT profile_id, segment, source, model_version FROM segment_memberships "
+                                "WHERE profile_id = ? AND exited_at IS NULL", [profile_id])
+            absorbed = [r[0] for r in self.con.execute(
+                "SELECT absorbed_id FROM profile_merges WHERE survivor_id = ?", [profile_id]).fetchall()]
+            ids = [profile_id, *absorbed]
+        else:
+            # No profile, but a typed identifier may still sit in dead letters (every event of the
+            # person refused): those go, and the identifier is suppressed for later arrivals.
+            id_type, values = self._candidates(identifier)
+            if id_type is None:
+                return None
+            identifiers = [(id_type, values[0])]
+            if not self._dead_letters_holding({identifiers[0]}):
+                return None
+            closed, ids = [], []
+        request_id = hashlib.sha256(f"{profile_id or identifiers[0]}\x00{now_us}".encode()).hexdigest()[:16]
+        wanted = {tuple(i) for i in identifiers}
         counts = {}
-        self.con.execute("BEGIN TRANSACTION")
+        version = self._begin(expected_version)
         try:
-            for id_type, value in identifiers:
-                self.con.execute("INSERT INTO identity_suppressions SELECT ?, make_timestamp(?), ? "
+            for identifier_pair in identifiers:
+                digest = key.hash(identifier_pair)
+                self.con.execute("INSERT INTO identity_suppressions BY NAME SELECT ? AS identifier_hash, "
+                                 "make_timestamp(?) AS suppressed_at, ? AS request_id, ? AS key_id "
                                  "WHERE NOT EXISTS (SELECT 1 FROM identity_suppressions WHERE identifier_hash = ?)",
-                                 [identifier_hash((id_type, value)), now_us, request_id,
-                                  identifier_hash((id_type, value))])
-            for table in ("events", "identity_links", "profiles", "segment_memberships"):
-                counts[table] = self.con.execute(f'DELETE FROM "{table}" WHERE profile_id = ?', [profile_id]).fetchone()[0]
+                                 [digest, now_us, request_id, key.key_id, digest])
+            marks = ",".join("?" * len(ids))
+            for table in ("events", "identity_links", "profiles", "segment_memberships", "lifecycle_transitions"):
+                counts[table] = self.con.execute(
+                    f'DELETE FROM "{table}" WHERE profile_id IN ({marks})', ids).fetchone()[0] if ids else 0
             counts["profile_merges"] = self.con.execute(
-                "DELETE FROM profile_merges WHERE survivor_id = ? OR absorbed_id = ?", [profile_id, profile_id]).fetchone()[0]
-            letters = 0
-            for _, value in identifiers:
-                letters += self.con.execute("DELETE FROM dead_letters WHERE contains(lower(raw), lower(?))", [value]).fetchone()[0]
-            counts["dead_letters"] = letters
+                f"DELETE FROM profile_merges WHERE survivor_id IN ({marks}) OR absorbed_id IN ({marks})",
+                ids + ids).fetchone()[0] if ids else 0
+            conflicts = 0
+            for id_type, value in identifiers:
+                conflicts += self.con.execute("DELETE FROM identity_conflicts WHERE identifier_type = ? AND "
+                                              "identifier_value = ?", [id_type, value]).fetchone()[0]
+            if ids:
+                conflicts += self.con.execute(
+                    f"DELETE FROM identity_conflicts WHERE list_has_any(profiles, [{marks}])", ids).fetchone()[0]
+            counts["identity_conflicts"] = conflicts
+            letters = self._dead_letters_holding(wanted)
+            if letters:
+                self.con.executemany("DELETE FROM dead_letters WHERE dead_letter_id = ?", [(d,) for d in letters])
+            counts["dead_letters"] = len(letters)
+            # Their messages go too, delivered or not (the exits below tell the destinations).
+            counts["outbox"] = self.con.execute(
+                f"DELETE FROM outbox WHERE message_key IN ({marks})", ids).fetchone()[0] if ids else 0
+            exits = [outbox_message(segment_change(row["profile_id"], row["segment"], row["source"], "exit",
+                                                   format_ts(now_us), f"forget:{request_id}", row["model_version"]))
+                     for row in closed]
+            self._insert_outbox(exits, version, now_us)
+            self._set_version(version)
             self.con.execute("COMMIT")
         except Exception:
             self.con.execute("ROLLBACK")
             raise
-        return {"profile_id": profile_id, "request_id": request_id, "identifiers": len(identifiers),
-                "deleted": counts, "closed_memberships": closed}
+        return {"profile_id": profile_id, "request_id": request_id, "identifiers": identifiers,
+                "deleted": counts, "closed_memberships": closed, "exits": len(exits)}
 
-    def add_separations(self, pairs, now_us: int, reason: str) -> int:
+    def _dead_letters_holding(self, wanted) -> List[str]:
+        """Ids of the dead letters that carry one of these (type, normalised value) identifiers exactly."""
+        return [dead_letter_id for dead_letter_id, found in self.con.execute(
+            "SELECT dead_letter_id, identifiers::VARCHAR FROM dead_letters WHERE identifiers IS NOT NULL").fetchall()
+            if any(tuple(i) in wanted for i in orjson.loads(found))]
+
+    def add_separations(self, pairs, now_us: int, reason: str, expected_version: Optional[int] = None) -> int:
         """Records pairs of identifiers that must stay in different profiles; returns how many were new."""
         added = 0
-        for (lt, lv), (rt, rv) in pairs:
-            exists = self.con.execute(
-                "SELECT count(*) FROM identity_separations WHERE left_type = ? AND left_value = ? "
-                "AND right_type = ? AND right_value = ?", [lt, lv, rt, rv]).fetchone()[0]
-            if not exists:
-                self.con.execute("INSERT INTO identity_separations VALUES (?, ?, ?, ?, make_timestamp(?), ?)",
-                                 [lt, lv, rt, rv, now_us, reason])
-                added += 1
+        version = self._begin(expected_version)
+        try:
+            for (lt, lv), (rt, rv) in pairs:
+                exists = self.con.execute(
+                    "SELECT count(*) FROM identity_separations WHERE left_type = ? AND left_value = ? "
+                    "AND right_type = ? AND right_value = ?", [lt, lv, rt, rv]).fetchone()[0]
+                if not exists:
+                    self.con.execute("INSERT INTO identity_separations BY NAME SELECT ? AS left_type, ? AS left_value, "
+                                     "? AS right_type, ? AS right_value, make_timestamp(?) AS created_at, ? AS reason",
+                                     [lt, lv, rt, rv, now_us, reason])
+                    added += 1
+            self._set_version(version)
+            self.con.execute("COMMIT")
+        except Exception:
+            self.con.execute("ROLLBACK")
+            raise
         return added
 
     def merges_into(self, profile_id: str) -> List[Dict[str, Any]]:
@@ -319,3 +496,4 @@ class DuckDBWarehouse:
             found.extend(rows)
             frontier.extend(r["absorbed_id"] for r in rows)
         return found
+

@@ -16,6 +16,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from cdpflow.config import load_config
 from cdpflow.core.timeutil import US_PER_DAY, format_ts, parse_ts
+from cdpflow.core import governance
 from cdpflow.pipelines.stream import build_stream
 from cdpflow.runners.direct import streaming_pipeline
 
@@ -58,8 +59,10 @@ def run_stream(stream: EventStream, store: str, config: Optional[dict] = None, p
     pipeline = streaming_pipeline(runner)
     lines = pipeline | "Source" >> stream
     old = pipeline | "Preload" >> beam.Create(preload) if preload is not None else None
-    outputs = build_stream(lines, config or load_config(**overrides), store, preload=old, clv_model=clv_model,
-                           until=until)
+    config = config or load_config(**overrides)
+    # A stream without a warehouse: no governance state (nothing forgotten, nothing separated).
+    rules = governance.identity_rules(config, governance.GovernanceState(), governance.LEGACY_KEY)
+    outputs = build_stream(lines, config, store, rules, preload=old, clv_model=clv_model, until=until)
     for table, pcoll in outputs.items():
         _ = pcoll | f"Collect_{table}" >> beam.ParDo(_Collect(run, table))
     pipeline.run().wait_until_finish()

@@ -40,7 +40,11 @@ def test_replay_from_a_warehouse_writes_rows_equal_to_the_oracle(sample, tmp_pat
     warehouse = str(tmp_path / "wh.duckdb")
     assert main(["run", "--input", str(first), "--warehouse", warehouse, *references]) == 0
     out = tmp_path / "stream"
-    assert main(["replay", "--input", str(second), "--warehouse", warehouse, "--out", str(out), *references]) == 0
+    store = tmp_path / "replay-identity.sqlite"
+    assert main(["replay", "--input", str(second), "--warehouse", warehouse, "--out", str(out),
+                 "--identity-store", f"sqlite://{store}", *references]) == 0
+    # nothing but the outputs under --out: no copy of the warehouse's raw events or identity graph
+    assert sorted(os.listdir(out)) == ["dead_letters", "lifecycle_transitions", "profiles"]
     printed = capsys.readouterr().out
     assert "profile rows emitted" in printed and "events preloaded from the warehouse" in printed
 
@@ -52,7 +56,7 @@ def test_replay_from_a_warehouse_writes_rows_equal_to_the_oracle(sample, tmp_pat
         for key, value in row.items():
             if key.startswith(("revenue", "avg_order_value")) and value is not None:
                 row[key] = Decimal(value)
-    _, events, final = assert_equals_oracle(rows, str(out / "identity.sqlite"), events_from_warehouse(everything),
+    _, events, final = assert_equals_oracle(rows, str(store), events_from_warehouse(everything),
                                             config, end_of(lines))
     transitions = read_rows(out / "lifecycle_transitions")
     assert transitions and {t["source"] for t in transitions} == {"stream"}

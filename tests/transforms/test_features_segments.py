@@ -5,7 +5,8 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from cdpflow.core.timeutil import parse_ts
 from cdpflow.transforms.features import PROFILES, TRANSITIONS, ComputeFeatures
-from cdpflow.transforms.segments import CHANGES, MEMBERSHIPS, AssignSegments, idempotency_key
+from cdpflow.core.segments import idempotency_key
+from cdpflow.transforms.segments import CHANGES, MEMBERSHIPS, AssignSegments
 from tests.conftest import local_pipeline
 from tests.transforms.helpers import normalized
 

@@ -1,0 +1,178 @@
+"""The `Warehouse` interface: what every path reads from and writes to, whatever the backend.
+
+A backend is chosen by URI (`open_warehouse`): `duckdb:///path/cdp.duckdb` (or a plain path)
+is the embedded DuckDB file; `bigquery://PROJECT/DATASET` joins later through the same table
+contract (`cdpflow.schemas.tables`). One module per backend, as feast keeps its online stores.
+
+The contract every backend keeps:
+- `version()` is a number every commit raises by one. A writer reads it before it starts and
+  hands it to its write (`expected_version`); a write that finds another number changes nothing
+  and raises `ConcurrentWriteError` (optimistic concurrency: commands that lost a race fail,
+  nothing committed meanwhile is overwritten).
+- `commit` writes a run's tables, its appends and its outbox messages atomically: all or none.
+- the outbox holds messages for the change topics in the same transaction as the tables, and a
+  publisher marks what it delivered, so a crash between commit and publish loses nothing.
+- `governance()` is the only way paths learn what was forgotten and separated.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+
+from cdpflow.core.governance import GovernanceState, SuppressionKey
+from cdpflow.core.segments import SEGMENT_CHANGES_TOPIC
+
+
+class WarehouseError(RuntimeError):
+    """The warehouse cannot be opened or does not hold what was asked for."""
+
+
+class ConcurrentWriteError(WarehouseError):
+    """Another command committed to the warehouse after this one read it; nothing was written."""
+
+    def __init__(self, expected: int, found: int):
+        super().__init__(
+            f"the warehouse changed while this command ran (it read version {expected}, another command has "
+            f"since committed version {found}); nothing was written: run the command again")
+        self.expected, self.found = expected, found
+
+
+class Warehouse(abc.ABC):
+    """A warehouse holding the tables of `cdpflow.schemas.tables.ALL_TABLES`."""
+
+    uri: str
+
+    def close(self) -> None:
+        """Releases the connection."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # Reading -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def version(self) -> int:
+        """The number of commits so far (0 for a new warehouse)."""
+
+    @abc.abstractmethod
+    def count(self, name: str) -> int:
+        """Rows in a table (0 if it does not exist)."""
+
+    @abc.abstractmethod
+    def accepted_events(self) -> List[str]:
+        """The raw payload of every accepted event (`events.raw`), in messageId order."""
+
+    @abc.abstractmethod
+    def identity_history(self) -> List[tuple]:
+        """(timestamp µs, message_id, identifiers) of every accepted event, in event-time order.
+
+        What an identity store is rebuilt from: resolved in this order, it gives the graph the
+        batch run committed (the batch resolves in the same order).
+        """
+
+    def write_replay(self, out_path: str) -> int:
+        """Writes the raw payload of every accepted event, one per line, for a replay; returns how many."""
+        rows = self.accepted_events()
+        with open(out_path, "w", encoding="utf-8") as handle:
+            for raw in rows:
+                handle.write(raw.replace("\n", " ") + "\n")
+        return len(rows)
+
+    @abc.abstractmethod
+    def memberships(self) -> List[Dict[str, Any]]:
+        """The segment_memberships rows in staged form (timestamps as microseconds)."""
+
+    @abc.abstractmethod
+    def open_segment_sizes(self) -> Dict[str, int]:
+        """Open memberships per segment, by segment name."""
+
+    @abc.abstractmethod
+    def latest_clv_model(self) -> Optional[Dict[str, Any]]:
+        """The newest fitted `clv_models` row, or None."""
+
+    @abc.abstractmethod
+    def governance(self) -> GovernanceState:
+        """Forgotten identifiers (key id, hash) and manual separations."""
+
+    @abc.abstractmethod
+    def identity_links(self) -> List[Dict[str, Any]]:
+        """identifier_type, identifier_value, profile_id of every link."""
+
+    @abc.abstractmethod
+    def resolve_profile_id(self, identifier: str) -> Optional[str]:
+        """The current profile of an identifier ("type:value", a bare exact value) or a profile id."""
+
+    @abc.abstractmethod
+    def profile(self, identifier: str) -> Optional[Dict[str, Any]]:
+        """One unified profile: its row, identifiers, open segments and merges; None if unknown."""
+
+    @abc.abstractmethod
+    def merges_into(self, profile_id: str) -> List[Dict[str, Any]]:
+        """Merges (not undone) whose survivor is, or was absorbed into, this profile."""
+
+    @abc.abstractmethod
+    def export(self, table: str, fmt: str, out: str) -> int:
+        """Copies a table to a file; returns the row count."""
+
+    @abc.abstractmethod
+    def pending_outbox(self, topic: str = SEGMENT_CHANGES_TOPIC) -> List[Dict[str, Any]]:
+        """Outbox messages not yet published, oldest first (idempotency_key, message_key, payload)."""
+
+    # Writing -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def commit(self, staging_dir: str, replace: Iterable[str], append_unique: Mapping[str, str],
+               outbox: Sequence[Mapping[str, Any]] = (), expected_version: Optional[int] = None,
+               suppressed: Optional[Callable[[Sequence[Sequence[str]]], bool]] = None) -> Dict[str, int]:
+        """Loads a run's staged tables and its outbox messages in one transaction, checking the version.
+
+        `suppressed` tells, from a dead letter's identifiers, whether it names a forgotten person:
+        such dead letters kept from before (an older release matched them by text) go in the
+        same transaction.
+        """
+
+    @abc.abstractmethod
+    def forget(self, identifier: str, now_us: int, key: SuppressionKey,
+               expected_version: Optional[int] = None) -> Optional[Dict[str, Any]]:
+        """Deletes a person everywhere in the warehouse and keeps keyed hashes of their identifiers."""
+
+    @abc.abstractmethod
+    def add_separations(self, pairs, now_us: int, reason: str, expected_version: Optional[int] = None) -> int:
+        """Records pairs of identifiers that must stay apart; returns how many were new."""
+
+    @abc.abstractmethod
+    def mark_published(self, idempotency_keys: Sequence[str], now_us: int) -> None:
+        """Marks outbox messages as delivered."""
+
+    # Where the embedded defaults keep their files ----------------------------------------------
+    def demo_key_file(self) -> Optional[str]:
+        """Where the embedded demo keeps its generated suppression key (None: no demo key here)."""
+        return None
+
+    def default_identity_store(self) -> Optional[str]:
+        """The URI of the identity store kept with this warehouse (None if none)."""
+        return None
+
+
+def open_warehouse(uri: str, read_only: bool = False) -> Warehouse:
+    """Opens a warehouse by URI: `duckdb:///path/file.duckdb`, or a plain path (DuckDB).
+
+    Raises:
+      WarehouseError: unknown scheme, or the warehouse cannot be opened.
+    """
+    scheme, sep, rest = str(uri).partition("://")
+    if not sep:
+        scheme, rest = "duckdb", str(uri)
+    if scheme == "duckdb":
+        from cdpflow.warehouse.embedded import DuckDBWarehouse
+        return DuckDBWarehouse(rest, read_only=read_only)
+    raise WarehouseError(f"unknown warehouse URI {uri!r}: use duckdb:///path/cdp.duckdb or a file path")
+
+
+def warehouse_path(uri: str) -> Optional[str]:
+    """The local file behind an embedded warehouse URI (None for a remote backend)."""
+    scheme, sep, rest = str(uri).partition("://")
+    if not sep:
+        return str(uri)
+    return rest if scheme == "duckdb" else None
