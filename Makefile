@@ -35,7 +35,7 @@ run: venv
 test: venv prism
 	$(BIN)/python -m pytest tests
 
-test-fast: venv
+test-fast: venv prism
 	$(BIN)/python -m pytest -m "not e2e" tests
 
 bench: venv
