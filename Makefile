@@ -12,8 +12,10 @@ WAREHOUSE ?= out/cdp.duckdb
 CUSTOMERS ?= 2000
 DAYS ?= 180
 SEED ?= 7
+# apt-get needs root; a developer who is not root gets sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv run test test-fast bench prism clean
+.PHONY: venv run test test-fast bench prism redis-server clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PY) -m venv $(VENV)
@@ -32,10 +34,10 @@ run: venv
 	CDPFLOW_DEMO=1 $(BIN)/cdpflow run --input $(SAMPLE)/events --catalog $(SAMPLE)/catalog.csv --rates $(SAMPLE)/rates.csv \
 		--warehouse $(WAREHOUSE)
 
-test: venv prism
+test: venv prism redis-server
 	$(BIN)/python -m pytest tests
 
-test-fast: venv prism
+test-fast: venv prism redis-server
 	$(BIN)/python -m pytest -m "not e2e" tests
 
 bench: venv
@@ -47,6 +49,11 @@ prism: .cache/bin/prism
 .cache/bin/prism:
 	mkdir -p .cache/bin
 	GOBIN=$(CURDIR)/.cache/bin $(GO) install github.com/apache/beam/sdks/v2/go/cmd/prism@v$(BEAM_VERSION)
+
+# Redis for the stack and the tests, from Debian's packages; installed once, when missing.
+redis-server:
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y --no-install-recommends redis-server; }
 
 clean:
 	rm -rf out .pytest_cache build dist *.egg-info

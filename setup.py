@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "phonenumbers>=8.13,<10",
     "pyarrow>=14",
     "PyYAML>=6,<7",
+    "redis>=5",  # the Redis client: `cdpflow stack`'s health check, and the Redis identity store to come
     "rich>=13,<16",
     "scipy>=1.11",
     "ua-parser>=1.0,<2",
@@ -30,7 +31,7 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "gcp": [f"apache-beam[gcp]=={BEAM_VERSION}", "google-cloud-bigquery>=3.20,<4"],
     "kafka": ["kafka-python>=2.0.2"],
-    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "redis>=5", "prometheus-client>=0.20"],
+    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"],
     "ml": ["scikit-learn>=1.4", "joblib>=1.3"],
     "dev": ["pytest>=8", "hypothesis>=6.100", "pandas>=2.2"],  # pandas: the features test oracle
 }
