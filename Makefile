@@ -1,5 +1,6 @@
 # cdpflow: `make run` (the demo on the embedded default) and `make test` (the whole suite).
 # Both set up .venv on first use; nothing else needs to be installed by hand.
+# `make stack` / `make stack-down` start and stop the local services (`cdpflow stack`).
 
 PY ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 # Go builds Prism; look beside the usual install place too when it is not on PATH.
@@ -15,7 +16,7 @@ SEED ?= 7
 # apt-get needs root; a developer who is not root gets sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv run test test-fast bench prism redis-server clean
+.PHONY: venv run test test-fast bench prism redis-server stack stack-down clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PY) -m venv $(VENV)
@@ -54,6 +55,13 @@ prism: .cache/bin/prism
 redis-server:
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && \
 		$(SUDO) apt-get install -y --no-install-recommends redis-server; }
+
+# The local services on 127.0.0.1 (default set: redis), data under .stack/; see README "Local services".
+stack: venv redis-server
+	$(BIN)/cdpflow stack up
+
+stack-down: venv
+	$(BIN)/cdpflow stack down
 
 clean:
 	rm -rf out .pytest_cache build dist *.egg-info

@@ -10,8 +10,11 @@
     cdpflow forget IDENTIFIER --warehouse out/cdp.duckdb
     cdpflow publish --warehouse out/cdp.duckdb
 
+    cdpflow stack up|down|status [COMPONENT ...] [--timeout SECONDS]
+
 Exit codes: 0 done, 2 bad arguments, input or configuration, 3 another command committed to the
-warehouse meanwhile (nothing was written; run again), 1 the run failed.
+warehouse meanwhile (nothing was written; run again), 1 the run failed (for `stack status`: a
+started component is unhealthy).
 """
 from __future__ import annotations
 
@@ -89,6 +92,15 @@ def _parser() -> argparse.ArgumentParser:
     pub = sub.add_parser("publish", help="deliver segment changes committed but not yet published (after a crash)")
     pub.add_argument("--warehouse", required=True)
     pub.add_argument("--changes-out", help="JSON-lines file the segment changes are published to")
+
+    from cdpflow.stack import COMPONENTS, DEFAULT_COMPONENTS
+    stack = sub.add_parser("stack", help="start, stop or check the local services (data under .stack/)")
+    stack.add_argument("action", choices=("up", "down", "status"))
+    stack.add_argument("components", nargs="*", metavar="COMPONENT",
+                       help=f"any of: {', '.join(COMPONENTS)} (default: {', '.join(DEFAULT_COMPONENTS)} "
+                            f"for up, every component for down and status)")
+    stack.add_argument("--timeout", type=float, help="seconds `up` waits for each component's health check "
+                                                     "(default: the component's own)")
     return parser
 
 
@@ -364,13 +376,41 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_stack(args) -> int:
+    from rich.markup import escape
+    from cdpflow import stack
+    if args.action == "up":
+        for name, started in stack.up(args.components, timeout=args.timeout).items():
+            console.print(f"{name}: {'started' if started else 'already running'}")
+    elif args.action == "down":
+        for name, stopped in stack.down(args.components).items():
+            console.print(f"{name}: {'stopped' if stopped else 'not running'}")
+    found = stack.status(args.components or (stack.DEFAULT_COMPONENTS if args.action == "up" else None))
+    table = Table(title=escape(f"cdpflow stack ({stack.stack_dir()})"))
+    for column in ("component", "state", "address", "pid", "data folder"):
+        table.add_column(column)
+    colours = {stack.RUNNING: "green", stack.STOPPED: "dim", stack.UNHEALTHY: "red"}
+    for one in found:
+        state = f"[{colours[one.state]}]{one.state}[/]" + (f" ({one.detail})" if one.detail else "")
+        table.add_row(one.name, state, one.address, str(one.pid or "-"), escape(str(one.folder)))
+    console.print(table)
+    # Only a started component can be unhealthy: a stopped one is what `down` leaves, not a fault.
+    unhealthy = [one.name for one in found if one.state == stack.UNHEALTHY]
+    if unhealthy:
+        err_console.print(f"[red]cdpflow stack: started but unhealthy: {', '.join(unhealthy)}[/red]")
+        return 1
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=os.environ.get("CDPFLOW_LOG", "WARNING"))
     args = _parser().parse_args(argv)
     handlers = {"generate": cmd_generate, "run": cmd_run, "replay": cmd_replay, "export": cmd_export,
-                "profile": cmd_profile, "identity": cmd_identity, "forget": cmd_forget, "publish": cmd_publish}
+                "profile": cmd_profile, "identity": cmd_identity, "forget": cmd_forget, "publish": cmd_publish,
+                "stack": cmd_stack}
     from cdpflow.core.governance import GovernanceError
     from cdpflow.errors import BadInput
+    from cdpflow.stack import StackError
     from cdpflow.warehouse import ConcurrentWriteError, WarehouseError
     try:
         return handlers[args.command](args)
@@ -381,6 +421,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, BadInput, WarehouseError, GovernanceError) as err:
         err_console.print(f"[red]cdpflow {args.command}: {err}[/red]")
         return 2
+    except StackError as err:
+        # A service that would not start or stop: said in words, with its log, not as a traceback.
+        # Escaped: a log line may hold brackets that rich would take for markup.
+        from rich.markup import escape
+        err_console.print(f"[red]cdpflow {args.command}: {escape(str(err))}[/red]")
+        return 1
 
 
 if __name__ == "__main__":
