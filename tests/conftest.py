@@ -1,4 +1,4 @@
-"""Shared fixtures: a local Beam runner, a small generated sample, and the CDNOW data."""
+"""Shared fixtures: a local Beam runner, a small generated sample, the CDNOW data, and real services."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,6 +10,9 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_pipeline import TestPipeline
 
 from cdpflow.models.clv import calibration_summary
+
+# Services started through `cdpflow stack` (redis_url, ...), for every test module.
+pytest_plugins = ["tests.services"]
 
 # The suite runs as the embedded demo does: a suppression key generated beside each warehouse.
 # Tests of the production rule (no secret, no start) take this away for themselves.
