@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
-from cdpflow.core.identity import IdentityRules, IdentityStore  # noqa: E402
+from cdpflow.core.identity import IdentityRules, SQLiteIdentityStore  # noqa: E402
 from cdpflow.schemas.records import NormalizedEvent  # noqa: E402
 from cdpflow.transforms.identity import ResolveIdentity  # noqa: E402
 
@@ -55,7 +55,7 @@ def synthetic_keys(n: int, seed: int = 1):
 
 
 def bench_store(keys, path, rules):
-    store = IdentityStore(path, rules)
+    store = SQLiteIdentityStore(path, rules)
     started = time.perf_counter()
     for start in range(0, len(keys), 500):
         store.resolve_batch(keys[start:start + 500])
@@ -102,7 +102,7 @@ def adversarial(n: int = 20_000) -> dict:
         "chain": lambda i: [("crm_id", f"k{i}"), ("crm_id", f"k{i + 1}")],
     }
     for name, shape in shapes.items():
-        store = IdentityStore(":memory:", IdentityRules())
+        store = SQLiteIdentityStore(":memory:", IdentityRules())
         keys = [(f"m{i}", i, shape(i)) for i in range(n)]
         started = time.perf_counter()
         for start in range(0, n, 1000):

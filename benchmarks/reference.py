@@ -15,7 +15,7 @@ import orjson
 from cdpflow.core.dedup import split_copies
 from cdpflow.core.enrich import Rates, campaign, load_catalog, parse_user_agent, products
 from cdpflow.core.features import FeatureSettings, ProfileState, features
-from cdpflow.core.identity import IdentityRules, IdentityStore
+from cdpflow.core.identity import IdentityRules, SQLiteIdentityStore
 from cdpflow.core.normalize import NormalizationError, normalize_event
 from cdpflow.core.segments import parse_rules
 from cdpflow.schemas import EventValidator, SchemaViolation
@@ -64,7 +64,7 @@ def accepted_events(events_dir: str, config: Dict):
         reporting = rates.convert(kept.revenue, kept.currency, kept.timestamp) if kept.revenue is not None else None
         unique.append(kept.replace(enrichment=enrichment, revenue_reporting=reporting))
     # The same identity store and rules as the pipeline, in memory: resolution in event-time order.
-    store = IdentityStore(":memory:", IdentityRules.from_config(config["identity"]))
+    store = SQLiteIdentityStore(":memory:", IdentityRules.from_config(config["identity"]))
     unique.sort(key=lambda e: (e.timestamp, e.message_id))
     for start in range(0, len(unique), 500):
         store.resolve_batch((e.message_id, e.timestamp, e.identifiers) for e in unique[start:start + 500])

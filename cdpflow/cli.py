@@ -215,14 +215,13 @@ def cmd_forget(args) -> int:
 
 def forget_in_identity_store(uri, identifiers, rules, version: int) -> int:
     """Removes a forgotten person from an identity store (and anything else its rules suppress)."""
-    from cdpflow.core.identity import IdentityStore
-    from cdpflow.pipelines.batch import sqlite_path
+    from cdpflow.core.identity import open_identity_store, sqlite_path
     if not uri:
         return 0
     path = sqlite_path(uri)
-    if not os.path.exists(path):
+    if path is not None and not os.path.exists(path):
         return 0
-    store = IdentityStore(path, rules)
+    store = open_identity_store(uri, rules)
     try:
         removed = store.forget(identifiers) + store.purge(rules)
         store.stamp_warehouse_version(version)

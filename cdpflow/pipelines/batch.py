@@ -47,7 +47,7 @@ from cdpflow.transforms.enrich import Enrich, LoadReferenceData, rates_loader
 from cdpflow.transforms.clv import MODELS as CLV_MODELS, PROFILES as CLV_PROFILES, PredictCustomerValue
 from cdpflow.transforms.features import PROFILES, TRANSITIONS, ComputeFeatures
 from cdpflow.transforms.lateness import ON_TIME, CheckLateness
-from cdpflow.core.identity import IdentityRules, IdentityStore
+from cdpflow.core.identity import IdentityRules, SQLiteIdentityStore, sqlite_path
 from cdpflow.transforms.identity import CONFLICTS, EVENTS, LINKS, MERGES, ResolveIdentity
 from cdpflow.transforms.normalize import NORMALIZED, Normalize
 from cdpflow.transforms.segments import CHANGES, MEMBERSHIPS, AssignSegments
@@ -285,11 +285,6 @@ def run_batch(inputs: Sequence[str], warehouse: str, config: Dict[str, Any], as_
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def sqlite_path(uri: str) -> str:
-    """The file of a `sqlite:///path` identity-store URI (a plain path is taken as it is)."""
-    return uri[len("sqlite://"):] if uri.startswith("sqlite://") else uri
-
-
 def identity_store_path(warehouse: str) -> str:
     """Where the identity graph of a warehouse's latest run is kept (beside the warehouse)."""
     return os.path.splitext(warehouse_path(warehouse) or warehouse)[0] + ".identity.sqlite"
@@ -301,7 +296,7 @@ def keep_identity_store(store_path: str, destination: str, version: int) -> None
     The copy is stamped with the warehouse version it agrees with, so a reader can tell a store
     left behind by a crash from a current one.
     """
-    source = IdentityStore(store_path)
+    source = SQLiteIdentityStore(store_path)
     try:
         source.stamp_warehouse_version(version)
         target = sqlite3.connect(destination + ".tmp")

@@ -30,9 +30,8 @@ from apache_beam.utils.timestamp import Timestamp
 
 from cdpflow.core import governance
 from cdpflow.errors import BadInput
-from cdpflow.core.identity import IdentityStore
+from cdpflow.core.identity import open_identity_store, sqlite_path
 from cdpflow.core.timeutil import US_PER_SECOND, parse_ts
-from cdpflow.pipelines.batch import sqlite_path
 from cdpflow.pipelines.stream import build_stream
 from cdpflow.runners.direct import streaming_pipeline
 from cdpflow.transforms import DEAD_LETTERS
@@ -132,7 +131,7 @@ def rebuild_identity_store(path: str, rules, history: Sequence[tuple], batch_siz
     The order and the batching are the batch run's, so the graph is the one it committed; the
     rules are the warehouse's governance, so nothing forgotten is rebuilt. Returns the events resolved.
     """
-    store = IdentityStore(path, rules)
+    store = open_identity_store(path, rules)
     try:
         for start in range(0, len(history), batch_size):
             store.resolve_batch((mid, ts, ids) for ts, mid, ids in history[start:start + batch_size])

@@ -6,7 +6,7 @@ Input: PCollection[NormalizedEvent]. Outputs (a dict of PCollections):
   `dead_letters`: events whose every identifier is a blocked value (stage `identity`).
 Events that carry a forgotten identifier are dropped and counted (`suppressed`), never stored.
 
-Two ways to feed the store (`cdpflow.core.identity.IdentityStore`, one SQLite file shared by
+Two ways to feed the store (`cdpflow.core.identity.IdentityStore`, opened by URI: a SQLite file shared by
 every worker process):
   ordered (batch default): the (time, messageId, identifiers) keys are sorted into event-time
       order on one worker and resolved in transactions of `batch_size`, so a backfill or a replay
@@ -26,7 +26,7 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from cdpflow.core.identity import BLOCKED, OK, SUPPRESSED, IdentityRules, IdentityStore
+from cdpflow.core.identity import BLOCKED, OK, SUPPRESSED, IdentityRules, open_identity_store
 from cdpflow.schemas.records import DeadLetter, Identifier, NormalizedEvent
 from cdpflow.transforms import DEAD_LETTERS
 
@@ -36,7 +36,7 @@ _Key = Tuple[int, str, Tuple[Identifier, ...]]
 
 
 class _StoreFn(beam.DoFn):
-    """A DoFn holding one connection to the identity store per worker."""
+    """A DoFn holding one connection to the identity store per worker (`store_path`: a path or URI)."""
 
     def __init__(self, store_path: str, rules: IdentityRules):
         self.store_path = store_path
@@ -44,7 +44,7 @@ class _StoreFn(beam.DoFn):
         self.store = None
 
     def setup(self):
-        self.store = IdentityStore(self.store_path, self.rules)
+        self.store = open_identity_store(self.store_path, self.rules)
 
     def teardown(self):
         if self.store is not None:

@@ -19,7 +19,7 @@ from decimal import Decimal
 import pytest
 
 from cdpflow.config import load_config
-from cdpflow.core.identity import IdentityStore
+from cdpflow.core.identity import SQLiteIdentityStore
 from cdpflow.core.timeutil import US_PER_DAY
 from cdpflow.models.clv import history_from_days, score
 from cdpflow.pipelines import replay
@@ -58,7 +58,7 @@ def traffic(tmp_path_factory):
 
 
 def final_partition(store_path, message_ids):
-    store = IdentityStore(store_path)
+    store = SQLiteIdentityStore(store_path)
     try:
         return {m: root for m, (status, root) in store.final_profiles(list(message_ids)).items()}
     finally:

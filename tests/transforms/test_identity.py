@@ -42,7 +42,7 @@ from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # noqa: E402
 from apache_beam.testing import test_pipeline  # noqa: E402
 
-from cdpflow.core.identity import IdentityRules, IdentityStore  # noqa: E402
+from cdpflow.core.identity import IdentityRules, SQLiteIdentityStore  # noqa: E402
 from tests.oracles import components_of  # noqa: E402
 
 OFF = IdentityRules(max_per_profile={}, blocked={}, quarantine_max_profiles=10 ** 9)
@@ -75,7 +75,7 @@ def test_two_worker_processes_resolve_against_one_store(tmp_path):
     events = random_events(3000, seed=1)
     path = str(tmp_path / "graph.sqlite")
     run_parallel(events, path, args=["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
-    store = IdentityStore(path, OFF)
+    store = SQLiteIdentityStore(path, OFF)
     workers = store.workers()
     assert len(workers) >= 2 and sum(workers.values()) == len(events), workers
     assert store.partition() == components_of([e.identifiers for e in events])
@@ -86,14 +86,14 @@ def test_repeated_bundles_and_a_restart_mid_input_change_nothing(tmp_path):
     expected = components_of([e.identifiers for e in events])
     repeated = str(tmp_path / "repeat.sqlite")
     run_parallel(events, repeated, runner=FnApiRunner(bundle_repeat=1))
-    assert IdentityStore(repeated, OFF).partition() == expected
+    assert SQLiteIdentityStore(repeated, OFF).partition() == expected
 
     restarted = str(tmp_path / "restart.sqlite")
     run_parallel(events[:900], restarted)  # the job stopped after 900 events...
     with pytest.raises(Exception, match="worker died"):
         run_parallel(events, restarted, fail_on="m1200")  # ...was restarted from the start and died again...
     run_parallel(events, restarted)  # ...and ran to the end
-    store = IdentityStore(restarted, OFF)
+    store = SQLiteIdentityStore(restarted, OFF)
     assert store.partition() == expected
     assert sum(store.workers().values()) == len(events)  # one decision per event, never two
     absorbed = [m["absorbed_id"] for m in store.merges()]
@@ -106,7 +106,7 @@ def test_with_merge_protection_limits_hold_under_repeats_restarts_and_two_worker
     path = str(tmp_path / "limited.sqlite")
     run_parallel(events[:700], path, runner=FnApiRunner(bundle_repeat=1), rules=rules)
     run_parallel(events, path, rules=rules, args=["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
-    store = IdentityStore(path, rules)
+    store = SQLiteIdentityStore(path, rules)
     per_profile = {}
     for link in store.links():
         per_profile.setdefault(link["profile_id"], []).append(link["identifier_type"])

@@ -1,0 +1,660 @@
+"""The identity graph algorithm, once, over the storage primitives every backend provides.
+
+`IdentityStore` is the interface every path resolves through (the batch and streaming Beam
+stages, the Flink job to come, replays, `forget`): `resolve_batch`, `resolve_batch_with_moves`,
+`final_profiles`, read-outs, `forget`. It holds the whole algorithm; a backend subclass
+(`sqlite.SQLiteIdentityStore`, `redis.RedisIdentityStore`) implements only the storage
+primitives (the `_`-prefixed abstract methods below) and `_atomically`, which runs one batch
+as one atomic transaction: SQLite with `BEGIN IMMEDIATE`, Redis by buffering the batch's writes
+and applying them with a compare-and-set on a version key (retrying the batch if another
+process committed first). Either way a batch's unions are atomic even when they span keys and
+processes, and a retried batch meets the decision recorded for each messageId and changes
+nothing.
+
+The model:
+- a node per identifier (type, normalised value);
+- a profile is a set of nodes; profiles are named by their *founders*: the identifiers that
+  created them (`p_` + hash of the founder), and a profile's id is the smallest founder id in it,
+  so a union keeps the smaller id (the survivor) and replays give the same ids;
+- every accepted event adds a *link set* (its identifiers that ended in one profile); profiles
+  are the connected components of the link sets, which is what a split re-derives.
+
+Rules, applied to each event in order (`IdentityRules`):
+1. blocked values (empty, null-like, test addresses, all-zero phones...) are ignored; an event
+   carrying a forgotten (suppressed) identifier is not attributed at all, even if it was decided
+   before (suppression is checked before the recorded decision);
+2. the event's target is the profile of its highest-priority known, non-quarantined identifier
+   (none if it has none: then its first new identifier founds a profile);
+3. each other known identifier's profile is merged into the target unless the union would exceed
+   a per-type maximum (a type limited to one can never hold two values) or cross a manual split:
+   then the link is refused and recorded as a conflict. Re-homing: when the refusal is a clash of
+   accounts (two user_ids), the event's target comes from an account, and the refused identifier
+   is a non-account one (a cookie, a device) whose link sets hold no account, the identifier
+   moves to the target: it had reached the other profile only through weaker evidence, such as
+   a family's shared email;
+4. each new identifier joins the target unless that exceeds its type's maximum; a refused one
+   founds a profile of its own;
+5. fan-out: an identifier whose partners (identifiers seen on events with it, within
+   `quarantine_window_days` of event time) belonged, on those events, to profiles holding more
+   than `quarantine_max_profiles` distinct accounts (identifiers of the types limited to one per
+   profile: user_id, loyalty_id) is quarantined: recorded, it merges nothing any more, and its
+   profile is re-derived from the link sets without it (the merges it caused are undone);
+6. the event belongs to the profile of its highest-priority non-quarantined identifier.
+"""
+from __future__ import annotations
+
+import abc
+import json
+from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple, TypeVar
+
+from cdpflow.core.identity.rules import (BLOCKED, OK, SUPPRESSED, Decision, IdentityRules, key_identifier,
+                                             node_key, profile_id_for)
+from cdpflow.schemas.records import Identifier
+
+T = TypeVar("T")
+# A node as backends return it: (type, value, owner, founder, quarantined, first_seen, last_seen).
+NodeRow = Tuple[str, str, str, int, int, int, int]
+Event = Tuple[str, int, Sequence[Identifier]]
+
+
+class IdentityStore(abc.ABC):
+    """The identity graph: the algorithm here, the storage in a backend subclass.
+
+    Args:
+      rules: merge protection and governance (`cdpflow.core.governance.identity_rules`).
+      worker: recorded with each decision (the process id by default), so tests can tell who worked.
+    """
+
+    uri: str = ""
+
+    def __init__(self, rules: IdentityRules, worker: int):
+        self.rules = rules
+        self.worker = worker
+        self._changed: Set[str] = set()  # profile ids (founders) whose root the open batch changed
+        self.replayed_moves: List[Tuple[int, str, str]] = []
+
+    def close(self) -> None:
+        """Releases the connection."""
+
+    # ================================================================ storage primitives
+    # Every one runs inside `_atomically` when it writes; reads see the open batch's writes.
+    @abc.abstractmethod
+    def _atomically(self, work: Callable[[], T]) -> T:
+        """Runs `work` as one atomic, isolated transaction (retrying it if the backend must)."""
+
+    @abc.abstractmethod
+    def _get_node(self, key: str) -> Optional[NodeRow]: ...
+
+    @abc.abstractmethod
+    def _insert_node(self, key: str, owner: str, founder: int, ts: int) -> None: ...
+
+    @abc.abstractmethod
+    def _touch_node(self, key: str, ts: int) -> None:
+        """first_seen = min(first_seen, ts), last_seen = max(last_seen, ts)."""
+
+    @abc.abstractmethod
+    def _set_node_flag(self, key: str, name: str, value: int) -> None:
+        """Sets `founder` or `quarantined`."""
+
+    @abc.abstractmethod
+    def _set_node_owner(self, key: str, owner: str) -> None: ...
+
+    @abc.abstractmethod
+    def _delete_node(self, key: str) -> None: ...
+
+    @abc.abstractmethod
+    def _keys_of_owner(self, pid: str) -> List[str]: ...
+
+    @abc.abstractmethod
+    def _all_nodes(self) -> Iterable[Tuple[str, NodeRow]]:
+        """(key, node) of every node, outside any batch (read-outs)."""
+
+    @abc.abstractmethod
+    def _profile_root(self, pid: str) -> Optional[str]: ...
+
+    @abc.abstractmethod
+    def _put_profile(self, pid: str, root: str, founder_key: str) -> None:
+        """Inserts or replaces a founder's profile row."""
+
+    @abc.abstractmethod
+    def _set_profile_root(self, pid: str, root: str) -> None: ...
+
+    @abc.abstractmethod
+    def _pids_of_root(self, root: str) -> List[str]: ...
+
+    @abc.abstractmethod
+    def _delete_profile(self, pid: str) -> None: ...
+
+    def _reroot(self, absorbed: str, survivor: str) -> None:
+        """Every founder whose root is `absorbed` now has root `survivor`."""
+        for pid in self._pids_of_root(absorbed):
+            self._set_profile_root(pid, survivor)
+
+    @abc.abstractmethod
+    def _count(self, root: str, id_type: str) -> int: ...
+
+    @abc.abstractmethod
+    def _bump(self, root: str, id_type: str, n: int = 1) -> None: ...
+
+    @abc.abstractmethod
+    def _counts_of(self, root: str) -> Dict[str, int]: ...
+
+    @abc.abstractmethod
+    def _delete_counts(self, root: str) -> None: ...
+
+    @abc.abstractmethod
+    def _linksets_of(self, key: str) -> List[str]:
+        """The link sets (JSON lists of node keys) holding this node, sorted."""
+
+    @abc.abstractmethod
+    def _linkset_origin(self, text: str) -> Optional[Tuple[str, int]]:
+        """(message_id, ts) of the event that first made this link set."""
+
+    @abc.abstractmethod
+    def _add_linkset(self, text: str, message_id: str, ts: int) -> bool:
+        """Records a link set unless it exists; True if it was new."""
+
+    @abc.abstractmethod
+    def _delete_linkset(self, text: str) -> None: ...
+
+    @abc.abstractmethod
+    def _decision(self, message_id: str) -> Optional[Tuple[str, Optional[str], Optional[str]]]:
+        """(status, key, profile when decided) of a decided event."""
+
+    @abc.abstractmethod
+    def _put_decision(self, message_id: str, status: str, key: Optional[str], profile: Optional[str]) -> None:
+        """Records (or replaces) the decision of an event, with this store's worker id."""
+
+    @abc.abstractmethod
+    def _decided_keys(self, message_ids: Sequence[str]) -> Dict[str, Tuple[str, Optional[str]]]:
+        """(status, key) of those of these events that were decided, outside any batch."""
+
+    @abc.abstractmethod
+    def _delete_decisions_of_key(self, key: str) -> None: ...
+
+    @abc.abstractmethod
+    def _decisions_per_worker(self) -> Dict[int, int]: ...
+
+    @abc.abstractmethod
+    def _add_merge(self, survivor: str, absorbed: str, cause: str, reason: str, ts: int) -> None: ...
+
+    @abc.abstractmethod
+    def _open_merges_by_survivors(self, pids: Sequence[str]) -> List[Tuple[int, str, str]]:
+        """(seq, survivor, absorbed) of merges not undone whose survivor is one of these."""
+
+    @abc.abstractmethod
+    def _undo_merge(self, seq: int, ts: int, by: str) -> None: ...
+
+    @abc.abstractmethod
+    def _all_merges(self) -> List[Tuple]:
+        """(survivor, absorbed, cause, reason, ts, undone_at, undone_by) in the order they were made."""
+
+    @abc.abstractmethod
+    def _delete_merges_of(self, pid: str) -> None: ...
+
+    @abc.abstractmethod
+    def _add_conflict(self, identifier: Identifier, profiles: List[str], rule: str, cause: str, ts: int) -> None: ...
+
+    @abc.abstractmethod
+    def _all_conflicts(self) -> List[Tuple]:
+        """(type, value, profiles (list), rule, cause, ts) in the order they were recorded."""
+
+    @abc.abstractmethod
+    def _delete_conflicts(self, identifiers: Sequence[Identifier], pids: Sequence[str]) -> None:
+        """Deletes the conflicts about these identifiers, or naming one of these profiles."""
+
+    @abc.abstractmethod
+    def _meta(self, name: str) -> Optional[int]: ...
+
+    @abc.abstractmethod
+    def _set_meta(self, name: str, value: int) -> None: ...
+
+    @abc.abstractmethod
+    def _record_moves(self, epoch: int, moves: Dict[str, str]) -> None: ...
+
+    @abc.abstractmethod
+    def _moves_of(self, epoch: int) -> List[Tuple[str, str]]: ...
+
+    @abc.abstractmethod
+    def _record_decided_in(self, message_ids: Sequence[str], epoch: int) -> None:
+        """Records the epoch of the batch that decided these events (keeping an earlier one)."""
+
+    @abc.abstractmethod
+    def _decided_epochs(self, message_ids: Sequence[str]) -> Dict[str, int]: ...
+
+    @abc.abstractmethod
+    def _delete_moves_of_key(self, key: str) -> None: ...
+
+    @abc.abstractmethod
+    def _fanout_upsert(self, rows: Sequence[Tuple[str, str, int]]) -> None:
+        """(key, account, ts): first_ts = min, last_ts = max per (key, account)."""
+
+    @abc.abstractmethod
+    def _fanout_accounts(self, key: str, low: int, high: int) -> List[str]:
+        """Accounts seen with `key` whose [first_ts, last_ts] overlaps [low, high]."""
+
+    @abc.abstractmethod
+    def _delete_fanout_of(self, key: str) -> None:
+        """Deletes the fan-out rows of this node, as an identifier and as an account."""
+
+    def _prefetch(self, events: Sequence[Event]) -> None:
+        """Inside a batch, before it resolves: a backend may read ahead what the batch will read."""
+
+    # ================================================================ derived reads
+    def _node(self, key: str):
+        row = self._get_node(key)
+        return None if row is None else (row[2], row[4])
+
+    def _root(self, key: str) -> str:
+        return self._profile_root(self._get_node(key)[2])
+
+    def _root_if_known(self, identifier: Identifier) -> Optional[str]:
+        row = self._get_node(node_key(identifier))
+        return self._profile_root(row[2]) if row else None
+
+    def _root_of_pid(self, pid: str) -> str:
+        return self._profile_root(pid)
+
+    # ================================================================ the algorithm
+    def _conflict(self, identifier: Identifier, profiles: Iterable[str], rule: str, cause: str, ts: int):
+        self._add_conflict(identifier, sorted(set(profiles)), rule, cause, ts)
+
+    def _found(self, identifier: Identifier, ts: int) -> str:
+        pid = profile_id_for(identifier)
+        key = node_key(identifier)
+        self._put_profile(pid, pid, key)
+        self._insert_node(key, pid, 1, ts)
+        self._bump(pid, identifier[0])
+        return pid
+
+    def _separated(self, left_root: str, right_root: str) -> bool:
+        for a, b in self.rules.separations:
+            ra, rb = self._root_if_known(a), self._root_if_known(b)
+            if ra and rb and {ra, rb} == {left_root, right_root}:
+                return True
+        return False
+
+    def _merge_refusal(self, target: str, other: str) -> Optional[str]:
+        for id_type in self.rules.priority + tuple(sorted(set(self.rules.max_per_profile) - set(self.rules.priority))):
+            limit = self.rules.limit(id_type)
+            if limit is not None and self._count(target, id_type) + self._count(other, id_type) > limit:
+                return f"max_per_profile:{id_type}"
+        if self.rules.separations and self._separated(target, other):
+            return "manual_split"
+        return None
+
+    def _attach_refusal(self, target: str, identifier: Identifier) -> Optional[str]:
+        limit = self.rules.limit(identifier[0])
+        if limit is not None and self._count(target, identifier[0]) + 1 > limit:
+            return f"max_per_profile:{identifier[0]}"
+        for a, b in self.rules.separations:
+            other = b if a == identifier else a if b == identifier else None
+            if other is not None and self._root_if_known(other) == target:
+                return "manual_split"
+        return None
+
+    def _account_clash(self, target: str, other: str) -> bool:
+        return any(self._count(target, t) + self._count(other, t) > self.rules.limit(t) for t in self.rules.account_types)
+
+    def _may_rehome(self, identifier: Identifier, target: str, other: str) -> bool:
+        # A cookie or device that reached another account's profile only through non-account
+        # evidence (typically a shared family email) moves to the account it is now seen with.
+        if identifier[0] in self.rules.account_types or not self._account_clash(target, other):
+            return False
+        key = node_key(identifier)
+        return not any(k != key and k.split("\x00", 1)[0] in self.rules.account_types
+                       for text in self._linksets_of(key) for k in json.loads(text))
+
+    def _rehome(self, identifier: Identifier, other: str, target: str, message_id: str, ts: int) -> str:
+        """Moves an identifier out of `other` (re-deriving it without the identifier's links) into `target`."""
+        key = node_key(identifier)
+        for text in self._linksets_of(key):
+            first = self._linkset_origin(text)
+            self._delete_linkset(text)
+            rest = [k for k in json.loads(text) if k != key]
+            if len(rest) > 1:
+                self._add_linkset(json.dumps(rest), first[0], first[1])
+        self.split_profile(other, message_id, ts, f"rehoming of {identifier[0]}")
+        own = self._root(key)
+        refusal = self._merge_refusal(target, own)
+        if refusal:
+            self._conflict(identifier, (target, own), refusal, message_id, ts)
+            return target
+        survivor, absorbed = min(target, own), max(target, own)
+        self._union(survivor, absorbed)
+        self._add_merge(survivor, absorbed, message_id, f"rehomed {identifier[0]} from {other}", ts)
+        return survivor
+
+    def _union(self, survivor: str, absorbed: str):
+        # Flattened union-find: every founder points straight at its root, so a find is one
+        # read; a union rewrites the absorbed profile's founders (few per profile).
+        self._changed.update(self._pids_of_root(absorbed))
+        self._reroot(absorbed, survivor)
+        for id_type, n in self._counts_of(absorbed).items():
+            self._bump(survivor, id_type, n)
+        self._delete_counts(absorbed)
+
+    # ---------------------------------------------------------------- resolution
+    def resolve_batch(self, events: Iterable[Event]) -> List[Decision]:
+        """Resolves events (message_id, event time in UTC microseconds, identifiers) in the order given, atomically.
+
+        Returns:
+          One Decision per event; an event already decided gets its recorded decision back.
+        """
+        return self.resolve_batch_with_moves(events, record=False)[0]
+
+    def resolve_batch_with_moves(self, events: Iterable[Event], record: bool = True
+                                 ) -> Tuple[List[Decision], int, Dict[str, str]]:
+        """`resolve_batch`, and what a stream needs to move feature state with the profiles.
+
+        Returns:
+          (decisions, epoch, moves): `epoch` counts the batches (of any worker) that merged or
+          split profiles, so later is larger; the decisions were taken at `epoch - 1` or, if
+          this batch moved nothing, at `epoch`; `moves` maps the node key of every identifier
+          whose profile this batch changed to its profile after the batch (at `epoch`).
+          After the call, `replayed_moves` lists (epoch, node key, profile) of the moves that
+          earlier batches deciding some of these same events made: a retried bundle repeats them.
+          `record=False` (batch runs, which read final profiles instead) keeps no such record.
+        """
+        events = list(events)
+
+        def work():
+            self._changed = set()
+            self._prefetch(events)
+            earlier = self._decided_epochs([m for m, _, _ in events]) if record else {}
+            decisions = [self._resolve(message_id, ts, identifiers) for message_id, ts, identifiers in events]
+            epoch = self._meta("epoch") or 0
+            moves: Dict[str, str] = {}
+            if self._changed:
+                epoch += 1
+                self._set_meta("epoch", epoch)
+                for pid in sorted(self._changed):
+                    root = self._profile_root(pid)
+                    if root is None:
+                        continue
+                    for key in self._keys_of_owner(pid):
+                        moves[key] = root
+                if record:
+                    self._record_moves(epoch, moves)
+                    self._record_decided_in([m for m, _, _ in events if m not in earlier], epoch)
+            # A retried bundle (its outputs were lost with it) must tell the stream again about
+            # the moves its events caused the first time; an older epoch is harmless to repeat.
+            replayed = [(e, k, p) for e in sorted(set(earlier.values())) for k, p in self._moves_of(e)]
+            return decisions, epoch, moves, replayed
+
+        try:
+            decisions, epoch, moves, replayed = self._atomically(work)
+        finally:
+            self._changed = set()
+        self.replayed_moves = replayed
+        return decisions, epoch, moves
+
+    def resolve(self, message_id: str, ts: int, identifiers: Sequence[Identifier]) -> Decision:
+        return self.resolve_batch([(message_id, ts, identifiers)])[0]
+
+    def _resolve(self, message_id: str, ts: int, identifiers: Sequence[Identifier]) -> Decision:
+        rules = self.rules
+        # Suppression first, before any recorded decision: a person forgotten after their events
+        # were decided must not come back through a retry or a replay of those events.
+        if rules.is_suppressed(identifiers):
+            # Recorded (replacing an older decision) so that read-outs by messageId answer too.
+            self._put_decision(message_id, SUPPRESSED, None, None)
+            return Decision(message_id, SUPPRESSED, None, None)
+        row = self._decision(message_id)
+        if row is not None:
+            # Decided before (a retry, or a replay of accepted history): its profile is today's.
+            return Decision(message_id, row[0], row[1], self._root(row[1]) if row[1] else None)
+        ids = sorted({tuple(i) for i in identifiers if not rules.is_blocked(tuple(i))}, key=rules.rank)
+        if not ids:
+            return self._decide(message_id, BLOCKED, None, None)
+        known, new, quarantined = [], [], set()
+        for identifier in ids:
+            node = self._node(node_key(identifier))
+            if node is None:
+                new.append(identifier)
+            else:
+                known.append(identifier)
+                if node[1]:
+                    quarantined.add(identifier)
+                self._touch_node(node_key(identifier), ts)
+        usable = [i for i in known if i not in quarantined]
+        # A quarantined identifier attracts nothing: without a usable known identifier the event
+        # founds a new profile from its new identifiers.
+        lead = usable[0] if usable else None
+        target = self._root(node_key(lead)) if lead else None
+        others = usable[1:]
+        refusal = (self._attach_refusal(target, new[0]) if lead and new and new[0][0] in self.rules.account_types
+                   and self.rules.rank(new[0]) < self.rules.rank(lead) else None)
+        if refusal:
+            # The event's first identifier is a new account that cannot join the known profile
+            # (which holds another account): it founds the event's profile, and the known
+            # identifiers are asked to join it (and may be re-homed) like any other.
+            own = self._found(new[0], ts)
+            self._conflict(new[0], (target, own), refusal, message_id, ts)
+            lead, target, new, others = new[0], own, new[1:], usable
+        for identifier in others:
+            other = self._root(node_key(identifier))
+            if other == target:
+                continue
+            refusal = self._merge_refusal(target, other)
+            if refusal:
+                self._conflict(identifier, (target, other), refusal, message_id, ts)
+                if lead[0] in self.rules.account_types and self._may_rehome(identifier, target, other):
+                    target = self._rehome(identifier, other, target, message_id, ts)
+                continue
+            survivor, absorbed = min(target, other), max(target, other)
+            bridge = sorted({i[0] for i in ids if i in known and self._root(node_key(i)) in (target, other)})
+            self._union(survivor, absorbed)
+            self._add_merge(survivor, absorbed, message_id, "shared " + "+".join(bridge), ts)
+            target = survivor
+        for identifier in new:
+            if target is None:
+                target = self._found(identifier, ts)
+                continue
+            refusal = self._attach_refusal(target, identifier)
+            if refusal:
+                own = self._found(identifier, ts)
+                self._conflict(identifier, (target, own), refusal, message_id, ts)
+                continue
+            self._insert_node(node_key(identifier), target, 0, ts)
+            self._bump(target, identifier[0])
+        roots = {i: self._root(node_key(i)) for i in ids}
+        members = [i for i in ids if roots[i] == target and i not in quarantined]
+        if len(members) > 1:
+            self._add_linkset(json.dumps([node_key(i) for i in members]), message_id, ts)
+        self._fan_out(ids, roots, quarantined, message_id, ts)
+        attributed = next((i for i in ids if not self._node(node_key(i))[1]), ids[0])
+        return self._decide(message_id, OK, node_key(attributed), self._root(node_key(attributed)))
+
+    def _decide(self, message_id, status, key, profile) -> Decision:
+        self._put_decision(message_id, status, key, profile)
+        return Decision(message_id, status, key, profile)
+
+    # ---------------------------------------------------------------- fan-out quarantine
+    def _fan_out(self, ids, roots, quarantined, message_id, ts):
+        # What is counted are the *accounts* (identifiers of a type limited to one per profile:
+        # user_id, loyalty_id) in the profiles of the identifiers seen with this one, as those
+        # profiles stood on that event. Two accounts can never merge, so the count cannot collapse
+        # when the identifier's own merges succeed, and a user id joining its own cookies counts
+        # nothing. One row per (identifier, account) with the first and last time: in event-time
+        # order "seen within the window" is "last seen at most a window ago", and the check
+        # costs one read however many partners a shared device collects.
+        account_types = set(self.rules.account_types)
+        if not account_types:
+            return
+        accounts_of = {}
+        for root in set(roots.values()):
+            accounts_of[root] = [k for pid in self._pids_of_root(root) for k in self._keys_of_owner(pid)
+                                 if k.split("\x00", 1)[0] in account_types]
+        rows = []
+        for identifier in ids:
+            if identifier in quarantined:
+                continue
+            key = node_key(identifier)
+            for other in ids:
+                if other != identifier:
+                    rows.extend((key, account, ts) for account in accounts_of[roots[other]] if account != key)
+        self._fanout_upsert(rows)
+        window = self.rules.window_us
+        for identifier in ids:
+            key = node_key(identifier)
+            if identifier in quarantined or self._node(key)[1]:
+                continue
+            accounts = self._fanout_accounts(key, ts - window, ts + window)
+            if len(accounts) > self.rules.quarantine_max_profiles:
+                profiles = {self._root(a) for a in accounts}
+                self._quarantine(identifier, profiles, message_id, ts)
+
+    def _quarantine(self, identifier: Identifier, seen: Set[str], message_id: str, ts: int):
+        key = node_key(identifier)
+        self._set_node_flag(key, "quarantined", 1)
+        self._conflict(identifier, seen, "fan_out_quarantine", message_id, ts)
+        self.split_profile(self._root(key), message_id, ts, f"quarantine of {identifier[0]}")
+
+    def split_profile(self, root: str, cause: str, ts: int, why: str) -> List[str]:
+        """Re-derives one profile from its link sets (quarantined identifiers bridge nothing).
+
+        Returns:
+          The ids of the profiles it now consists of.
+        """
+        founders = self._pids_of_root(root)
+        self._changed.update(founders)
+        nodes = {k: self._get_node(k) for pid in founders for k in self._keys_of_owner(pid)}
+        parent = {k: k for k in nodes}
+
+        def find(k):
+            while parent[k] != k:
+                parent[k] = parent[parent[k]]
+                k = parent[k]
+            return k
+
+        linksets = set()
+        for key in nodes:
+            linksets.update(self._linksets_of(key))
+        for text in sorted(linksets):
+            usable = [k for k in json.loads(text) if k in nodes and not nodes[k][4]]
+            for k in usable[1:]:
+                a, b = find(usable[0]), find(k)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+        components: Dict[str, List[str]] = {}
+        for k in sorted(nodes):
+            components.setdefault(find(k), []).append(k)
+        self._delete_counts(root)
+        new_roots = []
+        for keys in components.values():
+            own_founders = [k for k in keys if nodes[k][3]]
+            if not own_founders:
+                promoted = min(keys, key=lambda k: self.rules.rank(key_identifier(k)))
+                pid = profile_id_for(key_identifier(promoted))
+                self._put_profile(pid, pid, promoted)
+                self._set_node_flag(promoted, "founder", 1)
+                self._changed.add(pid)
+                own_founders = [promoted]
+            founder_pids = {profile_id_for(key_identifier(k)) for k in own_founders}
+            new_root = min(founder_pids)
+            new_roots.append(new_root)
+            for p in sorted(founder_pids):
+                self._set_profile_root(p, new_root)
+            for k in keys:
+                if nodes[k][2] not in founder_pids:
+                    self._set_node_owner(k, new_root)
+                    self._changed.add(new_root)
+                self._bump(new_root, nodes[k][0])
+        for seq, survivor, absorbed in self._open_merges_by_survivors(founders):
+            if self._root_of_pid(survivor) != self._root_of_pid(absorbed):
+                self._undo_merge(seq, ts, f"{why} ({cause})")
+        return sorted(new_roots)
+
+    # ---------------------------------------------------------------- governance
+    def forget(self, identifiers: Iterable[Identifier]) -> int:
+        """Removes every trace of the profiles holding these identifiers; returns the identifiers removed.
+
+        Nodes, founders, counts, link sets, decisions of the events attributed to them, merges,
+        conflicts, fan-out rows and recorded moves all go, in one transaction. Their events, if
+        replayed, meet the suppression check (the caller records the hashes) and are not attributed.
+        """
+        wanted = [node_key(tuple(i)) for i in identifiers]
+
+        def work():
+            roots = {self._root(k) for k in wanted if self._get_node(k) is not None}
+            pids = [pid for root in sorted(roots) for pid in self._pids_of_root(root)]
+            keys = set(wanted)
+            for pid in pids:
+                keys.update(self._keys_of_owner(pid))
+            present = [k for k in keys if self._get_node(k) is not None]
+            for key in sorted(keys):
+                for text in self._linksets_of(key):
+                    self._delete_linkset(text)
+                self._delete_decisions_of_key(key)
+                self._delete_fanout_of(key)
+                self._delete_moves_of_key(key)
+            self._delete_conflicts([key_identifier(k) for k in keys], pids)
+            for key in sorted(keys):
+                if self._get_node(key) is not None:
+                    self._delete_node(key)
+            for pid in pids:
+                self._delete_merges_of(pid)
+                self._delete_profile(pid)
+            for root in roots:
+                self._delete_counts(root)
+            return len(present)
+
+        return self._atomically(work)
+
+    def purge(self, rules: IdentityRules) -> int:
+        """Forgets every profile holding an identifier the rules suppress (for a store older than a forget)."""
+        hit = [key_identifier(k) for k, _ in self._all_nodes() if rules.is_suppressed([key_identifier(k)])]
+        return self.forget(hit) if hit else 0
+
+    def warehouse_version(self) -> Optional[int]:
+        """The warehouse version this store was last made to agree with (None: never stamped)."""
+        return self._meta("warehouse_version")
+
+    def stamp_warehouse_version(self, version: int) -> None:
+        """Records that the store agrees with this warehouse version (after a commit or a forget)."""
+        self._atomically(lambda: self._set_meta("warehouse_version", int(version)))
+
+    # ---------------------------------------------------------------- read-outs
+    def profile_of(self, identifier: Identifier) -> Optional[str]:
+        return self._root_if_known(tuple(identifier))
+
+    def final_profiles(self, message_ids: Sequence[str]) -> Dict[str, Tuple[str, Optional[str]]]:
+        """(status, current profile) of many decided events."""
+        decided = self._decided_keys(list(message_ids))
+        missing = [m for m in message_ids if m not in decided]
+        if missing:
+            raise KeyError(f"no identity decision for messages {missing[:5]}")
+        roots: Dict[str, Optional[str]] = {}
+        found = {}
+        for mid, (status, key) in decided.items():
+            if key is not None and key not in roots:
+                row = self._get_node(key)
+                roots[key] = self._profile_root(row[2]) if row else None
+            found[mid] = (status, roots.get(key) if key is not None else None)
+        return found
+
+    def links(self) -> List[Dict]:
+        rows = sorted((n[0], n[1], self._profile_root(n[2]), n[5], n[6], n[4]) for _, n in self._all_nodes())
+        return [dict(zip(("identifier_type", "identifier_value", "profile_id", "first_seen", "last_seen", "quarantined"), r))
+                for r in rows]
+
+    def merges(self) -> List[Dict]:
+        return [dict(zip(("survivor_id", "absorbed_id", "cause_message_id", "reason", "merged_at", "undone_at", "undone_by"), r))
+                for r in self._all_merges()]
+
+    def conflicts(self) -> List[Dict]:
+        return [{"identifier_type": t, "identifier_value": v, "profiles": list(p), "rule": rule,
+                 "cause_message_id": cause, "event_time": ts}
+                for t, v, p, rule, cause, ts in self._all_conflicts()]
+
+    def partition(self) -> Set[FrozenSet[Identifier]]:
+        """The profiles as sets of identifiers (how runs are compared)."""
+        groups: Dict[str, Set[Identifier]] = {}
+        for link in self.links():
+            groups.setdefault(link["profile_id"], set()).add((link["identifier_type"], link["identifier_value"]))
+        return {frozenset(g) for g in groups.values()}
+
+    def workers(self) -> Dict[int, int]:
+        """Decisions per worker process id."""
+        return self._decisions_per_worker()
