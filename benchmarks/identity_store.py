@@ -6,7 +6,9 @@
 Events carry 1-3 identifiers drawn so that about 2.5 identifiers are new per 1 event and
 profiles merge now and then (like real traffic: many anonymous cookies, fewer accounts). It
 measures:
-  - the store alone (resolve_batch in transactions of 500) on one process,
+  - the store alone (resolve_batch in transactions of 500) on one process, on each backend:
+    SQLite (a file), and Redis (started through `cdpflow stack`'s code on a free port, AOF on,
+    or the one `--redis URL` names),
   - the Beam stage, ordered (one worker) and parallel (2 SDK worker processes),
   - a plain in-memory union-find over the same events (the floor),
   - bytes of the SQLite file per million identifiers,
@@ -31,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
-from cdpflow.core.identity import IdentityRules, SQLiteIdentityStore  # noqa: E402
+from cdpflow.core.identity import IdentityRules, SQLiteIdentityStore, open_identity_store  # noqa: E402
 from cdpflow.schemas.records import NormalizedEvent  # noqa: E402
 from cdpflow.transforms.identity import ResolveIdentity  # noqa: E402
 
@@ -66,6 +68,33 @@ def bench_store(keys, path, rules):
     return seconds, identifiers, os.path.getsize(path)
 
 
+def bench_redis_store(keys, url, rules):
+    """Seconds for the keys through the Redis backend, and the server's memory for them."""
+    store = open_identity_store(f"{url}?prefix=bench-{os.getpid()}", rules)
+    store.flush()
+    started = time.perf_counter()
+    for start in range(0, len(keys), 500):
+        store.resolve_batch(keys[start:start + 500])
+    seconds = time.perf_counter() - started
+    used = store.client.info("memory")["used_memory"]
+    store.flush()
+    store.close()
+    return seconds, used
+
+
+def redis_for_benchmark(root):
+    """A Redis of the stack's own (free port, AOF on) and how to stop it."""
+    import socket
+    from pathlib import Path
+    from cdpflow.stack.redis import Redis
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = Redis(Path(root) / "stack", port=port)
+    server.up()
+    return server.url(), server.down
+
+
 def bench_union_find(keys):
     parent = {}
 
@@ -94,20 +123,26 @@ def bench_stage(keys, path, rules, ordered, args):
     return time.perf_counter() - started
 
 
-def adversarial(n: int = 20_000) -> dict:
-    """Seconds to resolve a hub and a chain of n events each (quadratic behaviour would show here)."""
+def adversarial(n: int = 20_000, redis_url=None) -> dict:
+    """Seconds to resolve a hub and a chain of n events each (quadratic behaviour would show here).
+
+    On SQLite in memory, or on the Redis at `redis_url`.
+    """
     timings = {}
     shapes = {
         "hub": lambda i: [("device_id", "kiosk"), ("anonymous_id", f"c{i}")],
         "chain": lambda i: [("crm_id", f"k{i}"), ("crm_id", f"k{i + 1}")],
     }
     for name, shape in shapes.items():
-        store = SQLiteIdentityStore(":memory:", IdentityRules())
+        store = (open_identity_store(f"{redis_url}?prefix=adversarial-{name}", IdentityRules()) if redis_url
+                 else SQLiteIdentityStore(":memory:", IdentityRules()))
         keys = [(f"m{i}", i, shape(i)) for i in range(n)]
         started = time.perf_counter()
         for start in range(0, n, 1000):
             store.resolve_batch(keys[start:start + 1000])
         timings[name] = round(time.perf_counter() - started, 2)
+        if redis_url:
+            store.flush()
         store.close()
     return timings
 
@@ -116,6 +151,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--stage-events", type=int, default=50_000, help="events for the Beam stage runs")
+    parser.add_argument("--redis-events", type=int, default=50_000, help="events for the Redis backend")
+    parser.add_argument("--redis", help="redis://HOST:PORT/DB to measure (default: start one through the stack)")
     args = parser.parse_args(argv)
     rules = IdentityRules()
     keys = synthetic_keys(args.events)
@@ -133,6 +170,19 @@ def main(argv=None):
     print(f"identity store (SQLite, 1 process): {args.events / seconds:8,.0f} events/s; "
           f"{identifiers:,} identifiers in {size / 2 ** 20:.1f} MiB "
           f"= {size / identifiers * 1e6 / 2 ** 20:.0f} MiB per million identifiers")
+
+    redis_keys = keys[:args.redis_events]
+    url, stop = (args.redis, None) if args.redis else redis_for_benchmark(root)
+    try:
+        seconds, used = bench_redis_store(redis_keys, url, rules)
+        results["adversarial_seconds_20k_events_redis"] = adversarial(redis_url=url)
+    finally:
+        if stop:
+            stop()
+    results["store_redis"] = {"events": len(redis_keys), "seconds": round(seconds, 2),
+                              "events_per_s": round(len(redis_keys) / seconds), "used_memory_bytes": used}
+    print(f"identity store (Redis, 1 process, {len(redis_keys):,} events): {len(redis_keys) / seconds:8,.0f} events/s")
+    print(f"adversarial graphs on Redis, 20,000 events each (seconds): {results['adversarial_seconds_20k_events_redis']}")
 
     stage_keys = keys[:args.stage_events]
     for label, ordered, extra in (("ordered, 1 worker", True, []),

@@ -55,8 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", required=True, help="folder for profiles/, lifecycle_transitions/, dead_letters/ (JSON lines)")
     rep.add_argument("--warehouse", help="start from this warehouse's history, identity graph and CLV models")
     rep.add_argument("--runner", default="direct", choices=("direct", "prism"), help="direct (default) or prism")
-    rep.add_argument("--identity-store", help="sqlite:///FILE to build the replay's identity store in and keep "
-                                              "(default: a private temporary one)")
+    rep.add_argument("--identity-store", help="sqlite:///FILE (new) or redis://HOST:PORT/DB (empty) to build the "
+                                              "replay's identity store in and keep (default: a private temporary one)")
     rep.add_argument("--config", help="YAML configuration merged over the defaults")
     rep.add_argument("--catalog", help="product catalog CSV for enrichment")
     rep.add_argument("--rates", help="currency rates CSV for enrichment")
@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     forget.add_argument("identifier", help="any identifier of the person, or the profile id")
     forget.add_argument("--warehouse", required=True)
     forget.add_argument("--config", help="YAML configuration merged over the defaults (its governance section)")
+    forget.add_argument("--identity-store", action="append", default=[], metavar="URI",
+                        help="another identity store to forget them in (sqlite:///FILE or redis://HOST:PORT/DB; "
+                             "repeatable); the one kept with the warehouse always is")
     forget.add_argument("--changes-out", help="JSON-lines file the segment exits are published to")
 
     pub = sub.add_parser("publish", help="deliver segment changes committed but not yet published (after a crash)")
@@ -205,7 +208,8 @@ def cmd_forget(args) -> int:
         # The identity store kept with the warehouse forgets them too, in every profile holding
         # one of their identifiers, and then agrees with the warehouse's new version.
         rules = governance.identity_rules(config, wh.governance(), key)
-        removed = forget_in_identity_store(wh.default_identity_store(), done["identifiers"], rules, wh.version())
+        removed = sum(forget_in_identity_store(uri, done["identifiers"], rules, wh.version())
+                      for uri in dict.fromkeys([wh.default_identity_store(), *args.identity_store]) if uri)
         published = publish_pending(wh, JsonLinesPublisher(changes_file))
     console.print(f"forgot {done['profile_id'] or args.identifier}: {len(done['identifiers'])} identifier(s) suppressed, "
                   f"deleted {done['deleted']}, {removed} identifier(s) removed from the identity store, "

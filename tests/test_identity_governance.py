@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import os
 import sqlite3
+import uuid
 
 import duckdb
 import orjson
@@ -18,6 +19,9 @@ import pytest
 
 from cdpflow.cli import main
 from cdpflow.core.governance import SuppressionKey
+from cdpflow.core.identity import IdentityRules, open_identity_store
+from cdpflow.pipelines.replay import rebuild_identity_store
+from cdpflow.warehouse import open_warehouse
 from tests.warehouse.helpers import copy_warehouse, query
 
 pytestmark = pytest.mark.e2e
@@ -92,7 +96,16 @@ def assert_absent(texts, needles, where):
     assert not found, f"{where}: the forgotten person is still in {sorted(set(found))[:5]}"
 
 
-def test_a_forgotten_person_appears_in_no_output_after_replays_through_batch_and_stream(sample, base, tmp_path):
+def redis_nodes(uri):
+    store = open_identity_store(uri)
+    try:
+        return {(l["identifier_type"], l["identifier_value"]) for l in store.links()}
+    finally:
+        store.close()
+
+
+def test_a_forgotten_person_appears_in_no_output_after_replays_through_batch_and_stream(sample, base, tmp_path,
+                                                                                        redis_url):
     wh = tmp_path / "forget.duckdb"
     copy_warehouse(base, wh)
     changes = tmp_path / "forget.segment_changes.jsonl"
@@ -131,16 +144,39 @@ def test_a_forgotten_person_appears_in_no_output_after_replays_through_batch_and
     assert not [l for l in later if any(n in l.lower() for n in needles)]
     assert main(["profile", email, "--warehouse", str(wh)]) == 2
 
-    # and through the streaming graph, starting on the warehouse, keeping its identity store
-    out, replay_store = tmp_path / "stream", tmp_path / "replay-identity.sqlite"
+    # and through the streaming graph, starting on the warehouse, its identity store in Redis
+    out, replay_store = tmp_path / "stream", f"{redis_url}?prefix=gov-replay-{uuid.uuid4().hex}"
     assert main(["replay", "--input", str(sample / "events"), str(refused), "--out", str(out), "--warehouse", str(wh),
-                 "--identity-store", f"sqlite://{replay_store}", "--catalog", str(sample / "catalog.csv"),
+                 "--identity-store", replay_store, "--catalog", str(sample / "catalog.csv"),
                  "--rates", str(sample / "rates.csv")]) == 0
     outputs = {os.path.relpath(p, out): [l.lower() for l in open(p)] for p in glob.glob(str(out / "*" / "*.jsonl"))}
     assert any("profiles" in k for k in outputs) and any("dead_letters" in k for k in outputs)
     assert_absent(outputs, needles, "after a stream replay")
-    assert not set(identifiers) & store_nodes(replay_store)
-    assert store_nodes(replay_store)  # everyone else is there
+    assert not set(identifiers) & redis_nodes(replay_store)
+    assert redis_nodes(replay_store)  # everyone else is there
+
+
+def test_forget_clears_every_identity_store_named_redis_too(base, tmp_path, redis_url):
+    wh = tmp_path / "stores.duckdb"
+    copy_warehouse(base, wh)
+    with open_warehouse(str(wh), read_only=True) as warehouse:
+        history = warehouse.identity_history()
+    shared = f"{redis_url}?prefix=gov-forget-{uuid.uuid4().hex}"
+    rebuild_identity_store(shared, IdentityRules(), history)  # what a stream on Redis holds
+    user_id, profile_id = query(wh, "SELECT identifier_value, profile_id FROM identity_links "
+                                    "WHERE identifier_type = 'user_id' ORDER BY 1 LIMIT 1")[0]
+    identifiers = {tuple(r) for r in query(
+        wh, "SELECT identifier_type, identifier_value FROM identity_links WHERE profile_id = ?", [profile_id])}
+    before = redis_nodes(shared)
+    assert identifiers <= before
+    assert main(["forget", f"user_id:{user_id}", "--warehouse", str(wh), "--identity-store", shared]) == 0
+    after = redis_nodes(shared)
+    assert not identifiers & after and after == before - identifiers
+    assert not identifiers & store_nodes(tmp_path / "stores.identity.sqlite")
+    store = open_identity_store(shared)
+    assert store.warehouse_version() == query(wh, "SELECT value FROM warehouse_meta WHERE name = 'version'")[0][0]
+    store.flush()
+    store.close()
 
 
 def test_forget_needs_an_exact_identifier(base, tmp_path, capsys):

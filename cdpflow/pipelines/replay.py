@@ -125,13 +125,13 @@ class _AppendJsonLines(beam.DoFn):
         self.rows = []
 
 
-def rebuild_identity_store(path: str, rules, history: Sequence[tuple], batch_size: int = 500) -> int:
+def rebuild_identity_store(uri: str, rules, history: Sequence[tuple], batch_size: int = 500) -> int:
     """Resolves a warehouse's accepted events into a new identity store, in event-time order.
 
     The order and the batching are the batch run's, so the graph is the one it committed; the
     rules are the warehouse's governance, so nothing forgotten is rebuilt. Returns the events resolved.
     """
-    store = open_identity_store(path, rules)
+    store = open_identity_store(uri, rules)
     try:
         for start in range(0, len(history), batch_size):
             store.resolve_batch((mid, ts, ids) for ts, mid, ids in history[start:start + batch_size])
@@ -150,8 +150,9 @@ def run_replay(inputs: Sequence[str], out_dir: str, config: dict, warehouse: Opt
     reached). Nothing but the three output folders is written under `out_dir`.
 
     Args:
-      identity_store: where the replay's identity store is built (`sqlite:///path` of a file
-        that does not exist yet); default a private folder, deleted afterwards.
+      identity_store: where the replay's identity store is built: `sqlite:///path` of a file that
+        does not exist yet, or an empty `redis://host:port/db[?prefix=]`; default a private
+        SQLite file, deleted afterwards.
     """
     lines = arrival_order(inputs)
     if not lines:
@@ -159,12 +160,20 @@ def run_replay(inputs: Sequence[str], out_dir: str, config: dict, warehouse: Opt
     os.makedirs(out_dir, exist_ok=True)
     for name in OUTPUTS:
         shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
-    store = sqlite_path(identity_store) if identity_store else None
-    if store and os.path.exists(store):
-        raise BadInput(f"--identity-store {identity_store}: exists already; a replay builds a new store")
+    if identity_store:
+        local = sqlite_path(identity_store)
+        if local is not None and os.path.exists(local):
+            raise BadInput(f"--identity-store {identity_store}: exists already; a replay builds a new store")
+        if local is None:
+            probe = open_identity_store(identity_store)
+            try:
+                if not probe.is_empty():
+                    raise BadInput(f"--identity-store {identity_store}: holds a graph already; a replay builds a new store")
+            finally:
+                probe.close()
     work = tempfile.mkdtemp(prefix="cdpflow-replay-")
     try:
-        store = store or os.path.join(work, "identity.sqlite")
+        store = identity_store or os.path.join(work, "identity.sqlite")
         history, model = None, None
         state = governance.GovernanceState()
         key = governance.LEGACY_KEY

@@ -125,6 +125,11 @@ class IdentityStore(abc.ABC):
     @abc.abstractmethod
     def _delete_profile(self, pid: str) -> None: ...
 
+    def _account_keys(self, root: str, account_types: FrozenSet[str]) -> List[str]:
+        """Node keys of these types in the profile `root` (the accounts fan-out counts)."""
+        return [k for pid in self._pids_of_root(root) for k in self._keys_of_owner(pid)
+                if k.split("\x00", 1)[0] in account_types]
+
     def _reroot(self, absorbed: str, survivor: str) -> None:
         """Every founder whose root is `absorbed` now has root `survivor`."""
         for pid in self._pids_of_root(absorbed):
@@ -479,13 +484,10 @@ class IdentityStore(abc.ABC):
         # nothing. One row per (identifier, account) with the first and last time: in event-time
         # order "seen within the window" is "last seen at most a window ago", and the check
         # costs one read however many partners a shared device collects.
-        account_types = set(self.rules.account_types)
+        account_types = frozenset(self.rules.account_types)
         if not account_types:
             return
-        accounts_of = {}
-        for root in set(roots.values()):
-            accounts_of[root] = [k for pid in self._pids_of_root(root) for k in self._keys_of_owner(pid)
-                                 if k.split("\x00", 1)[0] in account_types]
+        accounts_of = {root: self._account_keys(root, account_types) for root in set(roots.values())}
         rows = []
         for identifier in ids:
             if identifier in quarantined:
@@ -616,6 +618,10 @@ class IdentityStore(abc.ABC):
         self._atomically(lambda: self._set_meta("warehouse_version", int(version)))
 
     # ---------------------------------------------------------------- read-outs
+    def is_empty(self) -> bool:
+        """True if the store holds no identifier and no decision."""
+        return not list(self._all_nodes()) and not self.workers()
+
     def profile_of(self, identifier: Identifier) -> Optional[str]:
         return self._root_if_known(tuple(identifier))
 

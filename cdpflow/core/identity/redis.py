@@ -13,6 +13,7 @@ Layout (every key under a prefix, `cdpflow:identity` by default; `?prefix=` in t
   {p}:version              string   commits so far (the compare-and-set key)
   {p}:node                 hash     node key -> [type, value, owner, founder, quarantined, first, last]
   {p}:owner:{pid}          set      node keys a founder owns
+  {p}:owner:{pid}:{type}   set      the same, of one identifier type (fan-out reads the accounts only)
   {p}:profile              hash     pid -> [root, founder key]
   {p}:root:{root}          set      founders whose root this is
   {p}:counts:{root}        hash     identifier type -> how many the profile holds
@@ -38,6 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, TypeVar
 
 from cdpflow.core.identity.graph import IdentityStore
 from cdpflow.core.identity.rules import IdentityRules, key_identifier, node_key
+from cdpflow.errors import BadInput
 
 T = TypeVar("T")
 
@@ -170,7 +172,10 @@ class RedisIdentityStore(IdentityStore):
         self.prefix = (query.get("prefix") or ["cdpflow:identity"])[0]
         self.uri = url
         self.client = redis.Redis.from_url(urllib.parse.urlunsplit(parsed._replace(query="")))
-        self.client.ping()  # a wrong address is an error now, not in the first batch
+        try:
+            self.client.ping()  # a wrong address is an error now, not in the first batch
+        except redis.exceptions.RedisError as err:
+            raise BadInput(f"identity store {url}: cannot reach Redis ({err}); is it running (`cdpflow stack up redis`)?") from None
         self._apply = self.client.register_script(_APPLY)
         self.max_retries = max_retries
         self.batch: Optional[_Batch] = None
@@ -258,6 +263,7 @@ class RedisIdentityStore(IdentityStore):
         id_type, value = key_identifier(key)
         self._put_node(key, (id_type, value, owner, founder, 0, ts, ts))
         self.batch.sadd(self.k("owner", owner), key)
+        self.batch.sadd(self.k("owner", owner, id_type), key)
 
     def _touch_node(self, key, ts):
         row = list(self._get_node(key))
@@ -272,18 +278,26 @@ class RedisIdentityStore(IdentityStore):
     def _set_node_owner(self, key, owner):
         row = list(self._get_node(key))
         self.batch.srem(self.k("owner", row[2]), key)
+        self.batch.srem(self.k("owner", row[2], row[0]), key)
         row[2] = owner
         self._put_node(key, row)
         self.batch.sadd(self.k("owner", owner), key)
+        self.batch.sadd(self.k("owner", owner, row[0]), key)
 
     def _delete_node(self, key):
         row = self._get_node(key)
         self.batch.hdel(self.k("node"), key)
         if row is not None:
             self.batch.srem(self.k("owner", row[2]), key)
+            self.batch.srem(self.k("owner", row[2], row[0]), key)
 
     def _keys_of_owner(self, pid):
         return sorted(self._view().smembers(self.k("owner", pid)))
+
+    def _account_keys(self, root, account_types):
+        view = self._view()
+        return sorted(k for pid in self._pids_of_root(root) for t in sorted(account_types)
+                      for k in view.smembers(self.k("owner", pid, t)))
 
     def _all_nodes(self):
         return [(key, tuple(json.loads(raw))) for key, raw in self._view().hgetall(self.k("node")).items()]

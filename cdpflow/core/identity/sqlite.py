@@ -168,6 +168,13 @@ class SQLiteIdentityStore(IdentityStore):
     def _delete_profile(self, pid):
         self.db.execute("DELETE FROM profile WHERE pid = ?", (pid,))
 
+    def _account_keys(self, root, account_types):
+        # One indexed query (node_owner covers owner and type): a giant profile costs no more.
+        types = sorted(account_types)
+        return [r[0] for r in self.db.execute(
+            "SELECT n.key FROM profile p JOIN node n ON n.owner = p.pid "
+            f"WHERE p.root = ? AND n.type IN ({','.join('?' * len(types))})", (root, *types))]
+
     def _reroot(self, absorbed, survivor):
         self.db.execute("UPDATE profile SET root = ? WHERE root = ?", (survivor, absorbed))
 
