@@ -11,7 +11,7 @@ from typing import Iterable, Tuple
 
 import apache_beam as beam
 from apache_beam import pvalue
-from apache_beam.coders import PickleCoder
+from apache_beam.coders import VarIntCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
@@ -77,7 +77,8 @@ class Dedup(beam.PTransform):
 class _FirstCopyFn(beam.DoFn):
     """Streaming dedup: the first copy of a messageId passes; state is kept for the horizon."""
 
-    FIRST = ReadModifyWriteStateSpec("first_received_at", PickleCoder())
+    # An explicit integer coder, not pickle: state restored after an upgrade still reads.
+    FIRST = ReadModifyWriteStateSpec("first_received_at", VarIntCoder())
     EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
 
     def __init__(self, horizon_us: int, keep_us: int):

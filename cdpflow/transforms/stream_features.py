@@ -26,28 +26,42 @@ transitions sent are remembered per profile, so a late event or a merge that cha
 history before the previous row sends the changed transitions, and nothing is sent twice.
 State size: each event is counted in both stages' per-day buckets, sessions and order times.
 
+The logic of both stages is `cdpflow.core.stream_state` (IdentifierMachine, ProfileMachine),
+shared with the Flink job; these DoFns only move values between Beam's state and timers and
+those functions. State is kept with `StateCoder`: the core's explicit, versioned encoding, not
+pickle, so state restored after an upgrade still reads.
+
 Run in a streaming pipeline (`cdpflow.pipelines.stream`); tests drive it with TestStream.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import apache_beam as beam
-from apache_beam.coders import PickleCoder
+from apache_beam.coders import Coder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Timestamp
 
-from cdpflow.core.features import (ORDERS, REVENUE, FeatureSettings, ProfileState, copy_state, features,
-                                   lifecycle_transitions, next_change)
-from cdpflow.core.timeutil import US_PER_DAY, epoch_day
-from cdpflow.models.clv import history_from_days
+from cdpflow.core.features import FeatureSettings
+from cdpflow.core.stream_state import IdentifierMachine, ProfileMachine, decode_state, encode_state
 from cdpflow.transforms.clv import _ScoreFn
 from cdpflow.transforms.features import PROFILES, TRANSITIONS, _settings
 
-_PUT, _RETRACT = "put", "retract"
+
+class StateCoder(Coder):
+    """Beam state through `cdpflow.core.stream_state`'s versioned JSON encoding."""
+
+    def encode(self, value):
+        return encode_state(value)
+
+    def decode(self, encoded):
+        return decode_state(encoded)
+
+    def is_deterministic(self):
+        return True
 
 
 def _micros(ts: Timestamp) -> int:
@@ -61,74 +75,51 @@ def _timer_time(micros: int) -> Timestamp:
 
 
 class _IdentifierStateFn(beam.DoFn):
-    STATE = ReadModifyWriteStateSpec("state", PickleCoder())
-    OWNER = ReadModifyWriteStateSpec("owner", PickleCoder())  # (profile_id, epoch, seq)
+    STATE = ReadModifyWriteStateSpec("state", StateCoder())  # ProfileState of the identifier's events
+    OWNER = ReadModifyWriteStateSpec("owner", StateCoder())  # (profile_id, epoch, seq)
 
     def __init__(self, session_timeout_us: int):
-        self.session_timeout_us = session_timeout_us
+        self.machine = IdentifierMachine(session_timeout_us)
         self.events = Metrics.counter(self.__class__, "events")
         self.handovers = Metrics.counter(self.__class__, "handovers")
 
     def process(self, element, state=beam.DoFn.StateParam(STATE), owner=beam.DoFn.StateParam(OWNER)):
         key, (kind, payload) = element
-        profile, version, seq = owner.read() or (None, -1, 0)
-        held = state.read()
         if kind == "event":
             event, epoch = payload
             self.events.inc()
-            held = held or ProfileState(self.session_timeout_us)
-            held.add(event)
+            new_owner, held, out, moved = self.machine.on_event(key, owner.read(), state.read(), event, epoch)
             state.write(held)
-            out = []
-            if profile is None or (epoch > version and event.profile_id != profile):
-                # First event, or the store's decision is newer than what this identifier knew.
-                out = list(self._hand_over(key, profile, event.profile_id, held, seq + 1))
-                profile = event.profile_id
-            else:
-                out = [(profile, (_PUT, key, seq + 1, copy_state(held)))]
-            owner.write((profile, max(epoch, version), seq + 1))
         else:
             new_profile, epoch = payload
-            out = []
-            if epoch > version:  # else an older move than one already applied
-                if held is not None and new_profile != profile:
-                    out = list(self._hand_over(key, profile, new_profile, held, seq + 1))
-                    seq += 1
-                owner.write((new_profile, epoch, seq))
-        yield from out
-
-    def _hand_over(self, key, old, new, held, seq):
-        if old is not None:
+            new_owner, out, moved = self.machine.on_move(key, owner.read(), state.read(), new_profile, epoch)
+        if moved:
             self.handovers.inc()
-            yield old, (_RETRACT, key, seq, None)
-        yield new, (_PUT, key, seq, copy_state(held))
+        owner.write(new_owner)
+        yield from out
 
 
 class _ProfileFeaturesFn(beam.DoFn):
-    MEMBERS = ReadModifyWriteStateSpec("members", PickleCoder())  # {node key: (seq, ProfileState or None)}
-    EMITTED = ReadModifyWriteStateSpec("emitted", PickleCoder())  # (as_of of the last row, exists, transitions sent)
-    PENDING = ReadModifyWriteStateSpec("pending", PickleCoder())  # when the timer is set for
+    MEMBERS = ReadModifyWriteStateSpec("members", StateCoder())  # {node key: (seq, ProfileState or None)}
+    EMITTED = ReadModifyWriteStateSpec("emitted", StateCoder())  # (as_of of the last row, exists, transitions sent)
+    PENDING = ReadModifyWriteStateSpec("pending", StateCoder())  # when the timer is set for
     TICK = TimerSpec("tick", TimeDomain.WATERMARK)
 
     def __init__(self, settings: FeatureSettings, until: Optional[int] = None):
-        self.settings = settings
-        self.until = until
+        self.machine = ProfileMachine(settings, until)
         self.updates = Metrics.counter(self.__class__, "updates")
         self.rows = Metrics.counter(self.__class__, "rows")
         self.stale = Metrics.counter(self.__class__, "stale_messages")
+        self.retracted = Metrics.counter(self.__class__, "retracted_transitions")
 
     def process(self, element, timestamp=beam.DoFn.TimestampParam, members=beam.DoFn.StateParam(MEMBERS),
                 pending=beam.DoFn.StateParam(PENDING), tick=beam.DoFn.TimerParam(TICK)):
         _, (kind, key, seq, payload) = element
-        held: Dict[str, Tuple[int, Any]] = members.read() or {}
-        last_seq, _ = held.get(key, (0, None))
-        if seq <= last_seq:
-            # Overtaken by a newer message from the same identifier (its state already includes
-            # this one's): the order between the two stages does not matter.
+        held = self.machine.receive(members.read(), kind, key, seq, payload)
+        if held is None:
             self.stale.inc()
             return
         self.updates.inc()
-        held[key] = (seq, payload if kind == _PUT else None)
         members.write(held)
         when = _micros(timestamp)
         due = pending.read()
@@ -141,40 +132,17 @@ class _ProfileFeaturesFn(beam.DoFn):
                 emitted=beam.DoFn.StateParam(EMITTED), pending=beam.DoFn.StateParam(PENDING),
                 tick=beam.DoFn.TimerParam(TICK)):
         pending.clear()
-        if self.until is None and _micros(fired) > time.time() * 1_000_000 + US_PER_DAY:
-            # A live stream being drained: the runner moves the watermark to the end of time and
-            # fires every window and lifecycle timer, for times that have not come yet.
-            return
-        held = members.read() or {}
-        merged = ProfileState(self.settings.session_timeout_us)
-        for _, state in held.values():
-            if state is not None:
-                merged.merge(state)
-        last_as_of, exists, sent = emitted.read() or (None, False, frozenset())
-        if merged.first_seen is None:
-            if exists:
-                emitted.write((last_as_of, False, sent))
-                yield {"profile_id": key, "deleted": True, "as_of": max(_micros(fired), last_as_of or 0)}
-            return
-        as_of = max(_micros(fired), merged.last_seen, last_as_of if last_as_of is not None else merged.last_seen)
-        row = features(merged, as_of, self.settings)
-        row.update(profile_id=key, identifier_count=None, as_of=as_of, updated_at=int(time.time() * 1_000_000),
-                   _cause_message_id=merged.last_event[1],
-                   _history=history_from_days({d: v[REVENUE] for d, v in merged.days.items() if v[ORDERS]},
-                                              epoch_day(as_of)))
-        self.rows.inc()
-        yield row
-        # The whole stage history as it now stands, less what was already sent: a late order or a
-        # merge can change the stage at a time before the previous row, and that change is sent too.
-        history = lifecycle_transitions(merged, None, as_of, self.settings.lifecycle)
-        new = [t for t in history if t not in sent]
-        for at, before, after in new:
-            yield beam.pvalue.TaggedOutput(TRANSITIONS, {
-                "profile_id": key, "from_stage": before, "to_stage": after, "transitioned_at": at,
-                "as_of": as_of, "source": "stream"})
-        emitted.write((as_of, True, sent | frozenset(new)))
-        following = next_change(merged, as_of, self.settings.lifecycle)
-        if following is not None and (self.until is None or following <= self.until):
+        row, transitions, now_emitted, following = self.machine.on_timer(
+            key, _micros(fired), members.read(), emitted.read(), int(time.time() * 1_000_000))
+        emitted.write(now_emitted)
+        if row is not None:
+            self.rows.inc()
+            yield row
+        for transition in transitions:
+            if transition.get("retracted"):
+                self.retracted.inc()
+            yield beam.pvalue.TaggedOutput(TRANSITIONS, transition)
+        if following is not None:
             tick.set(_timer_time(following))
             pending.write(following)
 

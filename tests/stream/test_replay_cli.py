@@ -19,7 +19,7 @@ from cdpflow.config import load_config
 from cdpflow.pipelines.batch import run_batch
 from cdpflow.pipelines.replay import arrival_order, end_of
 from tests.feature_oracle import events_from_warehouse
-from tests.stream.test_stream_oracle import assert_equals_oracle, assert_transitions_cover_the_oracle
+from tests.stream.test_stream_oracle import assert_equals_oracle, assert_transitions_equal_the_oracle
 
 pytestmark = pytest.mark.e2e
 
@@ -60,7 +60,7 @@ def test_replay_from_a_warehouse_writes_rows_equal_to_the_oracle(sample, tmp_pat
                                             config, end_of(lines))
     transitions = read_rows(out / "lifecycle_transitions")
     assert transitions and {t["source"] for t in transitions} == {"stream"}
-    assert_transitions_cover_the_oracle(transitions, events, final, config)
+    assert_transitions_equal_the_oracle(transitions, events, final, config)
     letters = read_rows(out / "dead_letters")
     assert letters and all(l["raw"] and l["error"] for l in letters)
 
@@ -75,3 +75,20 @@ def test_replay_refuses_what_it_cannot_read(tmp_path, capsys):
                    '"receivedAt": "2026-01-01T00:00:01Z"}\n')
     assert main(["replay", "--input", str(one), "--out", str(tmp_path / "o"), "--warehouse", str(tmp_path / "none.duckdb")]) == 2
     assert "no warehouse at" in capsys.readouterr().err
+
+
+def test_a_retried_bundle_leaves_no_rows_of_its_failed_attempt(tmp_path):
+    from cdpflow.pipelines.replay import _AppendJsonLines
+    failed = _AppendJsonLines(str(tmp_path), "profiles")
+    failed.start_bundle()
+    for i in range(3):
+        failed.process({"profile_id": f"p{i}"})
+    # the worker dies here: finish_bundle never runs; the runner retries the bundle elsewhere
+    retry = _AppendJsonLines(str(tmp_path), "profiles")
+    retry.start_bundle()
+    for i in range(3):
+        retry.process({"profile_id": f"p{i}", "_internal": 1})
+    retry.finish_bundle()
+    assert [r["profile_id"] for r in read_rows(tmp_path / "profiles")] == ["p0", "p1", "p2"]
+    assert all("_internal" not in r for r in read_rows(tmp_path / "profiles"))
+    assert not [f for f in os.listdir(tmp_path / "profiles") if not f.endswith(".jsonl")]

@@ -114,16 +114,18 @@ def test_survivor_covers_both_histories_right_after_the_merge(tmp_path, runner):
 
 
 @pytest.mark.parametrize("runner", STREAM_RUNNERS)
-def test_a_late_order_before_the_last_row_sends_the_changed_stage_history(tmp_path, runner):
+def test_a_late_order_before_the_last_row_retracts_the_superseded_transition_and_sends_the_new(tmp_path, runner):
     stream = EventStream().add_elements([stamped(track("p1", T0, name="Product Viewed", userId="u1"))])
     stream = watermark(stream, T0 + HOUR)
     late_order = track("o1", T0 - HOUR, received=T0 + 2 * HOUR, revenue=9, userId="u1")  # 3 h late: accepted
     stream = stream.add_elements([stamped(late_order)])
     stream = watermark(stream, T0 + 3 * HOUR)
     out = run_stream(stream, str(tmp_path / "id.sqlite"), runner=runner, until=T0 + 3 * HOUR)
-    sent = [(t["transitioned_at"], t["from_stage"], t["to_stage"]) for t in out["lifecycle_transitions"]]
-    # first the stage as it stood, then the history as the late order rewrote it, each once
-    assert sent == [(T0, None, "prospect"), (T0 - HOUR, None, "new")]
+    sent = [(t["transitioned_at"], t["from_stage"], t["to_stage"], t.get("retracted", False))
+            for t in out["lifecycle_transitions"]]
+    # first the stage as it stood; then the late order rewrites the history: the transition it
+    # superseded is retracted and the new one sent, each once, so the net history is the batch's
+    assert sent == [(T0, None, "prospect", False), (T0, None, "prospect", True), (T0 - HOUR, None, "new", False)]
     assert out["profiles"][-1]["lifecycle_stage"] == "new"
 
 

@@ -81,19 +81,36 @@ def assert_equals_oracle(rows, store_path, all_events, config, until):
     return expected, events, final
 
 
-def assert_transitions_cover_the_oracle(transitions, events, final, config):
-    """Every stage change of each profile's final history (up to its last row) was sent under its id."""
-    sent = {}
+def net_transitions(transitions):
+    """Per profile, the transitions sent and not retracted (a retraction cancels one send)."""
+    net = {}
     for t in transitions:
-        sent.setdefault(t["profile_id"], set()).add((t["transitioned_at"], t["from_stage"], t["to_stage"]))
-    missing = {}
+        key = (t["transitioned_at"], t["from_stage"], t["to_stage"])
+        held = net.setdefault(t["profile_id"], Counter())
+        held[key] += -1 if t.get("retracted") else 1
+    assert all(0 <= n <= 1 for held in net.values() for n in held.values()), "a retraction of nothing sent"
+    return {p: {k for k, n in held.items() if n > 0} for p, held in net.items()}
+
+
+def assert_transitions_equal_the_oracle(transitions, events, final, config):
+    """Each profile's net stage history (sent less retracted) equals the oracle's, exactly.
+
+    The oracle recomputes every final profile's history from the raw events (up to its last
+    row); a profile that no longer exists (absorbed) must have a net history of nothing.
+    """
+    net = net_transitions(transitions)
+    counts = Counter()
+    for t in transitions:
+        counts[(t["profile_id"], t["transitioned_at"], t["from_stage"], t["to_stage"], bool(t.get("retracted")))] += 1
+    assert max(counts.values()) == 1  # nothing sent twice, nothing retracted twice
+    expected = {}
     for profile, row in final.items():
-        history = oracle_transitions(events[events["profile_id"] == profile], None, row["as_of"], config).get(profile, [])
-        lost = [h for h in history if h not in sent.get(profile, set())]
-        if lost:
-            missing[profile] = lost
-    assert not missing, f"{len(missing)} profiles lack transitions, e.g. {list(missing.items())[:3]}"
-    return sum(len(v) for v in sent.values())
+        expected[profile] = set(oracle_transitions(events[events["profile_id"] == profile], None, row["as_of"],
+                                                   config).get(profile, []))
+    wrong = {p: (net.get(p, set()), expected.get(p, set())) for p in set(net) | set(expected)
+             if net.get(p, set()) != expected.get(p, set())}
+    assert not wrong, f"{len(wrong)} profiles' stage histories differ (stream, oracle), e.g. {list(wrong.items())[:3]}"
+    return sum(len(v) for v in expected.values())
 
 
 def test_stream_ends_equal_to_the_oracle(traffic, tmp_path):
@@ -104,7 +121,7 @@ def test_stream_ends_equal_to_the_oracle(traffic, tmp_path):
     assert sorted(e.message_id for e in out["events"]) == sorted(all_events["message_id"])
     assert {d.stage for d in out["dead_letters"]} >= {"parse", "validate", "lateness"}
     expected, events, final = assert_equals_oracle(out["profiles"], store, all_events, config, end_of(lines))
-    assert assert_transitions_cover_the_oracle(out["lifecycle_transitions"], events, final, config) > len(expected)
+    assert assert_transitions_equal_the_oracle(out["lifecycle_transitions"], events, final, config) > len(expected)
     assert len(expected) > 100
     assert any(r.get("deleted") for r in out["profiles"])  # merges happened while streaming
     assert len({r["lifecycle_stage"] for r in expected.values()}) >= 4
@@ -131,7 +148,7 @@ def test_stream_started_on_a_warehouse_continues_from_its_history(traffic, tmp_p
     assert model is not None  # fitted by the batch job over the warehouse...
     out = run_stream(as_stream(lines[cut:]), store, config, preload=preload, clv_model=model, until=end_of(lines))
     expected, events, final_rows = assert_equals_oracle(out["profiles"], store, all_events, config, end_of(lines))
-    assert_transitions_cover_the_oracle(out["lifecycle_transitions"], events, final_rows, config)
+    assert_transitions_equal_the_oracle(out["lifecycle_transitions"], events, final_rows, config)
     # ...and applied in the stream: every row of a customer with orders is scored with it, and
     # matches the model evaluated here on the oracle's purchase history
     final = latest_rows(out["profiles"], end_of(lines))
