@@ -14,7 +14,8 @@ A rules file looks like:
             - orders_90d: {gte: 2}
 
 A condition is `all: [...]`, `any: [...]`, `not: {...}`, or `field: {operator: value}` (several
-fields in one mapping must all hold). Operators: eq, ne, in, not_in, gt, gte, lt, lte, between
+fields in one mapping must all hold). Operators: eq, ne, in, not_in (on a list field: any / none
+of its elements is one of the values), gt, gte, lt, lte, between
 (inclusive), contains (a list field holds the value), contains_any, exists. Strings compare
 case-insensitively. A field is looked up in the profile's features, then in its traits; a
 missing field fails every operator except `exists: false` and `ne`.
@@ -64,18 +65,34 @@ def _as_list(actual):
     return actual if isinstance(actual, (list, tuple)) else []
 
 
+def _key(value: Any) -> Any:
+    # A hashable, case-folded stand-in, so a value of any JSON shape can be looked up in a set.
+    value = _fold(value)
+    if isinstance(value, (list, tuple, dict)):
+        return repr(value)
+    return value
+
+
+def _is_in(actual: Any, expected) -> bool:
+    """`in`: the value is one of the expected; a list field is in if any of its elements is."""
+    wanted = {_key(x) for x in expected}
+    if isinstance(actual, (list, tuple)):
+        return any(_key(x) in wanted for x in actual)
+    return _key(actual) in wanted
+
+
 _OPERATORS: Dict[str, Callable[[Any, Any], bool]] = {
     "eq": lambda a, e: a is not _MISSING and _fold(a) == _fold(e),
     "ne": lambda a, e: a is _MISSING or _fold(a) != _fold(e),
-    "in": lambda a, e: a is not _MISSING and _fold(a) in {_fold(x) for x in e},
-    "not_in": lambda a, e: a is not _MISSING and _fold(a) not in {_fold(x) for x in e},
+    "in": lambda a, e: a is not _MISSING and _is_in(a, e),
+    "not_in": lambda a, e: a is not _MISSING and not _is_in(a, e),
     "gt": _compare(lambda a, e: a > e),
     "gte": _compare(lambda a, e: a >= e),
     "lt": _compare(lambda a, e: a < e),
     "lte": _compare(lambda a, e: a <= e),
     "between": lambda a, e: _compare(lambda x, y: x >= y)(a, e[0]) and _compare(lambda x, y: x <= y)(a, e[1]),
-    "contains": lambda a, e: _fold(e) in {_fold(x) for x in _as_list(a)},
-    "contains_any": lambda a, e: bool({_fold(x) for x in _as_list(a)} & {_fold(x) for x in e}),
+    "contains": lambda a, e: _key(e) in {_key(x) for x in _as_list(a)},
+    "contains_any": lambda a, e: bool({_key(x) for x in _as_list(a)} & {_key(x) for x in e}),
     "exists": lambda a, e: (a is not _MISSING and a is not None) == bool(e),
 }
 

@@ -53,3 +53,14 @@ def test_shipped_rules_parse_and_config_merges(tmp_path):
     config = load_config(str(user))
     assert config["default_region"] == "GB"
     assert config["lifecycle"] == {"new_days": 14, "active_days": 90, "at_risk_days": 180, "churned_days": 365}
+
+
+def test_in_and_not_in_on_list_fields_and_values_of_any_shape_never_raise():
+    rules = parse_rules({"version": "t", "segments": [
+        {"name": "likes_running", "when": {"interests": {"in": ["Running", "trail"]}}},
+        {"name": "no_yoga", "when": {"interests": {"not_in": ["yoga"]}}},
+        {"name": "odd_shapes", "when": {"tags": {"in": [{"a": 1}, ["x"], "plain"]}}}]})
+    assert rules.evaluate(profile(interests=["running", "cycling"])) == ["likes_running", "no_yoga"]
+    assert rules.evaluate(profile(interests=["Yoga"])) == []
+    assert rules.evaluate(profile(interests=[], tags=[{"a": 1}])) == ["no_yoga", "odd_shapes"]
+    assert rules.evaluate(profile(interests="running", tags={"nested": ["x"]})) == ["likes_running", "no_yoga"]

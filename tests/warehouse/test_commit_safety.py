@@ -275,3 +275,17 @@ def test_open_warehouse_by_uri(base, tmp_path):
     with open_warehouse(f"duckdb://{wh}", read_only=True) as a, open_warehouse(str(wh), read_only=True) as b:
         assert a.version() == b.version() > 0
         assert a.count("profiles") == b.count("profiles") > 0
+
+
+def test_resolve_profile_id_follows_merges_but_not_undone_ones(tmp_path):
+    path = tmp_path / "merges.duckdb"
+    with open_warehouse(str(path)) as wh:  # creates the tables
+        wh.con.execute("INSERT INTO profiles BY NAME SELECT unnest(['p_a', 'p_b', 'p_c']) AS profile_id, "
+                       "now() AS as_of, now() AS updated_at")
+        wh.con.execute("""INSERT INTO profile_merges BY NAME SELECT * FROM (VALUES
+            ('p_a', 'p_old', 'm1', 'shared email', TIMESTAMPTZ '2026-01-01', NULL, NULL),
+            ('p_b', 'p_c', 'm2', 'shared email', TIMESTAMPTZ '2026-01-02', TIMESTAMPTZ '2026-02-01', 'manual split'))
+            AS t(survivor_id, absorbed_id, cause_message_id, reason, merged_at, undone_at, undone_by)""")
+        assert wh.resolve_profile_id("p_old") == "p_a"  # absorbed: answers with its survivor
+        assert wh.resolve_profile_id("p_c") == "p_c"  # the merge was undone: it is itself again
+        assert [m["absorbed_id"] for m in wh.merges_into("p_b")] == []
