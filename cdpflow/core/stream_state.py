@@ -195,8 +195,12 @@ class ProfileMachine:
         return held
 
     def on_timer(self, profile_id: str, fired: int, members: Optional[Members], emitted: Optional[Emitted],
-                 now: int) -> Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]], Emitted, Optional[int]]:
+                 now: int, identifier_count: Optional[int] = None
+                 ) -> Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]], Emitted, Optional[int]]:
         """What the profile emits when its timer fires at `fired` (event time, µs).
+
+        `identifier_count` is how many identifiers the identity store says the profile holds
+        (the engine adapter reads it when the timer fires); the row carries it.
 
         Returns:
           (row, transitions, emitted, next timer): the profile row (a deletion row
@@ -221,7 +225,7 @@ class ProfileMachine:
             return {"profile_id": profile_id, "deleted": True, "as_of": as_of}, retracted, (last_as_of, False, frozenset()), None
         as_of = max(fired, merged.last_seen, last_as_of if last_as_of is not None else merged.last_seen)
         row = features(merged, as_of, self.settings)
-        row.update(profile_id=profile_id, identifier_count=None, as_of=as_of, updated_at=now, _cause_message_id=merged.last_event[1],
+        row.update(profile_id=profile_id, identifier_count=identifier_count, as_of=as_of, updated_at=now, _cause_message_id=merged.last_event[1],
                    _history=history_from_days({d: v[REVENUE] for d, v in merged.days.items() if v[ORDERS]},
                                               epoch_day(as_of)))
         # The whole stage history as it now stands, diffed against what was sent: a late order or

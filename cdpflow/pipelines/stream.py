@@ -83,7 +83,8 @@ def build_stream(lines: beam.PCollection, config: Dict[str, Any], identity_store
                                                       config["reporting_currency"])
     identity = enriched | "ResolveIdentity" >> ResolveIdentityStream(
         identity_store, identity_rules)
-    features = (identity[ROUTED], identity[MOVES]) | "StreamFeatures" >> StreamFeatures(settings, clv_model, until)
+    features = (identity[ROUTED], identity[MOVES]) | "StreamFeatures" >> StreamFeatures(settings, clv_model, until,
+                                                                                             identity_store)
     dead_letters = ((parsed[DEAD_LETTERS], normalized[DEAD_LETTERS], unique[DEAD_LETTERS], on_time[DEAD_LETTERS],
                      identity[DEAD_LETTERS])
                     | "AllDeadLetters" >> beam.Flatten())

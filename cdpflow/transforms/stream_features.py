@@ -46,6 +46,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.utils.timestamp import Timestamp
 
 from cdpflow.core.features import FeatureSettings
+from cdpflow.core.identity import open_identity_store
 from cdpflow.core.stream_state import IdentifierMachine, ProfileMachine, decode_state, encode_state
 from cdpflow.transforms.clv import _ScoreFn
 from cdpflow.transforms.features import PROFILES, TRANSITIONS, _settings
@@ -105,12 +106,23 @@ class _ProfileFeaturesFn(beam.DoFn):
     PENDING = ReadModifyWriteStateSpec("pending", StateCoder())  # when the timer is set for
     TICK = TimerSpec("tick", TimeDomain.WATERMARK)
 
-    def __init__(self, settings: FeatureSettings, until: Optional[int] = None):
+    def __init__(self, settings: FeatureSettings, until: Optional[int] = None, identity_store: Optional[str] = None):
         self.machine = ProfileMachine(settings, until)
+        self.identity_store = identity_store
+        self.store = None
         self.updates = Metrics.counter(self.__class__, "updates")
         self.rows = Metrics.counter(self.__class__, "rows")
         self.stale = Metrics.counter(self.__class__, "stale_messages")
         self.retracted = Metrics.counter(self.__class__, "retracted_transitions")
+
+    def setup(self):
+        if self.identity_store:
+            # Read only: how many identifiers a profile holds, for its rows.
+            self.store = open_identity_store(self.identity_store)
+
+    def teardown(self):
+        if self.store is not None:
+            self.store.close()
 
     def process(self, element, timestamp=beam.DoFn.TimestampParam, members=beam.DoFn.StateParam(MEMBERS),
                 pending=beam.DoFn.StateParam(PENDING), tick=beam.DoFn.TimerParam(TICK)):
@@ -132,8 +144,9 @@ class _ProfileFeaturesFn(beam.DoFn):
                 emitted=beam.DoFn.StateParam(EMITTED), pending=beam.DoFn.StateParam(PENDING),
                 tick=beam.DoFn.TimerParam(TICK)):
         pending.clear()
+        count = self.store.identifier_count(key) if self.store is not None else None
         row, transitions, now_emitted, following = self.machine.on_timer(
-            key, _micros(fired), members.read(), emitted.read(), int(time.time() * 1_000_000))
+            key, _micros(fired), members.read(), emitted.read(), int(time.time() * 1_000_000), count)
         emitted.write(now_emitted)
         if row is not None:
             self.rows.inc()
@@ -157,14 +170,17 @@ class StreamFeatures(beam.PTransform):
       clv_model: the `clv_models` row to score rows with (none: CLV columns stay null).
       until: a replay's end: no window or lifecycle timer is set past it. None (a live stream):
         timers more than a day past the wall clock (a drain) emit nothing.
+      identity_store: the identity store's URI, read for each row's `identifier_count` (how
+        many identifiers the store says the profile holds when the row is emitted); None: null.
     """
 
     def __init__(self, settings: Union[FeatureSettings, dict] = FeatureSettings(), clv_model: Optional[dict] = None,
-                 until: Optional[int] = None):
+                 until: Optional[int] = None, identity_store: Optional[str] = None):
         super().__init__()
         self.settings = _settings(settings)
         self.clv_model = clv_model or {"status": "no model", "model_id": None}
         self.until = until
+        self.identity_store = identity_store
 
     def expand(self, inputs):
         routed, moves = inputs
@@ -174,7 +190,7 @@ class StreamFeatures(beam.PTransform):
         to_profiles = tagged | "IdentifierState" >> beam.ParDo(
             _IdentifierStateFn(self.settings.session_timeout_us)).with_input_types(Tuple[str, Any])
         results = to_profiles | "ProfileFeatures" >> beam.ParDo(
-            _ProfileFeaturesFn(self.settings, self.until)).with_input_types(Tuple[str, Any]).with_outputs(TRANSITIONS, main=PROFILES)
+            _ProfileFeaturesFn(self.settings, self.until, self.identity_store)).with_input_types(Tuple[str, Any]).with_outputs(TRANSITIONS, main=PROFILES)
         # The models the batch job fitted over the warehouse, applied to the rows in batches
         # (fixed in the DoFn, not a side input: a stream may start before a side input is ready).
         scored = (results[PROFILES]

@@ -78,6 +78,13 @@ def assert_equals_oracle(rows, store_path, all_events, config, until):
                   if not same(final[p][c], want)]
     detail = "\n".join(f"  {p} {c}: stream {g!r} oracle {w!r}" for p, c, g, w in mismatches[:20])
     assert not mismatches, f"{len(mismatches)} mismatches, by column {dict(Counter(m[1] for m in mismatches))}:\n{detail}"
+    # identifier_count: what the identity store says each profile holds (the batch's definition)
+    store = SQLiteIdentityStore(store_path)
+    try:
+        held = Counter(link["profile_id"] for link in store.links())
+    finally:
+        store.close()
+    assert {p: r["identifier_count"] for p, r in final.items()} == {p: held[p] for p in final}
     return expected, events, final
 
 

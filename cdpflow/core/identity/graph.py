@@ -622,6 +622,10 @@ class IdentityStore(abc.ABC):
         """True if the store holds no identifier and no decision."""
         return not list(self._all_nodes()) and not self.workers()
 
+    def identifier_count(self, profile_id: str) -> int:
+        """How many identifiers the profile holds now (0 for one that does not exist)."""
+        return sum(self._counts_of(profile_id).values())
+
     def profile_of(self, identifier: Identifier) -> Optional[str]:
         return self._root_if_known(tuple(identifier))
 
