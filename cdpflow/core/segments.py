@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Mapping, Sequence
 import yaml
 
 from cdpflow.errors import BadInput
+from cdpflow.schemas.topics import SEGMENT_CHANGES
 
 _MISSING = object()
 
@@ -178,7 +179,7 @@ def load_rules(path: str) -> RuleSet:
         return parse_rules(yaml.safe_load(handle))
 
 
-SEGMENT_CHANGES_TOPIC = "cdp.segments.changes"
+SEGMENT_CHANGES_TOPIC = SEGMENT_CHANGES.name
 
 
 def idempotency_key(profile_id: str, segment: str, direction: str, cause: str) -> str:
