@@ -16,7 +16,9 @@ SEED ?= 7
 # apt-get needs root; a developer who is not root gets sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv run test test-fast bench prism redis-server stack stack-down clean
+KAFKA_LIBS := .cache/kafka/libs
+
+.PHONY: venv run test test-fast bench prism redis-server java mvn kafka stack stack-down clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PY) -m venv $(VENV)
@@ -35,10 +37,10 @@ run: venv
 	CDPFLOW_DEMO=1 $(BIN)/cdpflow run --input $(SAMPLE)/events --catalog $(SAMPLE)/catalog.csv --rates $(SAMPLE)/rates.csv \
 		--warehouse $(WAREHOUSE)
 
-test: venv prism redis-server
+test: venv prism redis-server kafka
 	$(BIN)/python -m pytest tests
 
-test-fast: venv prism redis-server
+test-fast: venv prism redis-server kafka
 	$(BIN)/python -m pytest -m "not e2e" tests
 
 bench: venv
@@ -56,8 +58,26 @@ redis-server:
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && \
 		$(SUDO) apt-get install -y --no-install-recommends redis-server; }
 
-# The local services on 127.0.0.1 (default set: redis), data under .stack/; see README "Local services".
-stack: venv redis-server
+# Java and Maven from Debian's packages, for the Kafka broker; installed once, when missing.
+java:
+	@command -v java >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y --no-install-recommends openjdk-17-jre-headless; }
+
+mvn:
+	@command -v mvn >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y --no-install-recommends maven; }
+
+# The Kafka broker's runtime jars from Maven Central (no Kafka in Debian), fetched once: the stamp
+# is written only after every jar has been copied, so an interrupted fetch is done again.
+kafka: java $(KAFKA_LIBS)/.fetched
+$(KAFKA_LIBS)/.fetched: cdpflow/stack/kafka-pom.xml | mvn
+	rm -rf $(KAFKA_LIBS)
+	mvn -B -q -f cdpflow/stack/kafka-pom.xml dependency:copy-dependencies -DincludeScope=runtime \
+		-DoutputDirectory=$(CURDIR)/$(KAFKA_LIBS)
+	touch $@
+
+# The local services on 127.0.0.1 (default set: redis, kafka), data under .stack/; see README "Local services".
+stack: venv redis-server kafka
 	$(BIN)/cdpflow stack up
 
 stack-down: venv

@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     f"apache-beam=={BEAM_VERSION}",
     "duckdb==1.5.5",
     "fastjsonschema>=2.20,<3",
+    "kafka-python>=3.0.12,<4",  # `cdpflow stack`'s broker check and topics; the collector and stream to come
     "orjson>=3.10,<4",
     "phonenumbers>=8.13,<10",
     "pyarrow>=14",
@@ -30,7 +31,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     "gcp": [f"apache-beam[gcp]=={BEAM_VERSION}", "google-cloud-bigquery>=3.20,<4"],
-    "kafka": ["kafka-python>=2.0.2"],
+    "kafka": [],  # kafka-python is in the base install now; the extra stays so `.[kafka]` still resolves
     "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"],
     "ml": ["scikit-learn>=1.4", "joblib>=1.3"],
     "dev": ["pytest>=8", "hypothesis>=6.100", "pandas>=2.2"],  # pandas: the features test oracle
