@@ -5,8 +5,11 @@ Registered in tests/conftest.py (`pytest_plugins`), so any test module can ask f
     def test_something(redis_url):      # redis://127.0.0.1:PORT/0 of a Redis started for the session
         ...
 
-Each service gets a free port (never the default, so a developer's own Redis on 6379 is left
-alone) and a temporary stack folder. The programs are installed by `make test`; a missing one
+    def test_other(kafka_bootstrap):    # 127.0.0.1:PORT of a Kafka broker with the project's topics
+        ...
+
+Each service gets free ports (never the defaults, so a developer's own Redis on 6379 or Kafka on
+9092 is left alone) and a temporary stack folder. The programs are installed by `make test`; a missing one
 fails the tests that need it rather than skipping them.
 """
 from __future__ import annotations
@@ -16,6 +19,7 @@ import socket
 
 import pytest
 
+from cdpflow.stack.kafka import Kafka
 from cdpflow.stack.redis import Redis
 
 
@@ -31,6 +35,13 @@ def require(program: str) -> None:
         pytest.fail(f"{program} is not installed: run `make test`, which installs it before the suite")
 
 
+def require_kafka(kafka: Kafka) -> None:
+    """Fails (never skips) when Java or the broker's jars are missing."""
+    require(Kafka.program)
+    if not any(kafka.libs.glob("kafka_2.13-*.jar")):
+        pytest.fail(f"Kafka's jars are not in {kafka.libs}: run `make test`, which fetches them before the suite")
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
     """The URL of a Redis (AOF on, 127.0.0.1 only) that lives for the test session."""
@@ -41,3 +52,15 @@ def redis_url(tmp_path_factory):
         yield redis.url()
     finally:
         redis.down()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory):
+    """The bootstrap servers (`127.0.0.1:PORT`) of a Kafka broker, with the project's topics, for the session."""
+    kafka = Kafka(tmp_path_factory.mktemp("stack"), port=free_port(), controller_port=free_port())
+    require_kafka(kafka)
+    kafka.up()
+    try:
+        yield kafka.bootstrap_servers()
+    finally:
+        kafka.down()

@@ -6,8 +6,8 @@
 
 Everything listens on 127.0.0.1. Data lives under `.stack/` at the project root (git-ignored),
 one folder per component, or under `CDPFLOW_STACK_DIR`. Installing the programs is `make`'s job
-(`make stack`, `make test`), never this package's. Redis is the first component; Kafka, Flink
-and the BigQuery emulator join the registry below as `Component`s of their own.
+(`make stack`, `make test`), never this package's. Redis and Kafka are the components so far;
+Flink and the BigQuery emulator join the registry below as `Component`s of their own.
 """
 from __future__ import annotations
 
@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Type
 
 from cdpflow.errors import BadInput
-from cdpflow.stack.base import RUNNING, STOPPED, UNHEALTHY, Component, ComponentStatus, StackError
+from cdpflow.stack.base import (RUNNING, STOPPED, UNHEALTHY, Component, ComponentStatus, StackError,
+                                project_root)
+from cdpflow.stack.kafka import Kafka
 from cdpflow.stack.redis import Redis
 
 # In start order; `down` stops them in the reverse order (a consumer before what it consumes).
-COMPONENTS: Dict[str, Type[Component]] = {"redis": Redis}
-DEFAULT_COMPONENTS = ("redis",)
+COMPONENTS: Dict[str, Type[Component]] = {"redis": Redis, "kafka": Kafka}
+DEFAULT_COMPONENTS = ("redis", "kafka")
 
 __all__ = ["COMPONENTS", "DEFAULT_COMPONENTS", "RUNNING", "STOPPED", "UNHEALTHY", "Component", "ComponentStatus",
            "StackError", "components", "down", "stack_dir", "status", "up"]
@@ -32,11 +34,7 @@ def stack_dir() -> Path:
     configured = os.environ.get("CDPFLOW_STACK_DIR")
     if configured:
         return Path(configured).resolve()
-    checkout = Path(__file__).resolve().parents[2]
-    # From a source checkout (the usual case) the project root, wherever the command runs from;
-    # an installed package has no project root, so the folder the command runs in.
-    root = checkout if (checkout / "setup.py").exists() else Path.cwd()
-    return root / ".stack"
+    return project_root() / ".stack"
 
 
 def components(names: Optional[Sequence[str]] = None, root: Optional[Path] = None,

@@ -12,8 +12,8 @@ configuration, its pidfile and its log, listens on 127.0.0.1 only, and keeps thi
 - `status()` says running, stopped or unhealthy, without changing anything.
 
 Installing the program is never a component's job: `make stack` and `make test` install it first.
-`ProcessComponent` is the common case, one daemon process with a pidfile; Redis is one, and so
-will be the Kafka broker and the BigQuery emulator.
+`ProcessComponent` is the common case, one daemon process with a pidfile; Redis and the Kafka
+broker are, and so will be the BigQuery emulator.
 """
 from __future__ import annotations
 
@@ -51,6 +51,14 @@ class ComponentStatus:
     pid: Optional[int]
     folder: Path
     detail: str = ""
+
+
+def project_root() -> Path:
+    """The project root of a source checkout, or the folder the command runs in for an installed package."""
+    checkout = Path(__file__).resolve().parents[2]
+    # From a source checkout (the usual case) the project root, wherever the command runs from;
+    # an installed package has no project root, so the folder the command runs in.
+    return checkout if (checkout / "setup.py").exists() else Path.cwd()
 
 
 def env_port(variable: str, default: int) -> int:
@@ -254,6 +262,10 @@ class ProcessComponent(Component):
             return not Path("/proc/self").exists()  # no /proc to ask: trust the pidfile
         except OSError:
             return False
+        return self._is_ours(cmdline)
+
+    def _is_ours(self, cmdline: bytes) -> bool:
+        """Whether a live process with this command line (NUL-separated arguments) is this component's."""
         return self.program.encode() in cmdline
 
     @staticmethod

@@ -1,7 +1,8 @@
 """`cdpflow stack` with its Redis component: idempotent up and down, health, AOF, loopback only.
 
 The module drives one Redis through the command line (`main(["stack", ...])`) on a free port in
-a temporary stack folder, as `make stack` would, and takes it down at the end.
+a temporary stack folder, as `make stack` would, and takes it down at the end. It names `redis`
+when it starts the stack: the default set holds Kafka too (tests/stack/test_kafka.py).
 """
 import os
 import signal
@@ -35,7 +36,7 @@ def client(port):
 
 
 def test_up_twice_keeps_the_same_process_and_status_is_healthy(stack, capsys):
-    assert main(["stack", "up"]) == 0
+    assert main(["stack", "up", "redis"]) == 0
     first = stack.redis.pid()
     assert first is not None
     capsys.readouterr()
@@ -48,7 +49,7 @@ def test_up_twice_keeps_the_same_process_and_status_is_healthy(stack, capsys):
 
 
 def test_it_listens_on_loopback_only_with_the_append_only_file_on(stack):
-    assert main(["stack", "up"]) == 0
+    assert main(["stack", "up", "redis"]) == 0
     with client(stack.port) as c:
         assert c.config_get("bind") == {"bind": "127.0.0.1"}
         assert c.config_get("protected-mode") == {"protected-mode": "yes"}
@@ -57,7 +58,7 @@ def test_it_listens_on_loopback_only_with_the_append_only_file_on(stack):
 
 
 def test_data_outlives_down_and_up_in_the_append_only_file(stack):
-    assert main(["stack", "up"]) == 0
+    assert main(["stack", "up", "redis"]) == 0
     before = stack.redis.pid()
     with client(stack.port) as c:
         c.set("profile:p-1", "ann@example.org")
@@ -66,14 +67,14 @@ def test_data_outlives_down_and_up_in_the_append_only_file(stack):
     aof = stack.redis.folder / "appendonlydir"
     assert any(b"profile:p-1" in f.read_bytes() for f in aof.iterdir())
     assert not (stack.redis.folder / "dump.rdb").exists()  # the AOF is the one copy
-    assert main(["stack", "up"]) == 0
+    assert main(["stack", "up", "redis"]) == 0
     assert stack.redis.pid() not in (None, before)
     with client(stack.port) as c:
         assert c.get("profile:p-1") == b"ann@example.org"
 
 
 def test_status_fails_while_the_process_lives_but_does_not_answer(stack, capsys):
-    assert main(["stack", "up"]) == 0
+    assert main(["stack", "up", "redis"]) == 0
     pid = stack.redis.pid()
     capsys.readouterr()
     os.kill(pid, signal.SIGSTOP)
@@ -87,17 +88,17 @@ def test_status_fails_while_the_process_lives_but_does_not_answer(stack, capsys)
 
 
 def test_a_process_that_died_is_reported_and_started_again(stack):
-    assert main(["stack", "up"]) == 0
+    assert main(["stack", "up", "redis"]) == 0
     pid = stack.redis.pid()
     os.kill(pid, signal.SIGKILL)
     assert stack.redis.status().state == "unhealthy"
     assert main(["stack", "status"]) == 1
-    assert main(["stack", "up"]) == 0
+    assert main(["stack", "up", "redis"]) == 0
     assert stack.redis.pid() not in (None, pid)
 
 
 def test_down_stops_it_once_and_status_then_says_stopped(stack, capsys):
-    assert main(["stack", "up"]) == 0
+    assert main(["stack", "up", "redis"]) == 0
     capsys.readouterr()
     assert main(["stack", "down"]) == 0
     assert "redis: stopped" in capsys.readouterr().out
@@ -126,7 +127,7 @@ def test_a_start_that_fails_says_why_from_the_log(tmp_path, monkeypatch, capsys)
     assert "MANIFEST" in str(failed.value)  # the end of its log
     assert broken.pid() is None
     capsys.readouterr()
-    assert main(["stack", "up"]) == 1
+    assert main(["stack", "up", "redis"]) == 1
     assert "MANIFEST" in capsys.readouterr().err
 
 
