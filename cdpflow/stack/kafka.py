@@ -108,8 +108,15 @@ class Kafka(ProcessComponent):
 
     def cluster_id(self) -> str:
         """The KRaft cluster id: derived from the folder, so formatting it again would give the same."""
-        digest = uuid.uuid5(uuid.NAMESPACE_URL, self.folder.as_uri()).bytes
-        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+        attempt = 0
+        while True:
+            digest = uuid.uuid5(uuid.NAMESPACE_URL, f"{self.folder.as_uri()}#{attempt}").bytes
+            found = base64.urlsafe_b64encode(digest).decode().rstrip("=")
+            # An id that starts with '-' reads as an option on StorageTool's command line (Kafka's
+            # own random ids skip those too): one in 64 folders takes the next candidate.
+            if not found.startswith("-"):
+                return found
+            attempt += 1
 
     def config(self) -> str:
         """The text of server.properties, written anew at each start so changed ports take effect."""
