@@ -17,24 +17,28 @@ INSTALL_REQUIRES = [
     f"apache-beam=={BEAM_VERSION}",
     "duckdb==1.5.5",
     "fastjsonschema>=2.20,<3",
-    "kafka-python>=3.0.12,<4",  # `cdpflow stack`'s broker check and topics; the collector and stream to come
+    "fastapi>=0.110",  # the collector's HTTP API (with uvicorn)
+    "kafka-python>=3.0.12,<4",  # `cdpflow stack`'s broker check and topics; the collector's producer
     "orjson>=3.10,<4",
     "phonenumbers>=8.13,<10",
+    "prometheus-client>=0.20",  # the collector's /metrics
     "pyarrow>=14",
     "PyYAML>=6,<7",
-    "redis>=5",  # the Redis client: `cdpflow stack`'s health check, and the Redis identity store to come
+    "redis>=5",  # the Redis client: `cdpflow stack`'s health check, and the Redis identity store
     "rich>=13,<16",
     "scipy>=1.11",
     "ua-parser>=1.0,<2",
     "ua-parser-builtins",
+    "uvicorn>=0.29",
 ]
 
 EXTRAS_REQUIRE = {
     "gcp": [f"apache-beam[gcp]=={BEAM_VERSION}", "google-cloud-bigquery>=3.20,<4"],
     "kafka": [],  # kafka-python is in the base install now; the extra stays so `.[kafka]` still resolves
-    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"],
+    "serve": [],  # in the base install now (the collector); the extra stays so `.[serve]` still resolves
     "ml": ["scikit-learn>=1.4", "joblib>=1.3"],
-    "dev": ["pytest>=8", "hypothesis>=6.100", "pandas>=2.2"],  # pandas: the features test oracle
+    # pandas: the features test oracle; segment-analytics-python: a real SDK for the collector tests
+    "dev": ["pytest>=8", "hypothesis>=6.100", "pandas>=2.2", "segment-analytics-python>=2.3", "requests>=2.31"],
 }
 
 setuptools.setup(

@@ -96,6 +96,23 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("--warehouse", required=True)
     pub.add_argument("--changes-out", help="JSON-lines file the segment changes are published to")
 
+    imp = sub.add_parser("import", help="CRM exports and point-of-sale files as tracking events")
+    imp.add_argument("kind", choices=("crm", "pos"))
+    imp.add_argument("file", help="CSV (with a header) or JSON lines")
+    imp.add_argument("--mapping", required=True, help="YAML: which columns are identifiers, traits, the time")
+    imp.add_argument("--to", required=True, help="kafka (cdp.events.raw), or a JSON-lines file to write")
+    imp.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka brokers for --to kafka")
+    imp.add_argument("--dead-letters", help="JSON-lines file for refused rows (default: beside --to FILE; "
+                                            "with --to kafka: the cdp.events.deadletter topic)")
+    imp.add_argument("--config", help="YAML configuration merged over the defaults (its default_region)")
+
+    serve = sub.add_parser("serve", help="run a service: the tracking-API collector")
+    serve.add_argument("service", choices=("collector",))
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8088, help="port (default 8088)")
+    serve.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka brokers HOST:PORT (default 127.0.0.1:9092)")
+    serve.add_argument("--config", help="YAML configuration merged over the defaults (its collector section)")
+
     from cdpflow.stack import COMPONENTS, DEFAULT_COMPONENTS
     stack = sub.add_parser("stack", help="start, stop or check the local services (data under .stack/)")
     stack.add_argument("action", choices=("up", "down", "status"))
@@ -405,12 +422,81 @@ def cmd_stack(args) -> int:
     return 0
 
 
+def collector_from_config(config, bootstrap: str):
+    """The collector of the configuration's `collector` section, storing into Kafka at `bootstrap`."""
+    from cdpflow.collector.app import Collector
+    from cdpflow.collector.sink import KafkaSink
+    section = config.get("collector") or {}
+    if not section.get("write_keys"):
+        from cdpflow.errors import BadInput
+        raise BadInput("no write keys: set collector.write_keys (write key: source name) in a --config file")
+    sink = KafkaSink(bootstrap, timeout_s=float(section.get("store_timeout_seconds", 10)))
+    return Collector(sink, section["write_keys"], int(float(section.get("max_in_flight_mb", 8)) * 1024 * 1024))
+
+
+def cmd_import(args) -> int:
+    import orjson
+    from cdpflow.config import load_config
+    from cdpflow.connectors.convert import convert, load_mapping
+    config = load_config(args.config)
+    mapping = load_mapping(args.mapping, args.kind)
+    result = convert(args.file, mapping, config["default_region"])
+    if args.to == "kafka":
+        from cdpflow.collector.sink import KafkaSink, SinkUnavailable
+        from cdpflow.connectors.convert import dead_letter_key
+        from cdpflow.schemas.topics import DEAD_LETTERS, RAW_EVENTS, raw_event_key
+        events = KafkaSink(args.bootstrap, RAW_EVENTS.name)
+        letters = None if args.dead_letters else KafkaSink(args.bootstrap, DEAD_LETTERS.name)
+        try:
+            events.send([((raw_event_key(e) or "").encode() or None, orjson.dumps(e)) for e in result.events])
+            if letters is not None:
+                letters.send([(dead_letter_key(d).encode(), orjson.dumps(d)) for d in result.dead_letters])
+        except SinkUnavailable as err:
+            err_console.print(f"[red]cdpflow import: {err}; nothing was acknowledged, import again[/red]")
+            return 1
+        finally:
+            events.close()
+            if letters is not None:
+                letters.close()
+        where = f"Kafka {args.bootstrap} ({RAW_EVENTS.name})"
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(args.to)), exist_ok=True)
+        with open(args.to, "wb") as handle:
+            handle.writelines(orjson.dumps(e) + b"\n" for e in result.events)
+        where = args.to
+    letters_to = args.dead_letters or (None if args.to == "kafka" else os.path.splitext(args.to)[0] + ".deadletters.jsonl")
+    if letters_to:
+        with open(letters_to, "wb") as handle:
+            handle.writelines(orjson.dumps(d) + b"\n" for d in result.dead_letters)
+    console.print(f"{args.kind} import of {args.file}: {len(result.events)} event(s) to {where}, "
+                  f"{len(result.dead_letters)} dead letter(s)"
+                  + (f" in {letters_to}" if letters_to else " to cdp.events.deadletter"))
+    for letter in result.dead_letters[:10]:
+        err_console.print(f"  row {letter['row']}: {letter['stage']}: {letter['error']}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+    from cdpflow.collector.app import create_app
+    from cdpflow.config import load_config
+    config = load_config(args.config)
+    collector = collector_from_config(config, args.bootstrap)
+    app = create_app(collector, (config.get("collector") or {}).get("cors_origins") or ())
+    err_console.print(f"collector on http://{args.host}:{args.port} -> Kafka {args.bootstrap}")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        collector.sink.close()
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=os.environ.get("CDPFLOW_LOG", "WARNING"))
     args = _parser().parse_args(argv)
     handlers = {"generate": cmd_generate, "run": cmd_run, "replay": cmd_replay, "export": cmd_export,
                 "profile": cmd_profile, "identity": cmd_identity, "forget": cmd_forget, "publish": cmd_publish,
-                "stack": cmd_stack}
+                "stack": cmd_stack, "serve": cmd_serve, "import": cmd_import}
     from cdpflow.core.governance import GovernanceError
     from cdpflow.errors import BadInput
     from cdpflow.stack import StackError

@@ -88,3 +88,13 @@ def validate(config: Dict[str, Any], where: str) -> None:
     _number(config, where, "identity", "quarantine", "window_days")
     if identity.get("mode", "ordered") not in ("ordered", "parallel"):
         raise BadInput(f"{where}: identity.mode must be ordered or parallel, got {identity.get('mode')!r}")
+    collector = config.get("collector") or {}
+    keys = collector.get("write_keys") or {}
+    if not isinstance(keys, dict) or not all(isinstance(k, str) and k and isinstance(v, str) and v
+                                             for k, v in keys.items()):
+        raise BadInput(f"{where}: collector.write_keys must map each write key to its source's name")
+    origins = collector.get("cors_origins") or []
+    if not (isinstance(origins, list) and all(isinstance(o, str) for o in origins)):
+        raise BadInput(f"{where}: collector.cors_origins must be a list of origins such as https://shop.example.com")
+    _number(config, where, "collector", "max_in_flight_mb")
+    _number(config, where, "collector", "store_timeout_seconds")
