@@ -43,9 +43,11 @@ test: venv prism redis-server kafka
 test-fast: venv prism redis-server kafka
 	$(BIN)/python -m pytest -m "not e2e" tests
 
-bench: venv
+bench: venv redis-server kafka
 	$(BIN)/python benchmarks/pipeline_vs_reference.py
 	$(BIN)/python benchmarks/features.py
+	$(BIN)/python benchmarks/identity_store.py
+	$(BIN)/python benchmarks/collector.py
 
 # Prism, Beam's portable local runner, built from the Go module proxy (used by --runner prism).
 prism: .cache/bin/prism
