@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from cdpflow.collector.app import EVENT_TYPES  # noqa: E402
 from cdpflow.collector.send import send  # noqa: E402
+from cdpflow.stack.base import free_port  # noqa: E402
 from cdpflow.stack.kafka import Kafka  # noqa: E402
 from cdpflow.synthetic import generate  # noqa: E402
 
@@ -39,12 +39,6 @@ def acceptable(line: bytes) -> bool:
     except orjson.JSONDecodeError:
         return False
     return isinstance(event, dict) and event.get("type") in EVENT_TYPES
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def main(argv=None):

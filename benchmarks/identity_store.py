@@ -84,13 +84,10 @@ def bench_redis_store(keys, url, rules):
 
 def redis_for_benchmark(root):
     """A Redis of the stack's own (free port, AOF on) and how to stop it."""
-    import socket
     from pathlib import Path
+    from cdpflow.stack.base import free_port
     from cdpflow.stack.redis import Redis
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = Redis(Path(root) / "stack", port=port)
+    server = Redis(Path(root) / "stack", port=free_port())
     server.up()
     return server.url(), server.down
 

@@ -14,36 +14,13 @@ fails the tests that need it rather than skipping them.
 """
 from __future__ import annotations
 
-import random
 import shutil
-import socket
 
 import pytest
 
+from cdpflow.stack.base import free_port
 from cdpflow.stack.kafka import Kafka
 from cdpflow.stack.redis import Redis
-
-
-def free_port() -> int:
-    """A port nothing on 127.0.0.1 uses now, below the kernel's range for outgoing connections.
-
-    The kernel's own choice (bind to port 0) comes from that range, where any client connection
-    (a Kafka broker opens many) may take it between this call and the service's start; the stack
-    then refuses it as taken.
-    """
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as limits:
-            ephemeral_low = int(limits.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral_low = 32768
-    while True:
-        port = random.randrange(10000, max(ephemeral_low, 10001))
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
 
 
 def require(program: str) -> None:

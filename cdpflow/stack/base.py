@@ -21,6 +21,7 @@ import abc
 import dataclasses
 import errno
 import os
+import random
 import shutil
 import signal
 import socket
@@ -282,3 +283,25 @@ class ProcessComponent(Component):
         except OSError:
             return True
         return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def free_port() -> int:
+    """A port nothing on 127.0.0.1 uses now (for a component started on a free port: tests, benchmarks), below the kernel's range for outgoing connections.
+
+    The kernel's own choice (bind to port 0) comes from that range, where any client connection
+    (a Kafka broker opens many) may take it between this call and the service's start; the stack
+    then refuses it as taken.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as limits:
+            ephemeral_low = int(limits.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    while True:
+        port = random.randrange(10000, max(ephemeral_low, 10001))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port

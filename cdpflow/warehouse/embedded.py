@@ -265,12 +265,7 @@ class DuckDBWarehouse(Warehouse):
                 self.con.unregister("staged")
                 written[name] = self.count(name) - before
             if suppressed is not None:
-                gone = [d for d, found in self.con.execute(
-                    "SELECT dead_letter_id, identifiers::VARCHAR FROM dead_letters WHERE identifiers IS NOT NULL"
-                ).fetchall() if suppressed([tuple(i) for i in orjson.loads(found)])]
-                if gone:
-                    self.con.executemany("DELETE FROM dead_letters WHERE dead_letter_id = ?", [(d,) for d in gone])
-                written["dead_letters_forgotten"] = len(gone)
+                written["dead_letters_forgotten"] = self._delete_dead_letters(self._dead_letters_where(suppressed))
             if outbox:
                 written["outbox"] = self._insert_outbox(outbox, version, int(time.time() * 1_000_000))
             self._set_version(version)
@@ -440,10 +435,7 @@ class DuckDBWarehouse(Warehouse):
                 conflicts += self.con.execute(
                     f"DELETE FROM identity_conflicts WHERE list_has_any(profiles, [{marks}])", ids).fetchone()[0]
             counts["identity_conflicts"] = conflicts
-            letters = self._dead_letters_holding(wanted)
-            if letters:
-                self.con.executemany("DELETE FROM dead_letters WHERE dead_letter_id = ?", [(d,) for d in letters])
-            counts["dead_letters"] = len(letters)
+            counts["dead_letters"] = self._delete_dead_letters(self._dead_letters_holding(wanted))
             # Their messages go too, delivered or not (the exits below tell the destinations).
             counts["outbox"] = self.con.execute(
                 f"DELETE FROM outbox WHERE message_key IN ({marks})", ids).fetchone()[0] if ids else 0
@@ -459,11 +451,20 @@ class DuckDBWarehouse(Warehouse):
         return {"profile_id": profile_id, "request_id": request_id, "identifiers": identifiers,
                 "deleted": counts, "closed_memberships": closed, "exits": len(exits)}
 
-    def _dead_letters_holding(self, wanted) -> List[str]:
-        """Ids of the dead letters that carry one of these (type, normalised value) identifiers exactly."""
+    def _dead_letters_where(self, test) -> List[str]:
+        """Ids of the dead letters whose stored identifiers ([(type, normalised value)]) pass `test`."""
         return [dead_letter_id for dead_letter_id, found in self.con.execute(
             "SELECT dead_letter_id, identifiers::VARCHAR FROM dead_letters WHERE identifiers IS NOT NULL").fetchall()
-            if any(tuple(i) in wanted for i in orjson.loads(found))]
+            if test([tuple(i) for i in orjson.loads(found)])]
+
+    def _dead_letters_holding(self, wanted) -> List[str]:
+        """Ids of the dead letters that carry one of these (type, normalised value) identifiers exactly."""
+        return self._dead_letters_where(lambda identifiers: any(i in wanted for i in identifiers))
+
+    def _delete_dead_letters(self, dead_letter_ids: Sequence[str]) -> int:
+        if dead_letter_ids:
+            self.con.executemany("DELETE FROM dead_letters WHERE dead_letter_id = ?", [(d,) for d in dead_letter_ids])
+        return len(dead_letter_ids)
 
     def add_separations(self, pairs, now_us: int, reason: str, expected_version: Optional[int] = None) -> int:
         """Records pairs of identifiers that must stay in different profiles; returns how many were new."""

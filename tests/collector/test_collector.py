@@ -6,7 +6,6 @@ anonymousId), with receivedAt and the source; refused requests store nothing.
 """
 import base64
 import gzip
-import socket
 import threading
 import time
 import uuid
@@ -17,14 +16,9 @@ import requests
 
 from cdpflow.collector.app import MAX_EVENT_BYTES, Collector, create_app
 from cdpflow.collector.sink import RAW_TOPIC, KafkaSink
+from cdpflow.stack.base import free_port
 
 KEY, SOURCE = "wk_test_web", "web-shop"
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Server:
@@ -191,8 +185,7 @@ def test_with_kafka_stalled_it_holds_a_bounded_amount_answers_503_and_recovers(t
     import signal
     from concurrent.futures import ThreadPoolExecutor
     from cdpflow.stack.kafka import Kafka
-    from tests.services import free_port as stack_port
-    broker = Kafka(tmp_path / "stack", port=stack_port(), controller_port=stack_port())
+    broker = Kafka(tmp_path / "stack", port=free_port(), controller_port=free_port())
     broker.up()
     sink = KafkaSink(broker.bootstrap_servers(), timeout_s=3)
     server = Server(Collector(sink, {KEY: SOURCE}, max_in_flight_bytes=100))  # one request at a time
