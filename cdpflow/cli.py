@@ -61,6 +61,31 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--catalog", help="product catalog CSV for enrichment")
     rep.add_argument("--rates", help="currency rates CSV for enrichment")
 
+    live = sub.add_parser("stream", help="the live stream: cdp.events.raw -> change topics (and the warehouse)")
+    live.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka brokers HOST:PORT (default 127.0.0.1:9092)")
+    live.add_argument("--warehouse", required=True, help="the warehouse: duckdb:///path/cdp.duckdb or a file path")
+    live.add_argument("--runner", default="prism", choices=("prism",),
+                      help="prism (default; the DirectRunner cannot run the Kafka source)")
+    live.add_argument("--from", dest="start", default="earliest", choices=("earliest", "latest", "committed"),
+                      help="where to start reading cdp.events.raw (default earliest: the warehouse's events "
+                           "are recognised and counted once)")
+    live.add_argument("--until", help="ISO-8601 time: stop at records received after it, with every profile as of it")
+    live.add_argument("--identity-store", help="sqlite:///FILE or redis://HOST:PORT/DB the stream resolves against "
+                                               "(default: a SQLite file beside the warehouse, kept across runs)")
+    live.add_argument("--no-loader", action="store_true", help="write only to Kafka; a `cdpflow load` loads the warehouse")
+    live.add_argument("--config", help="YAML configuration merged over the defaults")
+    live.add_argument("--catalog", help="product catalog CSV for enrichment")
+    live.add_argument("--rates", help="currency rates CSV for enrichment")
+    live.add_argument("beam_args", nargs=argparse.REMAINDER, help="after --: Beam pipeline options")
+
+    load = sub.add_parser("load", help="the warehouse's single writer: the stream's topics -> the warehouse")
+    load.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka brokers HOST:PORT (default 127.0.0.1:9092)")
+    load.add_argument("--warehouse", required=True, help="the warehouse: duckdb:///path/cdp.duckdb or a file path")
+    load.add_argument("--identity-store", help="the identity store the stream resolves against "
+                                               "(default: the SQLite file beside the warehouse)")
+    load.add_argument("--until-caught-up", action="store_true", help="stop once the topics are loaded to their end")
+    load.add_argument("--config", help="YAML configuration merged over the defaults")
+
     exp = sub.add_parser("export", help="write a warehouse table to a file")
     exp.add_argument("table", help="events, identity_links, profiles, profile_merges, segment_memberships, dead_letters")
     exp.add_argument("--warehouse", required=True)
@@ -359,6 +384,50 @@ def cmd_replay(args) -> int:
     return 0
 
 
+def cmd_stream(args) -> int:
+    from cdpflow.config import load_config
+    from cdpflow.core.timeutil import parse_ts
+    from cdpflow.errors import BadInput
+    from cdpflow.pipelines.batch import reference_overrides
+    from cdpflow.pipelines.live import run_stream
+    config = load_config(args.config, enrichment=reference_overrides(args.catalog, args.rates))
+    try:
+        until = parse_ts(args.until) if args.until else None
+    except ValueError as err:
+        raise BadInput(f"--until {args.until!r}: {err}") from None
+    err_console.print(f"stream: Kafka {args.bootstrap} -> {args.warehouse} on {args.runner}"
+                      + ("" if until is None else f", until {args.until}") + " (Ctrl-C stops it)")
+    try:
+        loaded = run_stream(args.bootstrap, args.warehouse, config, args.runner, args.start, until,
+                            args.identity_store, loader=not args.no_loader,
+                            pipeline_args=[a for a in args.beam_args if a != "--"])
+    except KeyboardInterrupt:
+        return 130
+    _print_loaded(f"cdpflow stream -> {args.warehouse}", loaded)
+    return 0
+
+
+def _print_loaded(title, loaded) -> None:
+    table = Table(title=title)
+    table.add_column("loaded")
+    table.add_column("rows", justify="right")
+    for key, value in sorted(loaded.items()):
+        if isinstance(value, int):
+            table.add_row(key, str(value))
+    console.print(table)
+
+
+def cmd_load(args) -> int:
+    from cdpflow.config import load_config
+    from cdpflow.loader import run_loader
+    config = load_config(args.config)
+    err_console.print(f"loader: Kafka {args.bootstrap} -> {args.warehouse}"
+                      + ("" if args.until_caught_up else " (Ctrl-C stops it)"))
+    loaded = run_loader(args.bootstrap, args.warehouse, config, args.identity_store, args.until_caught_up)
+    _print_loaded(f"cdpflow load -> {args.warehouse}", loaded)
+    return 0
+
+
 def cmd_export(args) -> int:
     from cdpflow.warehouse import open_warehouse
     out = args.out or f"{args.table}.{args.format}"
@@ -530,7 +599,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"generate": cmd_generate, "run": cmd_run, "replay": cmd_replay, "export": cmd_export,
                 "profile": cmd_profile, "identity": cmd_identity, "forget": cmd_forget, "publish": cmd_publish,
-                "stack": cmd_stack, "serve": cmd_serve, "import": cmd_import, "send": cmd_send}
+                "stack": cmd_stack, "serve": cmd_serve, "import": cmd_import, "send": cmd_send,
+                "stream": cmd_stream, "load": cmd_load}
     from cdpflow.core.governance import GovernanceError
     from cdpflow.errors import BadInput
     from cdpflow.stack import StackError

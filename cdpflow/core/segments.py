@@ -25,10 +25,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Callable, Dict, List, Mapping, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
+from cdpflow.core.timeutil import format_ts
 from cdpflow.errors import BadInput
 from cdpflow.schemas.topics import SEGMENT_CHANGES
 
@@ -199,3 +200,86 @@ def outbox_message(change: Mapping[str, Any]) -> Dict[str, Any]:
     """A segment change as an outbox row: keyed by its profile, so one person's changes keep their order."""
     return {"idempotency_key": change["idempotency_key"], "topic": SEGMENT_CHANGES_TOPIC,
             "message_key": change["profile_id"], "payload": dict(change)}
+
+
+# ------------------------------------------------------------------------ memberships over time
+def lifecycle_version(lifecycle: Mapping[str, int]) -> str:
+    """The model_version recorded on lifecycle memberships: the thresholds they were cut at."""
+    return "lifecycle:" + "/".join(str(lifecycle.get(k, "-"))
+                                   for k in ("new_days", "active_days", "at_risk_days", "churned_days"))
+
+
+def segments_of(rules: RuleSet, lifecycle: Mapping[str, int], profile: Optional[Mapping[str, Any]]
+                ) -> Dict[str, Tuple[str, str]]:
+    """segment -> (source, model_version) of every segment a profile row belongs to (none: {})."""
+    if profile is None or profile.get("deleted"):
+        return {}
+    found = {f"lifecycle:{profile['lifecycle_stage']}": ("lifecycle", lifecycle_version(lifecycle))}
+    for name in rules.evaluate(profile):
+        found[name] = ("rule", rules.version)
+    return found
+
+
+# {"open": {segment: [source, version, entered_at]}, "entries": {segment: n}, "last": order of the last row}
+Held = Dict[str, Any]
+
+
+def held_from_memberships(rows: Sequence[Mapping[str, Any]]) -> Held:
+    """A profile's membership state from its `segment_memberships` rows (how a stream resumes)."""
+    held: Held = {"open": {}, "entries": {}}
+    for row in rows:
+        held["entries"][row["segment"]] = held["entries"].get(row["segment"], 0) + 1
+        if row.get("exited_at") is None:
+            held["open"][row["segment"]] = [row.get("source"), row.get("model_version"), row.get("entered_at")]
+    return held
+
+
+class MembershipMachine:
+    """One profile's open memberships in a stream, and the enters and exits each new row makes.
+
+    Engine-free (the Beam stream's stateful DoFn and the Flink job hold `Held` in keyed state).
+    The k-th time a profile enters a segment is enter #k, its exit exit #k, and the idempotency
+    key is made from that ordinal: a stream that resumes from the warehouse's memberships (which
+    count the entries so far) sends a change it sent before its restart under the same key,
+    whatever row caused it this time.
+    """
+
+    def __init__(self, rules_document: Mapping[str, Any], lifecycle: Mapping[str, int]):
+        self.rules = parse_rules(rules_document)
+        self.lifecycle = dict(lifecycle)
+
+    def on_row(self, profile_id: str, row: Mapping[str, Any], held: Optional[Held]
+               ) -> Tuple[Held, List[Dict[str, Any]]]:
+        """A new profile row (or a deletion row): the new state and the changes, exits first.
+
+        Rows may arrive out of order (the stage between the features and this one does not keep
+        it): a row older than the last one applied — by as_of, a deletion after a row of the same
+        as_of, then by when it was emitted — changes nothing.
+        """
+        order = [row.get("as_of") or 0, 1 if row.get("deleted") else 0, row.get("updated_at") or 0]
+        if held is not None and held.get("last") is not None and order <= list(held["last"]):
+            return held, []
+        held = {"open": dict((held or {}).get("open", {})), "entries": dict((held or {}).get("entries", {})),
+                "last": order}
+        now = segments_of(self.rules, self.lifecycle, row)
+        at = row.get("as_of")
+        cause = row.get("_cause_message_id") or f"deleted@{at}"
+        changes = []
+        for segment in sorted(set(held["open"]) - set(now)):
+            source, version, _ = held["open"].pop(segment)
+            changes.append(self._change(profile_id, segment, source, "exit", at, cause, version,
+                                        held["entries"].get(segment, 1)))
+        for segment in sorted(set(now) - set(held["open"])):
+            source, version = now[segment]
+            held["entries"][segment] = held["entries"].get(segment, 0) + 1
+            held["open"][segment] = [source, version, at]
+            changes.append(self._change(profile_id, segment, source, "enter", at, cause, version,
+                                        held["entries"][segment]))
+        return held, changes
+
+    @staticmethod
+    def _change(profile_id, segment, source, direction, at, cause, version, ordinal) -> Dict[str, Any]:
+        change = segment_change(profile_id, segment, source, direction, format_ts(at), cause, version)
+        change["idempotency_key"] = idempotency_key(profile_id, segment, direction, f"#{ordinal}")
+        change["ordinal"] = ordinal
+        return change

@@ -159,6 +159,19 @@ class IdentifierMachine:
         return (new_profile, epoch, seq), out, moved
 
     @staticmethod
+    def first_delivery(seen: Optional[FrozenSet[str]], message_id: str) -> Optional[FrozenSet[str]]:
+        """The messageIds folded in with this one, or None if it was folded in before (a repeat).
+
+        Dedup passes one copy of each messageId, but a runner may deliver an element twice
+        downstream of it (a retried bundle; Prism, see docs/versions.md), and a restarted
+        stream reads its history again: an identifier's state counts each event once.
+        """
+        seen = seen or frozenset()
+        if message_id in seen:
+            return None
+        return seen | {message_id}
+
+    @staticmethod
     def hand_over(key: str, old: Optional[str], new: str, held: ProfileState, seq: int) -> List[Message]:
         out: List[Message] = []
         if old is not None:
@@ -173,7 +186,8 @@ class ProfileMachine:
 
     Args:
       settings: the feature settings.
-      until: a replay's end: no timer past it. None for a live stream (a timer more than a day
+      until: the end of a replay or of a bounded run: no timer past it, and a last timer at it
+        (every profile's last row is as of the end). None for a live stream (a timer more than a day
         past `now` is a drain moving the watermark to the end of time, and emits nothing).
     """
 
@@ -235,8 +249,9 @@ class ProfileMachine:
         out = [self._transition(profile_id, t, as_of, retracted=True) for t in sorted(sent - history)]
         out += [self._transition(profile_id, t, as_of) for t in sorted(history - sent)]
         following = next_change(merged, as_of, self.settings.lifecycle)
-        if following is not None and self.until is not None and following > self.until:
-            following = None
+        if self.until is not None and (following is None or following > self.until):
+            # A run with an end: nothing past it, and a last row as of it for every profile.
+            following = self.until if as_of < self.until else None
         return row, out, (as_of, True, history), following
 
     @staticmethod

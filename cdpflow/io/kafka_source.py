@@ -14,6 +14,8 @@ the record's timestamp.
   partition's watermark follows those timestamps. A partition with nothing to read moves its
   watermark to the wall clock less `idle_lag` (an idle partition must not hold the stream's
   event time back for ever); a record older than that arrives late.
+- `stop_after_us` makes a bounded run: each partition ends at its first record received after
+  that time, or when it is idle past it (the restriction's rest is claimed, so it is done).
 - `start`: `earliest`, `latest` (the end of each partition when the job starts), or
   `committed` (the group's committed offsets, else earliest). This source commits no offsets:
   the loader commits them with the warehouse rows they produced.
@@ -89,8 +91,10 @@ class _PartitionRestrictions(RestrictionProvider):
 
 
 class _ReadPartitionFn(beam.DoFn):
-    def __init__(self, bootstrap: str, topic: str, poll_ms: int, max_records: int, idle_lag_s: float):
+    def __init__(self, bootstrap: str, topic: str, poll_ms: int, max_records: int, idle_lag_s: float,
+                 stop_after_us: Optional[int] = None):
         self.bootstrap, self.topic = bootstrap, topic
+        self.stop_after_us = stop_after_us
         self.poll_ms, self.max_records, self.idle_lag_s = poll_ms, max_records, idle_lag_s
         self.consumer = None
 
@@ -112,6 +116,9 @@ class _ReadPartitionFn(beam.DoFn):
         self.consumer.seek(tp, tracker.current_restriction().start)
         records = self.consumer.poll(timeout_ms=self.poll_ms, max_records=self.max_records).get(tp, [])
         for record in records:
+            if self.stop_after_us is not None and record.timestamp * 1000 > self.stop_after_us:
+                tracker.try_claim(_END)  # a bounded run: the rest of the partition is not this run's
+                return
             if not tracker.try_claim(record.offset):
                 return
             at = Timestamp(micros=record.timestamp * 1000)
@@ -122,6 +129,9 @@ class _ReadPartitionFn(beam.DoFn):
         if not records:
             # Idle: event time may not stand still because this partition has nothing to say.
             idle = Timestamp(micros=int((time.time() - self.idle_lag_s) * 1_000_000))
+            if self.stop_after_us is not None and idle.micros > self.stop_after_us:
+                tracker.try_claim(_END)  # past the end of a bounded run, and nothing more came
+                return
             current = watermark.current_watermark()
             if current is None or idle > current:
                 watermark.set_watermark(idle)
@@ -137,11 +147,15 @@ class ReadKafkaTopic(beam.PTransform):
       start: earliest | latest | committed (with `group`).
       group: the consumer group whose committed offsets `committed` starts from.
       idle_lag_s: how far behind the wall clock an idle partition's watermark stays.
+      stop_after_us: a bounded run: a partition ends at its first record received after this
+        time (UTC µs), or once it is idle past it (None: read for ever).
     """
 
     def __init__(self, bootstrap: str, topic: str, start: str = "committed", group: Optional[str] = None,
-                 poll_ms: int = 500, max_records: int = 500, idle_lag_s: float = 5.0):
+                 poll_ms: int = 500, max_records: int = 500, idle_lag_s: float = 5.0,
+                 stop_after_us: Optional[int] = None):
         super().__init__()
+        self.stop_after_us = stop_after_us
         self.bootstrap, self.topic, self.start, self.group = bootstrap, topic, start, group
         self.poll_ms, self.max_records, self.idle_lag_s = poll_ms, max_records, idle_lag_s
 
@@ -152,4 +166,5 @@ class ReadKafkaTopic(beam.PTransform):
         return (pbegin
                 | "Partitions" >> beam.Create(offsets)
                 | "ReadPartition" >> beam.ParDo(_ReadPartitionFn(self.bootstrap, self.topic, self.poll_ms,
-                                                                 self.max_records, self.idle_lag_s)))
+                                                                 self.max_records, self.idle_lag_s,
+                                                                 self.stop_after_us)))

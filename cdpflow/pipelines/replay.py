@@ -140,6 +140,19 @@ def rebuild_identity_store(uri: str, rules, history: Sequence[tuple], batch_size
     return len(history)
 
 
+def read_start(wh, config: dict, work: str) -> Dict[str, object]:
+    """What a stream starting on a warehouse reads from it: its governance as identity rules, its
+    accepted events (raw lines, `history`), their identity order (`identity`), the latest CLV
+    model and the segment memberships. `work` is a folder for the events' file."""
+    key = governance.suppression_key(config, wh.demo_key_file())
+    replay_file = os.path.join(work, "warehouse-events.jsonl")
+    wh.write_replay(replay_file)
+    with open(replay_file, "rb") as handle:
+        history = [line.rstrip(b"\n") for line in handle if line.strip()]
+    return {"rules": governance.identity_rules(config, wh.governance(), key), "history": history,
+            "identity": wh.identity_history(), "model": wh.latest_clv_model(), "memberships": wh.memberships()}
+
+
 def run_replay(inputs: Sequence[str], out_dir: str, config: dict, warehouse: Optional[str] = None,
                runner: str = "direct", identity_store: Optional[str] = None) -> Dict[str, int]:
     """Replays `inputs` through the streaming graph; returns rows written per output.
@@ -182,15 +195,10 @@ def run_replay(inputs: Sequence[str], out_dir: str, config: dict, warehouse: Opt
             if path is not None and not os.path.exists(path):
                 raise FileNotFoundError(f"no warehouse at {warehouse}")
             with open_warehouse(warehouse, read_only=True) as wh:
-                state = wh.governance()
-                key = governance.suppression_key(config, wh.demo_key_file())
-                replay_file = os.path.join(work, "warehouse-events.jsonl")
-                wh.write_replay(replay_file)
-                identity_history = wh.identity_history()
-                model = wh.latest_clv_model()
-            with open(replay_file, "rb") as handle:
-                history = [line.rstrip(b"\n") for line in handle if line.strip()]
-        rules = governance.identity_rules(config, state, key)
+                start = read_start(wh, config, work)
+            rules, history, identity_history, model = start["rules"], start["history"], start["identity"], start["model"]
+        else:
+            rules = governance.identity_rules(config, state, key)
         if history:
             rebuild_identity_store(store, rules, identity_history)
         pipeline = streaming_pipeline(runner)

@@ -45,7 +45,7 @@ def _at_event_time(event):
 def build_stream(lines: beam.PCollection, config: Dict[str, Any], identity_store: str,
                  identity_rules: IdentityRules,
                  preload: Optional[beam.PCollection] = None, clv_model: Optional[dict] = None,
-                 until: Optional[int] = None) -> Dict[str, beam.PCollection]:
+                 until: Optional[int] = None, routed_out: bool = False) -> Dict[str, beam.PCollection]:
     """Wires the streaming graph after `lines` (raw event lines, bytes).
 
     Args:
@@ -57,7 +57,10 @@ def build_stream(lines: beam.PCollection, config: Dict[str, Any], identity_store
         from the configuration alone would let a forgotten person back in).
       preload: raw lines of events already accepted into the warehouse (its `events.raw`).
       clv_model: the warehouse's latest fitted `clv_models` row (`DuckDBWarehouse.latest_clv_model`).
-      until: for a replay of recorded traffic, its end: timers stop there (None for a live stream).
+      until: the end of a replay or of a bounded live run: every profile gets a last row as of it,
+        and no timer is set past it (None for a live stream that runs on).
+      routed_out: also return `routed`: the events identity attributed, (node key, (event with
+        its profile, epoch)); forgotten people's events are not among them.
 
     Returns:
       PCollections: `profiles` (rows and deletions), `lifecycle_transitions`, `events` (the
@@ -88,9 +91,12 @@ def build_stream(lines: beam.PCollection, config: Dict[str, Any], identity_store
     dead_letters = ((parsed[DEAD_LETTERS], normalized[DEAD_LETTERS], unique[DEAD_LETTERS], on_time[DEAD_LETTERS],
                      identity[DEAD_LETTERS])
                     | "AllDeadLetters" >> beam.Flatten())
-    return {
+    outputs = {
         PROFILES: features[PROFILES],
         TRANSITIONS: features[TRANSITIONS],
         ACCEPTED: accepted,
         DEAD_LETTERS: dead_letters,
     }
+    if routed_out:
+        outputs[ROUTED] = identity[ROUTED]
+    return outputs

@@ -13,7 +13,7 @@ Streaming (`streaming_pipeline`): the BundleBased DirectRunner or Prism.
 from __future__ import annotations
 
 import os
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 from cdpflow.errors import BadInput
 
@@ -49,16 +49,18 @@ def runner_for(name: str, pipeline_args: List[str]) -> Tuple[object, List[str]]:
 STREAM_RUNNERS = ("direct", "prism")
 
 
-def streaming_pipeline(runner: str):
+def streaming_pipeline(runner: str, pipeline_args: Sequence[str] = ()):
     """A streaming pipeline on a local runner: `direct` (Beam's BundleBased DirectRunner, the one
-    that runs TestStream) or `prism` (its Python workers in this process)."""
+    that runs TestStream) or `prism` (its Python workers in this process); `pipeline_args` are
+    more Beam options."""
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
     if runner == "prism":
         # One SDK worker: with two, Prism 2.73 let more re-sent copies through the stateful dedup
         # behind a TestStream (docs/versions.md).
-        prism, args = runner_for("prism", ["--streaming", "--environment_type=LOOPBACK", "--sdk_worker_parallelism=1"])
+        prism, args = runner_for("prism", ["--streaming", "--environment_type=LOOPBACK", "--sdk_worker_parallelism=1",
+                                           *pipeline_args])
         return beam.Pipeline(runner=prism, options=PipelineOptions(args))
     if runner != "direct":
         raise BadInput(f"a local stream runs on {' or '.join(STREAM_RUNNERS)}, not {runner!r}")
-    return beam.Pipeline(runner="BundleBasedDirectRunner", options=PipelineOptions(streaming=True))
+    return beam.Pipeline(runner="BundleBasedDirectRunner", options=PipelineOptions(list(pipeline_args), streaming=True))

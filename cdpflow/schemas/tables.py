@@ -237,6 +237,14 @@ WAREHOUSE_META = Table("warehouse_meta", "Facts about the warehouse itself: its 
     _c("updated_at", "TIMESTAMP", "When it last changed.", "REQUIRED"),
 ), key=("name",))
 
+STREAM_OFFSETS = Table("stream_offsets", "Where the loader has read each Kafka partition up to, committed with the rows.", (
+    _c("topic", "STRING", "The topic.", "REQUIRED"),
+    _c("partition", "INT64", "The partition.", "REQUIRED"),
+    _c("next_offset", "INT64", "The first offset not yet loaded.", "REQUIRED"),
+    _c("updated_at", "TIMESTAMP", "When the loader last committed it.", "REQUIRED"),
+), key=("topic", "partition"))
+
 ALL_TABLES: Dict[str, Table] = {t.name: t for t in (
     EVENTS, IDENTITY_LINKS, PROFILE_MERGES, IDENTITY_CONFLICTS, PROFILES, SEGMENT_MEMBERSHIPS, DEAD_LETTERS,
-    IDENTITY_SUPPRESSIONS, IDENTITY_SEPARATIONS, CLV_MODELS, LIFECYCLE_TRANSITIONS, OUTBOX, WAREHOUSE_META)}
+    IDENTITY_SUPPRESSIONS, IDENTITY_SEPARATIONS, CLV_MODELS, LIFECYCLE_TRANSITIONS, OUTBOX, WAREHOUSE_META,
+    STREAM_OFFSETS)}

@@ -70,8 +70,17 @@ CONTROL = Topic(
     configs=_deleted_after(days=7),
 )
 
+WAREHOUSE_ROWS = Topic(
+    "cdp.warehouse.rows",
+    key="the row's table and key (`events:<messageId>`, `lifecycle_transitions:<profile id>`)",
+    value="`{\"table\": ..., \"row\": ...}`: an accepted event (with the profile it was attributed to) or a "
+          "lifecycle transition, for the warehouse loader (internal to cdpflow; destinations read the change topics)",
+    retention="7 days (the loader commits what it read to the warehouse with the offsets)",
+    configs=_deleted_after(days=7),
+)
+
 # In the order `cdpflow stack up` creates them.
-TOPICS: Tuple[Topic, ...] = (RAW_EVENTS, DEAD_LETTERS, SEGMENT_CHANGES, PROFILE_CHANGES, CONTROL)
+TOPICS: Tuple[Topic, ...] = (RAW_EVENTS, DEAD_LETTERS, SEGMENT_CHANGES, PROFILE_CHANGES, CONTROL, WAREHOUSE_ROWS)
 BY_NAME: Dict[str, Topic] = {topic.name: topic for topic in TOPICS}
 
 

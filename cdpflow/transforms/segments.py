@@ -9,17 +9,23 @@ new warehouse) and the as-of time (singleton, UTC microseconds). Outputs:
       profile, segment, direction and the messageId of the profile's latest event (never from a
       counter, so a replay of the same run produces the same keys).
 A previous member that no longer exists (absorbed by a merge) exits.
+
+AssignSegmentsStream is the stream's: keyed by profile, it holds the open memberships in state
+(`cdpflow.core.segments.MembershipMachine`) and sends an enter or exit the moment a profile row
+changes them, with an idempotency key from the entry's ordinal.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
-from cdpflow.core.segments import parse_rules, segment_change
+from cdpflow.core.segments import MembershipMachine, parse_rules, segment_change, segments_of
 from cdpflow.core.timeutil import format_ts
+from cdpflow.transforms.stream_features import StateCoder
 
 MEMBERSHIPS, CHANGES = "segment_memberships", "segment_changes"
 
@@ -27,8 +33,7 @@ MEMBERSHIPS, CHANGES = "segment_memberships", "segment_changes"
 class _DiffMembershipsFn(beam.DoFn):
     def __init__(self, rules_document: Mapping[str, Any], lifecycle: Mapping[str, int]):
         self.rules_document = rules_document
-        self.lifecycle_version = "lifecycle:" + "/".join(
-            str(lifecycle.get(k, "-")) for k in ("new_days", "active_days", "at_risk_days", "churned_days"))
+        self.lifecycle = dict(lifecycle)
         self.entered = Metrics.counter(self.__class__, "entered")
         self.exited = Metrics.counter(self.__class__, "exited")
         self.rules = None
@@ -37,12 +42,7 @@ class _DiffMembershipsFn(beam.DoFn):
         self.rules = parse_rules(self.rules_document)
 
     def current(self, profile: Optional[Dict[str, Any]]):
-        if profile is None:
-            return {}
-        found = {f"lifecycle:{profile['lifecycle_stage']}": ("lifecycle", self.lifecycle_version)}
-        for name in self.rules.evaluate(profile):
-            found[name] = ("rule", self.rules.version)
-        return found
+        return segments_of(self.rules, self.lifecycle, profile)
 
     def process(self, element, as_of: int):
         profile_id, grouped = element
@@ -100,3 +100,53 @@ class AssignSegments(beam.PTransform):
                                           beam.pvalue.AsSingleton(self.as_of))
                    .with_outputs(CHANGES, main=MEMBERSHIPS))
         return {MEMBERSHIPS: results[MEMBERSHIPS], CHANGES: results[CHANGES]}
+
+
+# ------------------------------------------------------------------------------------ streaming
+class _StreamMembershipsFn(beam.DoFn):
+    """Keyed by profile: the open memberships in state, a change out for each enter and exit."""
+
+    HELD = ReadModifyWriteStateSpec("memberships", StateCoder())
+
+    def __init__(self, rules_document: Mapping[str, Any], lifecycle: Mapping[str, int],
+                 seeds: Optional[Mapping[str, Any]] = None):
+        self.rules_document, self.lifecycle = rules_document, dict(lifecycle)
+        self.seeds = dict(seeds or {})
+        self.machine = None
+        self.entered = Metrics.counter(self.__class__, "entered")
+        self.exited = Metrics.counter(self.__class__, "exited")
+
+    def setup(self):
+        self.machine = MembershipMachine(self.rules_document, self.lifecycle)
+
+    def process(self, element, held=beam.DoFn.StateParam(HELD)):
+        profile_id, row = element
+        current = held.read()
+        if current is None:
+            # A stream that resumes on a warehouse starts from the memberships it holds.
+            current = self.seeds.get(profile_id)
+        now, changes = self.machine.on_row(profile_id, row, current)
+        held.write(now)
+        for change in changes:
+            (self.entered if change["direction"] == "enter" else self.exited).inc()
+            yield change
+
+
+class AssignSegmentsStream(beam.PTransform):
+    """PCollection[profile rows and deletion rows] -> PCollection[segment changes], as they happen.
+
+    Args:
+      rules_document: the parsed `segments` configuration.
+      lifecycle: the lifecycle thresholds.
+      seeds: profile id -> `held_from_memberships(...)` of the warehouse the stream resumes on.
+    """
+
+    def __init__(self, rules_document, lifecycle, seeds=None):
+        super().__init__()
+        parse_rules(rules_document)  # fail while building the graph, not on a worker
+        self.rules_document, self.lifecycle, self.seeds = rules_document, dict(lifecycle), seeds
+
+    def expand(self, rows):
+        return (rows
+                | "KeyByProfile" >> beam.Map(lambda r: (r["profile_id"], r)).with_output_types(Tuple[str, Any])
+                | "Memberships" >> beam.ParDo(_StreamMembershipsFn(self.rules_document, self.lifecycle, self.seeds)))

@@ -78,16 +78,26 @@ def _timer_time(micros: int) -> Timestamp:
 class _IdentifierStateFn(beam.DoFn):
     STATE = ReadModifyWriteStateSpec("state", StateCoder())  # ProfileState of the identifier's events
     OWNER = ReadModifyWriteStateSpec("owner", StateCoder())  # (profile_id, epoch, seq)
+    SEEN = ReadModifyWriteStateSpec("seen", StateCoder())  # messageIds folded in
 
     def __init__(self, session_timeout_us: int):
         self.machine = IdentifierMachine(session_timeout_us)
         self.events = Metrics.counter(self.__class__, "events")
         self.handovers = Metrics.counter(self.__class__, "handovers")
+        self.redelivered = Metrics.counter(self.__class__, "redelivered")
 
-    def process(self, element, state=beam.DoFn.StateParam(STATE), owner=beam.DoFn.StateParam(OWNER)):
+    def process(self, element, state=beam.DoFn.StateParam(STATE), owner=beam.DoFn.StateParam(OWNER),
+                seen=beam.DoFn.StateParam(SEEN)):
         key, (kind, payload) = element
         if kind == "event":
             event, epoch = payload
+            now_seen = IdentifierMachine.first_delivery(seen.read(), event.message_id)
+            if now_seen is None:
+                # The same event delivered again (a runner that repeats elements after dedup, a
+                # restarted stream): folded once.
+                self.redelivered.inc()
+                return
+            seen.write(now_seen)
             self.events.inc()
             new_owner, held, out, moved = self.machine.on_event(key, owner.read(), state.read(), event, epoch)
             state.write(held)

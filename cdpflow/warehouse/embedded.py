@@ -275,6 +275,164 @@ class DuckDBWarehouse(Warehouse):
             raise
         return written
 
+    # The stream's loader -----------------------------------------------------------------
+    def stream_offsets(self) -> Dict[tuple, int]:
+        """(topic, partition) -> the first offset the loader has not loaded yet."""
+        if not self.has_table("stream_offsets"):
+            return {}
+        return {(t, p): o for t, p, o in self.con.execute(
+            "SELECT topic, \"partition\", next_offset FROM stream_offsets").fetchall()}
+
+    def load_stream_batch(self, records: Sequence[Mapping[str, Any]], identity: Mapping[str, Any],
+                          now_us: int, suppressed=None) -> Dict[str, int]:
+        """Loads what the stream put on its topics, with the offsets, in one transaction.
+
+        Args:
+          records: {"topic", "partition", "offset", "key", "value" (parsed JSON or None), "order"
+            (of a profile record: (as_of, tombstone, emitted at); newer wins)}
+            in offset order per partition. Records below the stored offset of their partition were
+            loaded before (by this loader before a crash, or by another) and are skipped.
+          identity: the identity store's read-out: "links", "merges", "conflicts" (whole tables),
+            "profiles" (profile ids it knows) and "final" (a function: message ids -> their
+            current profile).
+          suppressed: identifiers -> True for a forgotten person (their rows are not loaded).
+
+        Returns:
+          Rows written or changed per table, and "skipped" (records loaded before).
+        """
+        from cdpflow.schemas.topics import DEAD_LETTERS as DL, PROFILE_CHANGES, SEGMENT_CHANGES, WAREHOUSE_ROWS
+        counts: Dict[str, int] = {}
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            stored = self.stream_offsets()
+            fresh = [r for r in records if r["offset"] >= stored.get((r["topic"], r["partition"]), 0)]
+            counts["skipped"] = len(records) - len(fresh)
+            known = identity["profiles"]
+            by_topic: Dict[str, list] = {}
+            for record in fresh:
+                by_topic.setdefault(record["topic"], []).append(record)
+            # Accepted events: new message ids only, each with the profile it belongs to now.
+            events = [r["value"]["row"] for r in by_topic.get(WAREHOUSE_ROWS.name, ()) if r["value"]["table"] == "events"]
+            if suppressed is not None:
+                events = [e for e in events if not suppressed([tuple(i) for i in e.get("identifiers") or ()])]
+            if events:
+                final = identity["final"]([e["message_id"] for e in events])
+                for event in events:
+                    event["profile_id"] = final.get(event["message_id"], event.get("profile_id"))
+                counts["events"] = self._insert_new("events", "message_id", events)
+            # Identity tables: the store's read-out replaces them (the store is the graph).
+            for name in ("identity_links", "profile_merges", "identity_conflicts"):
+                rows = identity[{"identity_links": "links", "profile_merges": "merges",
+                                 "identity_conflicts": "conflicts"}[name]]
+                self.con.register("staged", arrow_table(ALL_TABLES[name], rows))
+                self.con.execute(f'DELETE FROM "{name}"')
+                self.con.execute(f'INSERT INTO "{name}" BY NAME SELECT * FROM staged')
+                self.con.unregister("staged")
+                counts[name] = len(rows)
+            # Events of profiles a merge absorbed (or a split moved) follow their identifiers.
+            moved = self.con.execute("SELECT message_id FROM events WHERE profile_id NOT IN "
+                                     "(SELECT DISTINCT profile_id FROM identity_links)").fetchall()
+            if moved:
+                final = identity["final"]([m for m, in moved])
+                self.con.executemany("UPDATE events SET profile_id = ? WHERE message_id = ?",
+                                     [(pid, mid) for mid, pid in final.items() if pid is not None])
+                counts["events_moved"] = len(moved)
+            # Profiles: the newest row per profile wins; a tombstone deletes; a profile the
+            # identity store no longer knows (forgotten, absorbed) is not loaded.
+            newest: Dict[str, Mapping[str, Any]] = {}
+            for record in by_topic.get(PROFILE_CHANGES.name, ()):
+                pid = record["key"]
+                if pid not in newest or tuple(record["order"]) >= tuple(newest[pid]["order"]):
+                    newest[pid] = record
+            upserts = [r["value"] for pid, r in newest.items() if r["value"] is not None and pid in known]
+            deletes = [pid for pid, r in newest.items() if r["value"] is None or pid not in known]
+            if deletes:
+                self.con.executemany("DELETE FROM profiles WHERE profile_id = ?", [(p,) for p in deletes])
+            if upserts:
+                self.con.register("staged", arrow_table(ALL_TABLES["profiles"], upserts))
+                self.con.execute("DELETE FROM profiles WHERE profile_id IN (SELECT s.profile_id FROM staged s "
+                                 "JOIN profiles p USING (profile_id) WHERE s.as_of > p.as_of OR (s.as_of = p.as_of AND s.updated_at >= p.updated_at))")
+                self.con.execute("INSERT INTO profiles BY NAME SELECT * FROM staged WHERE profile_id NOT IN "
+                                 "(SELECT profile_id FROM profiles)")
+                self.con.unregister("staged")
+            counts["profiles"], counts["profiles_deleted"] = len(upserts), len(deletes)
+            # Segment changes, once each by idempotency key (kept in the outbox as published).
+            counts["segment_changes"] = self._apply_changes(
+                [r["value"] for r in by_topic.get(SEGMENT_CHANGES.name, ()) if r["value"]["profile_id"] in known
+                 or r["value"]["direction"] == "exit"], now_us)
+            # Lifecycle transitions: added, or taken back when a late event superseded them.
+            transitions = [r["value"]["row"] for r in by_topic.get(WAREHOUSE_ROWS.name, ())
+                           if r["value"]["table"] == "lifecycle_transitions" and r["value"]["row"]["profile_id"] in known]
+            for row in sorted(transitions, key=lambda t: t["as_of"]):
+                self.con.execute("DELETE FROM lifecycle_transitions WHERE profile_id = ? AND transitioned_at = "
+                                 "make_timestamp(?) AND to_stage = ?",
+                                 [row["profile_id"], row["transitioned_at"], row["to_stage"]])
+                if not row.get("retracted"):
+                    self._insert_new("lifecycle_transitions", None, [row])
+            counts["lifecycle_transitions"] = len(transitions)
+            letters = [r["value"] for r in by_topic.get(DL.name, ())]
+            if suppressed is not None:
+                letters = [d for d in letters if not suppressed([tuple(i) for i in d.get("identifiers") or ()])]
+            counts["dead_letters"] = self._insert_new("dead_letters", "dead_letter_id", letters) if letters else 0
+            # The offsets, in the same transaction as the rows they produced.
+            ends: Dict[tuple, int] = {}
+            for record in fresh:
+                place = (record["topic"], record["partition"])
+                ends[place] = max(ends.get(place, 0), record["offset"] + 1)
+            for (topic, partition), offset in ends.items():
+                self.con.execute('DELETE FROM stream_offsets WHERE topic = ? AND "partition" = ?', [topic, partition])
+                self.con.execute('INSERT INTO stream_offsets BY NAME SELECT ? AS topic, ? AS "partition", '
+                                 '? AS next_offset, make_timestamp(?) AS updated_at', [topic, partition, offset, now_us])
+            self._set_version(self.version() + 1)
+            self.con.execute("COMMIT")
+        except Exception:
+            self.con.execute("ROLLBACK")
+            raise
+        return counts
+
+    def _insert_new(self, name: str, key: Optional[str], rows: Sequence[Mapping[str, Any]]) -> int:
+        """Inserts rows (staged form); with a key, only those whose key is not in the table yet."""
+        self.con.register("staged_rows", arrow_table(ALL_TABLES[name], rows))
+        try:
+            before = self.count(name)
+            if key is None:
+                self.con.execute(f'INSERT INTO "{name}" BY NAME SELECT * FROM staged_rows')
+            else:
+                self.con.execute(f'INSERT INTO "{name}" BY NAME SELECT DISTINCT ON ("{key}") * FROM staged_rows '
+                                 f'WHERE "{key}" NOT IN (SELECT "{key}" FROM "{name}")')
+            return self.count(name) - before
+        finally:
+            self.con.unregister("staged_rows")
+
+    def _apply_changes(self, changes: Sequence[Mapping[str, Any]], now_us: int) -> int:
+        """Applies segment changes to the membership spans, each idempotency key once, in order."""
+        from cdpflow.core.timeutil import parse_ts
+        applied = 0
+        ordered = sorted(changes, key=lambda c: (c["profile_id"], c["segment"], c.get("ordinal", 0),
+                                                  c["direction"] == "exit"))
+        for change in ordered:
+            key = change["idempotency_key"]
+            if self.con.execute("SELECT count(*) FROM outbox WHERE idempotency_key = ?", [key]).fetchone()[0]:
+                continue
+            at = parse_ts(change["at"])
+            if change["direction"] == "enter":
+                self.con.execute(
+                    "INSERT INTO segment_memberships BY NAME SELECT ? AS profile_id, ? AS segment, ? AS source, "
+                    "make_timestamp(?) AS entered_at, NULL AS exited_at, ? AS model_version WHERE NOT EXISTS ("
+                    "SELECT 1 FROM segment_memberships WHERE profile_id = ? AND segment = ? AND exited_at IS NULL)",
+                    [change["profile_id"], change["segment"], change["source"], at, change.get("model_version"),
+                     change["profile_id"], change["segment"]])
+            else:
+                self.con.execute("UPDATE segment_memberships SET exited_at = make_timestamp(?) WHERE profile_id = ? "
+                                 "AND segment = ? AND exited_at IS NULL", [at, change["profile_id"], change["segment"]])
+            self.con.execute(
+                "INSERT INTO outbox BY NAME SELECT ? AS idempotency_key, ? AS topic, ? AS message_key, ?::JSON AS payload, "
+                "make_timestamp(?) AS created_at, ? AS warehouse_version, make_timestamp(?) AS published_at",
+                [key, SEGMENT_CHANGES_TOPIC, change["profile_id"], orjson.dumps(change).decode(), now_us,
+                 self.version() + 1, now_us])
+            applied += 1
+        return applied
+
     def mark_published(self, idempotency_keys: Sequence[str], now_us: int) -> None:
         if not idempotency_keys:
             return

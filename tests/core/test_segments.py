@@ -64,3 +64,36 @@ def test_in_and_not_in_on_list_fields_and_values_of_any_shape_never_raise():
     assert rules.evaluate(profile(interests=["Yoga"])) == []
     assert rules.evaluate(profile(interests=[], tags=[{"a": 1}])) == ["no_yoga", "odd_shapes"]
     assert rules.evaluate(profile(interests="running", tags={"nested": ["x"]})) == ["likes_running", "no_yoga"]
+
+
+def test_stream_memberships_enter_and_exit_with_ordinal_keys_and_resume_from_the_warehouse():
+    from cdpflow.core.segments import MembershipMachine, held_from_memberships
+    document = {"version": "r1", "segments": [{"name": "big", "when": {"revenue_total": {"gte": 100}}}]}
+    lifecycle = {"new_days": 30, "active_days": 90, "at_risk_days": 180, "churned_days": 365}
+    machine = MembershipMachine(document, lifecycle)
+
+    def row(revenue, stage, at):
+        return {"profile_id": "p", "revenue_total": revenue, "lifecycle_stage": stage, "as_of": at,
+                "_cause_message_id": f"m{at}"}
+    held, first = machine.on_row("p", row(150, "new", 1_000_000), None)
+    assert {(c["segment"], c["direction"], c["ordinal"]) for c in first} == {("big", "enter", 1), ("lifecycle:new", "enter", 1)}
+    held, second = machine.on_row("p", row(50, "new", 2_000_000), held)
+    assert [(c["segment"], c["direction"], c["ordinal"]) for c in second] == [("big", "exit", 1)]
+    held, third = machine.on_row("p", row(200, "active", 3_000_000), held)
+    assert [(c["segment"], c["direction"], c["ordinal"]) for c in third] == [
+        ("lifecycle:new", "exit", 1), ("big", "enter", 2), ("lifecycle:active", "enter", 1)]
+    # a stream resuming from the warehouse's spans sends the same change under the same key,
+    # whatever row causes it this time
+    spans = [{"segment": "big", "source": "rule", "model_version": "r1", "entered_at": 1, "exited_at": 2},
+             {"segment": "lifecycle:new", "source": "lifecycle", "model_version": "x", "entered_at": 1, "exited_at": 3}]
+    _, resumed = machine.on_row("p", row(300, "active", 9_000_000), held_from_memberships(spans))
+    keys = {c["segment"]: c["idempotency_key"] for c in resumed}
+    assert keys == {c["segment"]: c["idempotency_key"] for c in third if c["direction"] == "enter"}
+    # a deleted profile leaves every segment
+    after, gone = machine.on_row("p", {"profile_id": "p", "deleted": True, "as_of": 10_000_000}, held)
+    assert sorted((c["segment"], c["direction"]) for c in gone) == [("big", "exit"), ("lifecycle:active", "exit")]
+    # a row older than the last one applied (rows overtake each other on the way) changes nothing
+    assert machine.on_row("p", row(500, "active", 9_000_000), after) == (after, [])
+    assert machine.on_row("p", row(500, "active", 10_000_000), after) == (after, [])  # a deletion wins its as_of
+    early, _ = machine.on_row("p", {"profile_id": "p", "deleted": True, "as_of": 5_000_000}, None)
+    assert machine.on_row("p", row(150, "new", 1_000_000), early)[1] == []

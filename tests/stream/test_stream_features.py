@@ -175,12 +175,15 @@ def test_profile_state_does_not_depend_on_the_order_messages_arrive_in():
                                schema_version="track/v1", revenue=Decimal(amount), currency="USD",
                                revenue_reporting=Decimal(amount), profile_id="pA")
     source = _IdentifierStateFn(30 * 60 * 1_000_000)
-    state, owner = _Value(), _Value()
+    state, owner, seen = _Value(), _Value(), _Value()
     messages = []
     for i, amount in enumerate((10, 20, 30)):
         messages += list(source.process(("k", ("event", (order(f"o{i}", T0 + i * HOUR, amount), 0))),
-                                        state=state, owner=owner))
+                                        state=state, owner=owner, seen=seen))
     assert len(messages) == 3
+    # the same event delivered again is folded once
+    assert list(source.process(("k", ("event", (order("o1", T0 + HOUR, 20), 0))), state=state, owner=owner,
+                               seen=seen)) == []
     whole = ProfileState()
     for i, amount in enumerate((10, 20, 30)):
         whole.add(order(f"o{i}", T0 + i * HOUR, amount))

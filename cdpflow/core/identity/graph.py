@@ -644,6 +644,11 @@ class IdentityStore(abc.ABC):
             found[mid] = (status, roots.get(key) if key is not None else None)
         return found
 
+    def current_profiles(self, message_ids: Sequence[str]) -> Dict[str, Optional[str]]:
+        """The current profile of each decided event (an undecided one is left out; None: not attributed)."""
+        decided = set(self._decided_keys(list(message_ids)))
+        return {m: pid for m, (_, pid) in self.final_profiles([m for m in message_ids if m in decided]).items()}
+
     def links(self) -> List[Dict]:
         rows = sorted((n[0], n[1], self._profile_root(n[2]), n[5], n[6], n[4]) for _, n in self._all_nodes())
         return [dict(zip(("identifier_type", "identifier_value", "profile_id", "first_seen", "last_seen", "quarantined"), r))

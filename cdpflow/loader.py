@@ -1,0 +1,220 @@
+"""`cdpflow load`: the warehouse's single writer for the live path.
+
+    cdpflow load --bootstrap 127.0.0.1:9092 --warehouse out/cdp.duckdb [--identity-store URI]
+
+DuckDB admits one writing process and a Flink or Dataflow job has many workers, so the
+streaming jobs write only to Kafka and this loader moves what they wrote into the warehouse:
+
+- it reads `cdp.profiles.changes`, `cdp.segments.changes`, `cdp.events.deadletter` and
+  `cdp.warehouse.rows` (read_committed: a transactional producer's aborted records never load),
+  and `cdp.control` (forget commands);
+- it gathers a micro-batch (up to `max_batch` records or `max_wait_s`), opens the warehouse,
+  commits the rows together with the offsets they came from in one transaction
+  (`Warehouse.load_stream_batch`), and closes it: exactly once without trusting Kafka's own
+  commits, since a record below its partition's stored offset is skipped, and the file is held
+  only while a batch commits, so `cdpflow profile`, `export` and the API open it between;
+- the identity tables and each event's profile come from the identity store the stream resolves
+  against (the graph is the store's), read at each commit;
+- governance: the warehouse's forgotten identifiers are read at each commit; an event or a
+  dead letter that names one is not loaded, nor a row of a profile the identity store no longer
+  knows. A `forget` on `cdp.control` deletes the person from the warehouse and the identity
+  store, and the exits it writes to the outbox are published to `cdp.segments.changes`.
+
+After a commit the consumer group's offsets are committed too, for lag dashboards only; on
+start the loader seeks to the offsets the warehouse holds.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Dict, List, Optional
+
+import orjson
+
+from cdpflow.core import governance
+from cdpflow.core.identity import open_identity_store
+from cdpflow.schemas.topics import CONTROL, DEAD_LETTERS, PROFILE_CHANGES, SEGMENT_CHANGES, WAREHOUSE_ROWS
+from cdpflow.warehouse import open_warehouse
+
+log = logging.getLogger(__name__)
+
+LOADED_TOPICS = (PROFILE_CHANGES.name, SEGMENT_CHANGES.name, DEAD_LETTERS.name, WAREHOUSE_ROWS.name, CONTROL.name)
+LOADER_GROUP = "cdpflow-loader"
+
+
+def _order(record) -> tuple:
+    """How new a profile record is: (as_of, a tombstone after a row of the same as_of, emission time)."""
+    found = {name: int(value) for name, value in record.headers or () if name in ("as_of", "updated_at")}
+    return (found.get("as_of", 0), 1 if record.value is None else 0, found.get("updated_at", 0))
+
+
+class Loader:
+    """Loads the stream's topics into the warehouse in micro-batches; see the module docstring.
+
+    Args:
+      bootstrap: HOST:PORT of the brokers.
+      warehouse: the warehouse URI.
+      config: the merged configuration (its suppression key settings).
+      identity_store: the URI of the identity store the stream resolves against.
+      max_batch, max_wait_s: a micro-batch ends at this many records or after this long.
+    """
+
+    def __init__(self, bootstrap: str, warehouse: str, config: Dict[str, Any], identity_store: str,
+                 group: str = LOADER_GROUP, max_batch: int = 5000, max_wait_s: float = 1.0):
+        from kafka import KafkaConsumer, TopicPartition
+        self.bootstrap, self.warehouse, self.config = bootstrap, warehouse, config
+        self.identity_store = identity_store
+        self.max_batch, self.max_wait_s = max_batch, max_wait_s
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
+                                      isolation_level="read_committed", auto_offset_reset="earliest",
+                                      max_poll_records=max_batch)
+        self.partitions = []
+        for topic in LOADED_TOPICS:
+            found = self.consumer.partitions_for_topic(topic)
+            if not found:
+                raise RuntimeError(f"no topic {topic!r} at {bootstrap} (`cdpflow stack up kafka` creates it)")
+            self.partitions.extend(TopicPartition(topic, p) for p in sorted(found))
+        self.consumer.assign(self.partitions)
+        with open_warehouse(warehouse) as wh:
+            stored = wh.stream_offsets()
+        for tp in self.partitions:
+            offset = stored.get((tp.topic, tp.partition))
+            if offset is None:
+                self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, offset)
+        self.totals: Dict[str, int] = {}
+        self._publisher = None
+
+    def close(self):
+        self.consumer.close()
+        if self._publisher is not None:
+            self._publisher.close(timeout=10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------------------ batches
+    def poll_batch(self) -> List[Dict[str, Any]]:
+        """Up to `max_batch` records, waiting at most `max_wait_s` (fewer if the topics have fewer)."""
+        batch: List[Dict[str, Any]] = []
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            polled = self.consumer.poll(timeout_ms=int(left * 1000), max_records=self.max_batch - len(batch))
+            for tp, records in polled.items():
+                for record in records:
+                    batch.append({"topic": tp.topic, "partition": tp.partition, "offset": record.offset,
+                                  "key": record.key.decode("utf-8") if record.key is not None else None,
+                                  "value": orjson.loads(record.value) if record.value is not None else None,
+                                  "order": _order(record)})
+            if not polled:
+                break
+        return batch
+
+    def commit(self, batch: List[Dict[str, Any]]) -> Dict[str, int]:
+        """Commits one micro-batch to the warehouse (rows and offsets together); returns the counts."""
+        from kafka.structs import OffsetAndMetadata
+        now = int(time.time() * 1_000_000)
+        counts: Dict[str, int] = {}
+        with open_warehouse(self.warehouse) as wh:
+            key = governance.suppression_key(self.config, wh.demo_key_file())
+            stored = wh.stream_offsets()
+            # Commands first: rows the stream produced for a person before their forget was read
+            # meet the suppression check below and are not loaded.
+            for record in batch:
+                if record["topic"] == CONTROL.name and record["offset"] >= stored.get((CONTROL.name, record["partition"]), 0):
+                    for name, value in self._control(wh, record, key, now).items():
+                        counts[name] = counts.get(name, 0) + value
+            rules = governance.identity_rules(self.config, wh.governance(), key)
+            store = open_identity_store(self.identity_store, rules)
+            try:
+                links = store.links()
+                identity = {"links": links, "merges": store.merges(), "conflicts": store.conflicts(),
+                            "profiles": {link["profile_id"] for link in links}, "final": store.current_profiles}
+                counts.update(wh.load_stream_batch(batch, identity, now, suppressed=rules.is_suppressed))
+            finally:
+                store.close()
+        for name, value in counts.items():
+            self.totals[name] = self.totals.get(name, 0) + value
+        ends: Dict[Any, int] = {}
+        for record in batch:
+            from kafka import TopicPartition
+            tp = TopicPartition(record["topic"], record["partition"])
+            ends[tp] = max(ends.get(tp, 0), record["offset"] + 1)
+        try:
+            self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in ends.items()})
+        except Exception as err:  # only for lag dashboards: the warehouse holds the offsets that count
+            log.warning("loader: committing the consumer group's offsets failed: %s", err)
+        return counts
+
+    def _control(self, wh, record, key, now) -> Dict[str, int]:
+        command = record["value"] or {}
+        if command.get("command") != "forget" or not command.get("identifier"):
+            log.error("loader: cdp.control record %s:%s is not a command this loader applies: %r",
+                      record["partition"], record["offset"], command)
+            return {"control_refused": 1}
+        done = wh.forget(command["identifier"], now, key)
+        if done is None:
+            return {"forget_unknown": 1}
+        store = open_identity_store(self.identity_store)
+        try:
+            store.forget(done["identifiers"])
+        finally:
+            store.close()
+        self._publish_outbox(wh)
+        return {"forgotten": 1}
+
+    def _publish_outbox(self, wh):
+        from cdpflow.io.kafka_sink import producer, send_all
+        pending = wh.pending_outbox()
+        if not pending:
+            return
+        if self._publisher is None:
+            self._publisher = producer(self.bootstrap)
+        send_all(self._publisher, [(SEGMENT_CHANGES.name, m["message_key"].encode(), orjson.dumps(m["payload"]),
+                                    [("idempotency_key", m["idempotency_key"].encode())]) for m in pending])
+        wh.mark_published([m["idempotency_key"] for m in pending], int(time.time() * 1_000_000))
+
+    # ------------------------------------------------------------------------------ loops
+    def behind(self) -> bool:
+        """True while some partition has records the loader has not read."""
+        ends = self.consumer.end_offsets(self.partitions)
+        return any(self.consumer.position(tp) < ends[tp] for tp in self.partitions)
+
+    def run_until_caught_up(self) -> Dict[str, int]:
+        """Loads until every partition is read to the end it had when this was called."""
+        ends = self.consumer.end_offsets(self.partitions)
+        while any(self.consumer.position(tp) < ends[tp] for tp in self.partitions):
+            batch = self.poll_batch()
+            if batch:
+                self.commit(batch)
+        return dict(self.totals)
+
+    def run(self, stop=None) -> Dict[str, int]:
+        """Loads until `stop` (a threading.Event) is set, then loads what is left."""
+        while stop is None or not stop.is_set():
+            batch = self.poll_batch()
+            if batch:
+                self.commit(batch)
+            elif stop is not None:
+                stop.wait(self.max_wait_s)
+        return self.run_until_caught_up()
+
+
+def run_loader(bootstrap: str, warehouse: str, config: Dict[str, Any], identity_store: Optional[str] = None,
+               until_caught_up: bool = False) -> Dict[str, int]:
+    """`cdpflow load`: runs until interrupted (or, with `until_caught_up`, until the topics are loaded)."""
+    from cdpflow.pipelines.live import stream_identity_store
+    with Loader(bootstrap, warehouse, config, identity_store or stream_identity_store(warehouse)) as loader:
+        if until_caught_up:
+            return loader.run_until_caught_up()
+        try:
+            return loader.run()
+        except KeyboardInterrupt:
+            return dict(loader.totals)

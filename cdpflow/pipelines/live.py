@@ -1,0 +1,244 @@
+"""`cdpflow stream`: the live stream from `cdp.events.raw` to the change topics, on Prism (or Dataflow).
+
+    cdpflow stream --bootstrap 127.0.0.1:9092 --warehouse out/cdp.duckdb [--runner prism]
+                   [--from earliest|latest|committed] [--until ISO-TIME] [--no-loader]
+
+    ReadKafkaTopic(cdp.events.raw) -> the streaming graph of `replay` (`build_stream`)
+        -> AssignSegmentsStream -> WriteToKafka:
+             cdp.profiles.changes   profile rows (a tombstone when a profile is absorbed)
+             cdp.segments.changes   enter/exit changes, with idempotency keys
+             cdp.events.deadletter  dead letters
+             cdp.warehouse.rows     accepted events (with their profile) and lifecycle transitions
+
+The stream writes only to Kafka; the warehouse has one writer, `cdpflow load`
+(`cdpflow.loader`), which commits what the topics hold together with their offsets. By
+default `cdpflow stream` runs that loader in a thread beside the pipeline (the demo's single
+command); with `--no-loader` it leaves the loading to a `cdpflow load` of its own.
+
+Where a run starts. The stream's state is rebuilt from the warehouse when it starts: the loader
+first catches up with everything already on the output topics, then the warehouse's accepted
+events go through the graph before new ones (as in `replay --warehouse`), its memberships seed
+the segment state, and its governance (forgotten identifiers, separations) rules identity and
+dead letters. The identity store (`--identity-store`, default a SQLite file beside the
+warehouse) is kept across runs, so an event resolved before a crash gets back the decision it
+had. `--from earliest` (the default) then reads `cdp.events.raw` from the start of its
+retention: events the warehouse holds are recognised as repeats by messageId and counted once;
+a change re-sent for a re-read event carries the key it had, and the loader skips keys it has.
+`latest` skips the backlog; `committed` starts at the offsets the consumer group committed.
+
+`--until` ends a run: the source stops at records received after that time, every profile gets
+a last row as of it, and the command returns when the loader has committed everything (a
+bounded catch-up run, and how the tests compare the stream with `cdpflow run --as-of`).
+
+Runner: Prism (`make prism`); the BundleBased DirectRunner rejects the Kafka source's
+splittable DoFn. On Dataflow the same graph runs with Beam's `ReadFromKafka` (or Pub/Sub) in
+place of the source.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from typing import Any, Dict, Optional
+
+import apache_beam as beam
+
+from cdpflow.core.identity import open_identity_store, sqlite_path
+from cdpflow.core.segments import held_from_memberships
+from cdpflow.errors import BadInput
+from cdpflow.io.kafka_sink import WriteToKafka
+from cdpflow.io.kafka_source import ReadKafkaTopic
+from cdpflow.pipelines.replay import read_start, rebuild_identity_store
+from cdpflow.pipelines.stream import build_stream
+from cdpflow.runners.direct import streaming_pipeline
+from cdpflow.schemas.topics import DEAD_LETTERS as DEAD_LETTER_TOPIC, PROFILE_CHANGES, RAW_EVENTS, SEGMENT_CHANGES, \
+    WAREHOUSE_ROWS
+from cdpflow.transforms import DEAD_LETTERS
+from cdpflow.transforms.features import PROFILES, TRANSITIONS
+from cdpflow.transforms.identity import ROUTED
+from cdpflow.transforms.segments import AssignSegmentsStream
+from cdpflow.transforms.sinks import DeadLetterRows, event_row, to_json_line
+from cdpflow.warehouse import open_warehouse, warehouse_path
+
+log = logging.getLogger(__name__)
+
+STREAM_GROUP = "cdpflow-stream"
+
+
+def stream_identity_store(warehouse: str) -> str:
+    """The stream's identity store beside an embedded warehouse (kept across runs of the stream)."""
+    local = warehouse_path(warehouse)
+    if local is None:
+        raise BadInput(f"--warehouse {warehouse}: give --identity-store (a redis:// URI) for a remote warehouse")
+    return "sqlite://" + os.path.abspath(os.path.splitext(local)[0] + ".stream-identity.sqlite")
+
+
+def _public(row: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in row.items() if not k.startswith("_")}
+
+
+def _json(value) -> bytes:
+    return to_json_line(value).encode("utf-8")
+
+
+def profile_record(row: Dict[str, Any]):
+    """A profile row as a `cdp.profiles.changes` record: a tombstone (no value) for a deletion.
+
+    Every record carries the row's as_of and emission time in headers, so a reader keeps the
+    newest per profile even when two of a profile's records overtake each other on the way.
+    """
+    key = row["profile_id"].encode("utf-8")
+    headers = [("as_of", str(row.get("as_of") or 0).encode()), ("updated_at", str(row.get("updated_at") or 0).encode())]
+    return (PROFILE_CHANGES.name, key, None if row.get("deleted") else _json(_public(row)), headers)
+
+
+def segment_record(change: Dict[str, Any]):
+    return (SEGMENT_CHANGES.name, change["profile_id"].encode("utf-8"), _json(change),
+            [("idempotency_key", change["idempotency_key"].encode())])
+
+
+def dead_letter_record(row: Dict[str, Any]):
+    return (DEAD_LETTER_TOPIC.name, row["dead_letter_id"].encode("utf-8"), _json(row))
+
+
+def event_record(routed):
+    _, (event, _) = routed
+    return (WAREHOUSE_ROWS.name, f"events:{event.message_id}".encode("utf-8"),
+            _json({"table": "events", "row": event_row(event)}))
+
+
+def transition_record(row: Dict[str, Any]):
+    return (WAREHOUSE_ROWS.name, f"lifecycle_transitions:{row['profile_id']}".encode("utf-8"),
+            _json({"table": "lifecycle_transitions", "row": row}))
+
+
+def _lines(record):
+    _, value = record
+    return value
+
+
+def build_live(pipeline: beam.Pipeline, bootstrap: str, config: Dict[str, Any], identity_store: str, rules,
+               history, model, seeds, start: str, until: Optional[int], group: str = STREAM_GROUP):
+    """Wires the live graph: Kafka in, the streaming graph, segment assignment, Kafka out."""
+    source = (pipeline
+              | "ReadRaw" >> ReadKafkaTopic(bootstrap, RAW_EVENTS.name, start=start, group=group,
+                                            stop_after_us=until)
+              | "Values" >> beam.Map(_lines))
+    preload = pipeline | "WarehouseEvents" >> beam.Create(history) if history else None
+    outputs = build_stream(source, config, identity_store, identity_rules=rules, preload=preload,
+                           clv_model=model, until=until, routed_out=True)
+    changes = outputs[PROFILES] | "AssignSegments" >> AssignSegmentsStream(config["segments"], config["lifecycle"],
+                                                                            seeds)
+    records = (
+        outputs[PROFILES] | "ProfileRecords" >> beam.Map(profile_record),
+        changes | "SegmentRecords" >> beam.Map(segment_record),
+        (outputs[DEAD_LETTERS] | "DeadLetterRows" >> DeadLetterRows(config["default_region"], rules)
+         | "DeadLetterRecords" >> beam.Map(dead_letter_record)),
+        outputs[ROUTED] | "EventRecords" >> beam.Map(event_record),
+        outputs[TRANSITIONS] | "TransitionRecords" >> beam.Map(transition_record),
+    ) | "AllRecords" >> beam.Flatten()
+    _ = records | "WriteToKafka" >> WriteToKafka(bootstrap)
+    return outputs
+
+
+def prepare(warehouse: str, config: Dict[str, Any], identity_store: Optional[str], work: str):
+    """Reads what a run starts from: governance, the accepted events, the CLV model, the memberships.
+
+    A stream identity store that does not exist yet is built from the warehouse's events (a
+    warehouse a batch run wrote); one that exists is kept, with what the warehouse has
+    forgotten since purged from it.
+    """
+    local = warehouse_path(warehouse)
+    if local:
+        os.makedirs(os.path.dirname(os.path.abspath(local)) or ".", exist_ok=True)
+    with open_warehouse(warehouse) as wh:
+        start = read_start(wh, config, work)
+    rules, history, identity_history, model = start["rules"], start["history"], start["identity"], start["model"]
+    memberships = start["memberships"]
+    store_uri = identity_store or stream_identity_store(warehouse)
+    store_file = sqlite_path(store_uri)
+    probe = open_identity_store(store_uri, rules)
+    try:
+        fresh = probe.is_empty()
+        if not fresh:
+            probe.purge(rules)  # forgotten since the store was last used: gone from it too
+    finally:
+        probe.close()
+    if fresh and identity_history:
+        if store_file and os.path.exists(store_file):
+            os.remove(store_file)
+        rebuild_identity_store(store_uri, rules, identity_history)
+    by_profile: Dict[str, list] = {}
+    for row in memberships:
+        by_profile.setdefault(row["profile_id"], []).append(row)
+    seeds = {pid: held_from_memberships(rows) for pid, rows in by_profile.items()}
+    return rules, history, model, seeds, store_uri
+
+
+def run_stream(bootstrap: str, warehouse: str, config: Dict[str, Any], runner: str = "prism",
+               start: str = "earliest", until: Optional[int] = None, identity_store: Optional[str] = None,
+               loader: bool = True, pipeline_args=()) -> Dict[str, Any]:
+    """Runs the live stream (until interrupted, or until `until`); returns what was loaded.
+
+    Raises:
+      BadInput: an unknown --from, a runner that cannot run it, or a missing topic.
+    """
+    from cdpflow.loader import Loader
+    if runner == "direct":
+        raise BadInput("--runner direct: the BundleBased DirectRunner cannot run the Kafka source "
+                       "(a splittable DoFn); use --runner prism")
+    work = tempfile.mkdtemp(prefix="cdpflow-stream-")
+    stop = threading.Event()
+    thread = None
+    loaded: Dict[str, Any] = {}
+    try:
+        store_uri = identity_store or stream_identity_store(warehouse)
+        if loader:
+            # What the topics hold from an earlier run goes into the warehouse first, so the state
+            # this run starts from includes it.
+            with Loader(bootstrap, warehouse, config, store_uri) as catch_up:
+                loaded["caught_up"] = catch_up.run_until_caught_up()
+        rules, history, model, seeds, store_uri = prepare(warehouse, config, identity_store, work)
+        log.info("stream: %d events from the warehouse, %d profiles with memberships", len(history), len(seeds))
+        if loader:
+            def load():
+                with Loader(bootstrap, warehouse, config, store_uri) as live:
+                    loaded.update(live.run(stop))
+            thread = threading.Thread(target=load, name="cdpflow-loader", daemon=True)
+            thread.start()
+        pipeline = streaming_pipeline(runner, list(pipeline_args))
+        build_live(pipeline, bootstrap, config, store_uri, rules, history, model, seeds, start, until)
+        result = pipeline.run()
+        result.wait_until_finish()
+    finally:
+        stop.set()
+        if thread is not None:
+            thread.join()
+        shutil.rmtree(work, ignore_errors=True)
+    return loaded
+
+
+def dump_raw(bootstrap: str, out_path: str, timeout_s: float = 10.0) -> int:
+    """Writes every record `cdp.events.raw` holds now to a JSON-lines file; returns how many."""
+    from kafka import KafkaConsumer, TopicPartition
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=2000)
+    try:
+        tps = [TopicPartition(RAW_EVENTS.name, p) for p in sorted(consumer.partitions_for_topic(RAW_EVENTS.name))]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        written, deadline = 0, time.monotonic() + timeout_s
+        with open(out_path, "wb") as handle:
+            while any(consumer.position(tp) < ends[tp] for tp in tps) and time.monotonic() < deadline:
+                for records in consumer.poll(timeout_ms=500).values():
+                    for record in records:
+                        handle.write(record.value.rstrip(b"\n") + b"\n")
+                        written += 1
+        return written
+    finally:
+        consumer.close()
+
+
