@@ -41,6 +41,17 @@ EXTRAS_REQUIRE = {
     "dev": ["pytest>=8", "hypothesis>=6.100", "pandas>=2.2", "segment-analytics-python>=2.3", "requests>=2.31"],
 }
 
+# The JSON Schemas sit in data-only folders, one per event kind (cdpflow/schemas/events/<kind>/),
+# which Python can import as namespace packages. find_packages left those folders out of
+# `packages`: setuptools still shipped their files, but with a deprecation warning per folder
+# ("Package would be ignored"). Found as namespace packages, each folder's schemas are its own
+# package data (tests/deploy checks that an installed copy has every one).
+PACKAGES = setuptools.find_namespace_packages(include=["cdpflow", "cdpflow.*"], exclude=["*.__pycache__"])
+PACKAGE_DATA = {
+    "cdpflow.config": ["*.yaml"],
+    **{package: ["*.json"] for package in PACKAGES if package.startswith("cdpflow.schemas.events.")},
+}
+
 setuptools.setup(
     name="cdpflow",
     version="0.1.0",
@@ -49,8 +60,8 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10,<3.13",
-    packages=setuptools.find_packages(include=["cdpflow", "cdpflow.*"]),
-    package_data={"cdpflow": ["schemas/events/*/*.json", "config/*.yaml"]},
+    packages=PACKAGES,
+    package_data=PACKAGE_DATA,
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -9,6 +9,8 @@ Run it through the CLI:
         --catalog out/sample/catalog.csv --rates out/sample/rates.csv            # FnApiRunner
     cdpflow run ... --runner multiprocess                                          # 2 SDK worker processes
     cdpflow run ... --runner prism                                                 # Prism (make prism)
+    cdpflow run ... --runner DataflowRunner -- --project P --region R \
+        --temp_location gs://B/tmp --setup_file ./setup.py                         # Dataflow (deploy/dataflow/README.md)
 
 or as a module, with Beam pipeline options after `--`:
 
@@ -28,7 +30,7 @@ import sqlite3
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import orjson
@@ -253,8 +255,7 @@ def run_batch(inputs: Sequence[str], warehouse: str, config: Dict[str, Any], as_
         with open(previous_path, "wb") as handle:
             for row in previous:
                 handle.write(orjson.dumps(row) + b"\n")
-        runner_obj, args = runner_for(runner, list(pipeline_args))
-        options = PipelineOptions(args)
+        runner_obj, options = pipeline_options(runner, pipeline_args)
         pipeline = beam.Pipeline(runner=runner_obj, options=options)
         store_path = os.path.join(staging, IDENTITY_STORE)
         build_pipeline(pipeline, all_inputs, os.path.join(staging, "tables"), config, as_of,
@@ -283,6 +284,17 @@ def run_batch(inputs: Sequence[str], warehouse: str, config: Dict[str, Any], as_
                           staged_as_of[0]["as_of"] if staged_as_of else as_of, sizes, changes_file)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def pipeline_options(runner: str, pipeline_args: Sequence[str]) -> Tuple[Any, PipelineOptions]:
+    """The runner (an object, or a Beam runner's name) and the options a run's pipeline is given.
+
+    Args:
+      runner: direct | multiprocess | prism | a Beam runner name (`cdpflow.runners.direct.runner_for`).
+      pipeline_args: Beam pipeline options, as after `--` on the command line.
+    """
+    runner_obj, args = runner_for(runner, list(pipeline_args))
+    return runner_obj, PipelineOptions(args)
 
 
 def identity_store_path(warehouse: str) -> str:
@@ -347,8 +359,12 @@ def run_from_args(args: argparse.Namespace) -> RunSummary:
         as_of = parse_ts(args.as_of) if args.as_of else None
     except ValueError as err:
         raise BadInput(f"--as-of {args.as_of!r}: {err}") from None
-    return run_batch(args.input, args.warehouse, config, as_of,
-                     args.runner, [a for a in args.beam_args if a != "--"], args.changes_out)
+    return run_batch(args.input, args.warehouse, config, as_of, args.runner, beam_args(args), args.changes_out)
+
+
+def beam_args(args: argparse.Namespace) -> List[str]:
+    """The Beam pipeline options of parsed `add_run_arguments` flags (what follows `--`, without it)."""
+    return [a for a in args.beam_args if a != "--"]
 
 
 def run(argv: Optional[Sequence[str]] = None) -> RunSummary:

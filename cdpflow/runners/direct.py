@@ -7,7 +7,9 @@ engine explicitly instead:
   multiprocess  FnApiRunner with 2 SDK worker processes (`--direct_num_workers`)
   prism         PrismRunner with a binary built by `go install` (`make prism`); the path comes
                 from --prism_location, $CDPFLOW_PRISM or .cache/bin/prism
-  anything else is passed to Beam as the runner's name (DataflowRunner, FlinkRunner, ...).
+  anything else is passed to Beam as the runner's name (DataflowRunner, FlinkRunner, ...), with
+                `--runner` and an absolute `--setup_file` in its options (`submission_args`);
+                cdpflow/runners/dataflow.py is the Dataflow flex template's launcher
 Streaming (`streaming_pipeline`): the BundleBased DirectRunner or Prism.
 """
 from __future__ import annotations
@@ -43,7 +45,49 @@ def runner_for(name: str, pipeline_args: List[str]) -> Tuple[object, List[str]]:
         if not any(a.startswith("--prism_location") for a in args):
             args.append(f"--prism_location={prism_binary()}")
         return PrismRunner(), args
-    return name, args
+    return name, submission_args(name, args)
+
+
+def submission_args(runner: str, args: List[str]) -> List[str]:
+    """The pipeline arguments of a job handed to a remote runner (Dataflow, Flink, ...).
+
+    Args:
+      runner: the Beam runner's name, as given to cdpflow's `--runner`.
+      args: Beam pipeline options; every one but these two is kept as it is, in its place.
+
+    - `--runner` is added when absent: the runner given to `beam.Pipeline` runs the job either
+      way, but Beam reads the runner's name from the options when it stages the job's files,
+      and without one takes the job for a local run.
+    - `--setup_file` is made absolute: Beam's stager changes into the file's folder to build
+      the sdist, and the folder of a bare `setup.py` is '' (a crash, not the current folder).
+
+    Raises:
+      BadInput: `--runner` after `--` names another runner than `--runner` before it.
+    """
+    out = []
+    named = None
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        flag, eq, value = arg.partition("=")
+        if flag in ("--runner", "--setup_file") and (eq or i + 1 < len(args)):
+            if not eq:
+                i += 1
+                value = args[i]
+            if flag == "--runner":
+                named = value
+            else:
+                value = os.path.abspath(value)
+            out.append(f"{flag}={value}")
+        else:
+            out.append(arg)
+        i += 1
+    if named is None:
+        out.append(f"--runner={runner}")
+    elif named.lower() != runner.lower():
+        raise BadInput(f"the Beam options name runner {named!r}, but --runner is {runner!r}: "
+                       f"give the runner once, as cdpflow's --runner")
+    return out
 
 
 STREAM_RUNNERS = ("direct", "prism")
