@@ -183,6 +183,10 @@ def run_stream(bootstrap: str, warehouse: str, config: Dict[str, Any], runner: s
                loader: bool = True, pipeline_args=()) -> Dict[str, Any]:
     """Runs the live stream (until interrupted, or until `until`); returns what was loaded.
 
+    `runner`: prism (local; the loader runs in a thread unless `loader` is False), or a Beam
+    runner name such as DataflowRunner: the job is submitted with `pipeline_args`, writes only
+    to Kafka, and needs a Redis identity store (`cdpflow load` loads the warehouse).
+
     Raises:
       BadInput: an unknown --from, a runner that cannot run it, or a missing topic.
     """
@@ -190,6 +194,14 @@ def run_stream(bootstrap: str, warehouse: str, config: Dict[str, Any], runner: s
     if runner == "direct":
         raise BadInput("--runner direct: the BundleBased DirectRunner cannot run the Kafka source "
                        "(a splittable DoFn); use --runner prism")
+    remote = runner != "prism"
+    if remote:
+        # Workers on other machines: they cannot share a SQLite file, and the loader runs beside
+        # the warehouse, not on them.
+        if not identity_store or sqlite_path(identity_store) is not None:
+            raise BadInput(f"--runner {runner}: give --identity-store redis://HOST:PORT/DB, an identity store "
+                           "every worker reaches")
+        loader = False
     work = tempfile.mkdtemp(prefix="cdpflow-stream-")
     stop = threading.Event()
     thread = None
@@ -209,7 +221,13 @@ def run_stream(bootstrap: str, warehouse: str, config: Dict[str, Any], runner: s
                     loaded.update(live.run(stop))
             thread = threading.Thread(target=load, name="cdpflow-loader", daemon=True)
             thread.start()
-        pipeline = streaming_pipeline(runner, list(pipeline_args))
+        if remote:
+            from apache_beam.options.pipeline_options import PipelineOptions
+            from cdpflow.runners.direct import runner_for
+            runner_obj, args = runner_for(runner, list(pipeline_args))
+            pipeline = beam.Pipeline(runner=runner_obj, options=PipelineOptions(args, streaming=True))
+        else:
+            pipeline = streaming_pipeline(runner, list(pipeline_args))
         build_live(pipeline, bootstrap, config, store_uri, rules, history, model, seeds, start, until)
         result = pipeline.run()
         result.wait_until_finish()

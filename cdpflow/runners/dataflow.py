@@ -18,8 +18,9 @@ temp locations, `--setup_file` from FLEX_TEMPLATE_PYTHON_SETUP_FILE). The same b
 
 `template_args` takes the template's parameters (TEMPLATE_PARAMETERS, the names in
 metadata.json) and leaves every other flag to Beam. Without `--bootstrap` the job is the batch
-pipeline over `--input`; with it, the stream from Kafka, which waits for `cdpflow stream` and is
-refused until then. Both take the warehouse as a URI; on Dataflow that is to be
+pipeline over `--input`; with it, the stream from Kafka (`cdpflow.pipelines.live`), which writes
+only to Kafka and resolves identities against `--identity_store` (Redis, reachable by every
+worker); a `cdpflow load` beside the warehouse loads what it writes. Both take the warehouse as a URI; on Dataflow that is to be
 `bigquery://PROJECT/DATASET`, a backend still to come (see the README for what else a working
 Dataflow job lacks).
 """
@@ -34,7 +35,7 @@ from cdpflow.errors import BadInput
 from cdpflow.io.kafka_source import STARTS
 
 # The flex template's parameters, as metadata.json names them (tests/deploy checks the two agree).
-TEMPLATE_PARAMETERS = ("input", "warehouse", "bootstrap", "from")
+TEMPLATE_PARAMETERS = ("input", "warehouse", "bootstrap", "from", "identity_store")
 
 _LOG = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ def template_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bootstrap", help="the stream job: Kafka brokers HOST:PORT[,HOST:PORT...] (default: none, the batch job)")
     parser.add_argument("--from", dest="start", choices=STARTS, default="committed",
                         help="the stream job: where it starts reading cdp.events.raw (default: the group's committed offsets)")
+    parser.add_argument("--identity_store", help="the stream job: redis://HOST:PORT/DB, the identity store every "
+                                                 "worker resolves against")
     parser.add_argument("--runner", default="DataflowRunner",
                         help="the Beam runner (default DataflowRunner; the template launcher passes it too)")
     return parser
@@ -71,17 +74,19 @@ def template_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namesp
 
 
 def run(argv: Optional[Sequence[str]] = None):
-    """Runs the template's job: the batch pipeline on Dataflow (the stream is refused until it exists).
+    """Runs the template's job: the batch pipeline, or with `--bootstrap` the stream, on Dataflow.
 
     Returns:
-      The batch run's `RunSummary`.
+      The batch run's `RunSummary` (None for the stream, which runs until cancelled).
     """
     from cdpflow.config import load_config
     from cdpflow.pipelines.batch import run_batch
     args, beam_args = template_args(argv)
     if args.bootstrap:
-        raise BadInput("the stream job on Dataflow needs `cdpflow stream` (Kafka to the warehouse), which is not "
-                       "built yet; until then the template runs the batch job (--input)")
+        from cdpflow.pipelines.live import run_stream
+        run_stream(args.bootstrap, args.warehouse, load_config(None), runner=args.runner, start=args.start,
+                   identity_store=args.identity_store, loader=False, pipeline_args=beam_args)
+        return None
     return run_batch([args.input], args.warehouse, load_config(None), runner=args.runner, pipeline_args=beam_args)
 
 
@@ -94,6 +99,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (BadInput, FileNotFoundError, GovernanceError, WarehouseError) as err:
         _LOG.error("cdpflow on Dataflow: %s", err)
         return 2
+    if summary is None:
+        return 0
     _LOG.info("read %d, accepted %d, dead letters %d, duplicates %d", summary.read, summary.accepted,
               summary.dead_lettered, summary.deduplicated)
     return 0

@@ -44,6 +44,8 @@ def test_the_template_declares_what_the_launcher_parses(parameters):
      ["out/cdp.duckdb", "duckdb:///tmp/cdp.duckdb", "bigquery://P/cdp", "bigquery://my-project"]),
     ("bootstrap", ["kafka-1.internal:9092", "10.0.0.5:9092,10.0.0.6:9092"], ["kafka", "k:9092,", "k:port"]),
     ("from", list(STARTS), ["beginning", "Earliest", ""]),
+    ("identity_store", ["redis://10.0.0.7:6379/0", "redis://redis.internal:6379/2?prefix=cdp"],
+     ["sqlite:///tmp/identity.sqlite", "redis://host/0", ""]),
 ])
 def test_each_parameter_regex_accepts_and_refuses(parameters, name, good, bad):
     patterns = [re.compile(r) for r in parameters[name]["regexes"]]

@@ -68,6 +68,15 @@ def test_the_launcher_takes_the_batch_or_the_stream_job_not_both():
     assert (args.bootstrap, args.start) == ("k:9092", "earliest")
 
 
+def test_the_stream_job_on_a_remote_runner_needs_an_identity_store_every_worker_reaches(tmp_path):
+    from cdpflow.config import load_config
+    from cdpflow.pipelines.live import run_stream
+    for store in (None, f"sqlite://{tmp_path}/identity.sqlite"):
+        with pytest.raises(BadInput, match="redis://"):
+            run_stream("127.0.0.1:1", str(tmp_path / "w.duckdb"), load_config(None), runner="DataflowRunner",
+                       identity_store=store)
+
+
 def test_a_runner_named_twice_must_agree():
     assert submission_args("DataflowRunner", ["--runner", "dataflowrunner"]) == ["--runner=dataflowrunner"]
     with pytest.raises(BadInput):
