@@ -75,13 +75,28 @@ def start_offsets(bootstrap: str, topic: str, start: str, group: Optional[str] =
         consumer.close()
 
 
+class _CheckpointOnlyTracker(OffsetRestrictionTracker):
+    """An offset tracker that splits only at checkpoints (at the next unclaimed offset).
+
+    A partition's restriction ends at a far-off sentinel, so a split at a fraction of it (a
+    runner's dynamic split: Prism asks for half) would hand the "second half" a start offset the
+    partition will never reach. Declining those keeps one reader per partition; a checkpoint
+    (fraction 0) still hands over the rest at the next offset.
+    """
+
+    def try_split(self, fraction_of_remainder):
+        if fraction_of_remainder > 0:
+            return None
+        return super().try_split(fraction_of_remainder)
+
+
 class _PartitionRestrictions(RestrictionProvider):
     def initial_restriction(self, element):
         _, first = element
         return OffsetRange(first, _END)
 
     def create_tracker(self, restriction):
-        return OffsetRestrictionTracker(restriction)
+        return _CheckpointOnlyTracker(restriction)
 
     def restriction_size(self, element, restriction):
         return 1  # unknown ahead: every partition weighs the same

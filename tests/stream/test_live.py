@@ -63,12 +63,14 @@ def traffic(tmp_path):
     return sample
 
 
-def send_live(sample, bootstrap):
+def send_live(sample, bootstrap, files=None):
+    """Sends the sample's events (or `files`: [(path, events per second)]) live through a collector."""
     sink = KafkaSink(bootstrap)
     server = Server(Collector(sink, {KEY: "web-shop"}))
     try:
-        assert main(["send", "--input", str(sample / "events"), "--collector", server.url, "--write-key", KEY,
-                     "--live", "--rate", "5000"]) == 0
+        for path, rate in files or [(sample / "events", 5000)]:
+            assert main(["send", "--input", str(path), "--collector", server.url, "--write-key", KEY,
+                         "--live", "--rate", str(rate), "--batch-size", "20"]) == 0
     finally:
         server.stop()
         sink.close()
@@ -155,9 +157,10 @@ def run_reference(tmp_path, sample, raw_path, until):
     return batch
 
 
-def stream_args(sample, bootstrap, warehouse, until):
-    return ["stream", "--bootstrap", bootstrap, "--warehouse", str(warehouse), "--until", format_ts(until),
-            "--catalog", str(sample / "catalog.csv"), "--rates", str(sample / "rates.csv")]
+def stream_args(sample, bootstrap, warehouse, until=None):
+    return ["stream", "--bootstrap", bootstrap, "--warehouse", str(warehouse),
+            "--catalog", str(sample / "catalog.csv"), "--rates", str(sample / "rates.csv")] + (
+                ["--until", format_ts(until)] if until is not None else [])
 
 
 def assert_same_as_batch(stream, batch):
@@ -201,3 +204,77 @@ def test_the_stream_and_its_loader_equal_a_batch_run_over_the_raw_topic(tmp_path
     truth = load_truth(str(traffic / "truth" / "identities.csv"))
     ours, theirs = evaluate(stream["links"], truth), evaluate(batch["links"], truth)
     assert ours.precision >= theirs.precision and ours.recall >= theirs.recall, (ours, theirs)
+
+
+def loaded_events(warehouse):
+    """Events the loader has committed so far (the file is opened between its commits)."""
+    from cdpflow.warehouse import WarehouseError, open_warehouse
+    if not os.path.exists(warehouse):
+        return 0
+    try:
+        with open_warehouse(str(warehouse), read_only=True) as wh:
+            return wh.count("events")
+    except WarehouseError:
+        return 0
+
+
+def assert_changes_alternate(changes, warehouse):
+    """After dedup by idempotency key, each (profile, segment) enters and exits in turn, once per
+    entry, and as many times as the warehouse's spans say."""
+    seen, by_pair = set(), defaultdict(list)
+    for change in changes:
+        if change["idempotency_key"] not in seen:
+            seen.add(change["idempotency_key"])
+            by_pair[(change["profile_id"], change["segment"])].append((change["ordinal"], change["direction"]))
+    con = duckdb.connect(str(warehouse), read_only=True)
+    spans = dict(((p, s), n) for p, s, n in con.execute(
+        "SELECT profile_id, segment, count(*) FROM segment_memberships GROUP BY ALL").fetchall())
+    con.close()
+    for pair, moves in by_pair.items():
+        moves.sort(key=lambda m: (m[0], m[1] == "exit"))
+        entries = [o for o, d in moves if d == "enter"]
+        exits = [o for o, d in moves if d == "exit"]
+        assert entries == list(range(1, len(entries) + 1)), (pair, moves)
+        assert exits == entries[:len(exits)] and len(exits) >= len(entries) - 1, (pair, moves)
+        if pair[0] in {p for p, _ in spans}:
+            assert spans.get(pair, 0) == len(entries), (pair, moves, spans.get(pair))
+
+
+def test_a_stream_killed_mid_input_and_started_again_loses_nothing_and_sends_no_change_twice(tmp_path, broker):
+    import threading
+    traffic = tmp_path / "sample"
+    generate(traffic, customers=50, days=30, seed=12)
+    warehouse = tmp_path / "live.duckdb"
+    env = dict(os.environ, CDPFLOW_PRISM=os.path.abspath(".cache/bin/prism"))
+    first = subprocess.Popen([sys.executable, "-m", "cdpflow.cli", *stream_args(traffic, broker, warehouse)], env=env,
+                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # the input arrives while the stream runs, its second part slowly: the kill falls in the middle of it
+    from cdpflow.pipelines.replay import arrival_order
+    lines = [line for _, line in arrival_order([str(traffic / "events")])]
+    cut = len(lines) * 2 // 5
+    (tmp_path / "first.jsonl").write_bytes(b"\n".join(lines[:cut]) + b"\n")
+    (tmp_path / "rest.jsonl").write_bytes(b"\n".join(lines[cut:]) + b"\n")
+    sender = threading.Thread(target=send_live, args=(traffic, broker, [(tmp_path / "first.jsonl", 5000),
+                                                                       (tmp_path / "rest.jsonl", 12)]))
+    try:
+        sender.start()
+        deadline = time.monotonic() + 240
+        while loaded_events(warehouse) < 100:
+            assert first.poll() is None, first.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the stream made no progress"
+            time.sleep(0.5)
+        still_sending = sender.is_alive()
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)  # the stream, its loader and Prism, with no warning
+        first.wait(30)
+        sender.join(120)
+    assert still_sending  # killed mid-input
+    events = raw_events(broker, tmp_path / "raw.jsonl")
+    print(f"killed with {loaded_events(warehouse)} events loaded; {len(events)} raw events in all")
+    until = end_time(events)
+    assert main(stream_args(traffic, broker, warehouse, until)) == 0
+    batch_path = run_reference(tmp_path, traffic, tmp_path / "raw.jsonl", until)
+    stream, batch = tables(warehouse), tables(batch_path)
+    assert_same_as_batch(stream, batch)
+    assert_changes_alternate(changes_on_topic(broker), warehouse)
