@@ -278,3 +278,57 @@ def test_a_stream_killed_mid_input_and_started_again_loses_nothing_and_sends_no_
     stream, batch = tables(warehouse), tables(batch_path)
     assert_same_as_batch(stream, batch)
     assert_changes_alternate(changes_on_topic(broker), warehouse)
+
+
+def test_with_the_broker_stopped_the_collector_says_503_and_every_event_answered_200_reaches_the_warehouse(tmp_path):
+    import base64
+    import uuid
+
+    import requests
+    kafka = Kafka(tmp_path / "stack", port=free_port(), controller_port=free_port())
+    kafka.up()
+    bootstrap = kafka.bootstrap_servers()
+    sink = KafkaSink(bootstrap, timeout_s=3)
+    server = Server(Collector(sink, {KEY: "web-shop"}))
+    auth = {"Authorization": "Basic " + base64.b64encode(f"{KEY}:".encode()).decode()}
+    answered, sent = {}, set()
+    tag = uuid.uuid4().hex[:6]
+
+    def events(n, start):
+        now = format_ts(int(time.time() * 1_000_000))
+        return [{"type": "track", "event": "Order Completed" if i % 3 == 0 else "Product Viewed",
+                 "userId": f"u-{tag}-{i % 7}", "messageId": f"{tag}-{start + i}", "timestamp": now,
+                 "properties": {"revenue": 10 + i, "currency": "USD"} if i % 3 == 0 else {"product_id": f"p{i}"}}
+                for i in range(n)]
+
+    def post(batch):
+        sent.update(e["messageId"] for e in batch)
+        answer = requests.post(f"{server.url}/v1/batch", json={"batch": batch}, headers=auth, timeout=60)
+        for event in batch:
+            answered[event["messageId"]] = answer.status_code
+        return answer
+    try:
+        assert post(events(20, 0)).status_code == 200
+        kafka.down()
+        for start in (100, 200):
+            answer = post(events(10, start))
+            assert answer.status_code == 503 and answer.headers["Retry-After"].isdigit()
+        kafka.up()
+        # as a tracking SDK does: send again after Retry-After until stored
+        again, deadline = events(10, 200), time.monotonic() + 60
+        while post(again).status_code != 200:
+            assert time.monotonic() < deadline, "the collector did not recover with the broker"
+            time.sleep(1)
+        assert post(events(20, 300)).status_code == 200
+        until = int(time.time() * 1_000_000) + 2_000_000
+        warehouse = tmp_path / "live.duckdb"
+        assert main(["stream", "--bootstrap", bootstrap, "--warehouse", str(warehouse), "--until", format_ts(until)]) == 0
+    finally:
+        server.stop()
+        sink.close()
+        kafka.down()
+    stored = tables(warehouse)["events"]
+    accepted = {m for m, status in answered.items() if status == 200}
+    assert len(accepted) == 50 and accepted <= stored <= sent
+    # the batch refused while the broker was down, and not sent again, was not stored either
+    assert not stored & {f"{tag}-{100 + i}" for i in range(10)}
