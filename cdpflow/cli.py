@@ -258,8 +258,14 @@ def cmd_forget(args) -> int:
         # The identity store kept with the warehouse forgets them too, in every profile holding
         # one of their identifiers, and then agrees with the warehouse's new version.
         rules = governance.identity_rules(config, wh.governance(), key)
+        from cdpflow.pipelines.live import stream_identity_store
+        from cdpflow.warehouse import warehouse_path
+        # and so does the live stream's, beside the warehouse, if there is one (a loader purges
+        # any other store it loads from at its next commit)
+        kept = [wh.default_identity_store()] + ([stream_identity_store(args.warehouse)]
+                                                if warehouse_path(args.warehouse) else [])
         removed = sum(forget_in_identity_store(uri, done["identifiers"], rules, wh.version())
-                      for uri in dict.fromkeys([wh.default_identity_store(), *args.identity_store]) if uri)
+                      for uri in dict.fromkeys([*kept, *args.identity_store]) if uri)
         published = publish_pending(wh, JsonLinesPublisher(changes_file))
     console.print(f"forgot {done['profile_id'] or args.identifier}: {len(done['identifiers'])} identifier(s) suppressed, "
                   f"deleted {done['deleted']}, {removed} identifier(s) removed from the identity store, "

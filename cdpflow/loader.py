@@ -85,6 +85,7 @@ class Loader:
                 self.consumer.seek(tp, offset)
         self.totals: Dict[str, int] = {}
         self._publisher = None
+        self._suppressed = None
 
     def close(self):
         self.consumer.close()
@@ -134,8 +135,17 @@ class Loader:
             rules = governance.identity_rules(self.config, wh.governance(), key)
             store = open_identity_store(self.identity_store, rules)
             try:
-                links = store.links()
-                identity = {"links": links, "merges": store.merges(), "conflicts": store.conflicts(),
+                if rules.suppressed != self._suppressed:
+                    # Forgotten since the last commit (`cdpflow forget` on the warehouse, or a
+                    # control command): gone from the identity store the stream resolves against.
+                    counts["purged_identifiers"] = store.purge(rules)
+                    self._suppressed = rules.suppressed
+                # And whatever the stream resolved for them before it heard of the forget stays out.
+                links = [link for link in store.links()
+                         if not rules.is_suppressed([(link["identifier_type"], link["identifier_value"])])]
+                conflicts = [c for c in store.conflicts()
+                             if not rules.is_suppressed([(c["identifier_type"], c["identifier_value"])])]
+                identity = {"links": links, "merges": store.merges(), "conflicts": conflicts,
                             "profiles": {link["profile_id"] for link in links}, "final": store.current_profiles}
                 counts.update(wh.load_stream_batch(batch, identity, now, suppressed=rules.is_suppressed))
             finally:
@@ -168,16 +178,24 @@ class Loader:
         finally:
             store.close()
         self._publish_outbox(wh)
+        if done.get("profile_id"):
+            # The compacted profile topic keeps a tombstone, so compaction drops the person's rows.
+            from cdpflow.io.kafka_sink import send_all
+            send_all(self._producer(), [(PROFILE_CHANGES.name, done["profile_id"].encode(), None)])
         return {"forgotten": 1}
 
+    def _producer(self):
+        from cdpflow.io.kafka_sink import producer
+        if self._publisher is None:
+            self._publisher = producer(self.bootstrap)
+        return self._publisher
+
     def _publish_outbox(self, wh):
-        from cdpflow.io.kafka_sink import producer, send_all
+        from cdpflow.io.kafka_sink import send_all
         pending = wh.pending_outbox()
         if not pending:
             return
-        if self._publisher is None:
-            self._publisher = producer(self.bootstrap)
-        send_all(self._publisher, [(SEGMENT_CHANGES.name, m["message_key"].encode(), orjson.dumps(m["payload"]),
+        send_all(self._producer(), [(SEGMENT_CHANGES.name, m["message_key"].encode(), orjson.dumps(m["payload"]),
                                     [("idempotency_key", m["idempotency_key"].encode())]) for m in pending])
         wh.mark_published([m["idempotency_key"] for m in pending], int(time.time() * 1_000_000))
 

@@ -171,3 +171,25 @@ def matches(identifiers: Iterable[Sequence[str]], forgotten: Iterable[Sequence[s
     """True if any identifier is one of the forgotten ones (exact type and normalised value)."""
     wanted = {tuple(i) for i in forgotten}
     return any(tuple(i) in wanted for i in identifiers)
+
+
+class WarehouseGovernance:
+    """A callable that reads a warehouse's governance as IdentityRules (for a stream that runs on).
+
+    Picklable (a URI and the configuration), so a runner's workers can call it. Returns None
+    when the warehouse cannot be read right now (its writer holds it): the caller keeps the
+    rules it has and asks again later.
+    """
+
+    def __init__(self, warehouse: str, config: Mapping[str, Any]):
+        self.warehouse, self.config = warehouse, dict(config)
+
+    def __call__(self):
+        from cdpflow.warehouse import open_warehouse
+        try:
+            with open_warehouse(self.warehouse, read_only=True, lock_timeout=1.0) as wh:
+                return identity_rules(self.config, wh.governance(), suppression_key(self.config, wh.demo_key_file()))
+        except Exception as err:  # noqa: BLE001 (a busy or moved warehouse: keep the rules in force)
+            import logging
+            logging.getLogger(__name__).info("governance refresh from %s skipped: %s", self.warehouse, err)
+            return None

@@ -214,7 +214,9 @@ class ProfileMachine:
         """What the profile emits when its timer fires at `fired` (event time, µs).
 
         `identifier_count` is how many identifiers the identity store says the profile holds
-        (the engine adapter reads it when the timer fires); the row carries it.
+        (the engine adapter reads it when the timer fires); the row carries it. 0 means the
+        store no longer knows the profile (forgotten): its deletion is emitted, and the adapter
+        clears the members' state.
 
         Returns:
           (row, transitions, emitted, next timer): the profile row (a deletion row
@@ -225,6 +227,10 @@ class ProfileMachine:
         last_as_of, exists, sent = emitted or (None, False, frozenset())
         if self.until is None and fired > now + US_PER_DAY:
             return None, [], (last_as_of, exists, sent), None
+        if identifier_count == 0:
+            # The identity store no longer knows the profile (forgotten while the stream ran):
+            # nothing of it is emitted again but its deletion. The adapter drops its state.
+            members = None
         merged = ProfileState(self.settings.session_timeout_us)
         for _, state in (members or {}).values():
             if state is not None:

@@ -46,6 +46,7 @@ from typing import Any, Dict, Optional
 
 import apache_beam as beam
 
+from cdpflow.core.governance import WarehouseGovernance
 from cdpflow.core.identity import open_identity_store, sqlite_path
 from cdpflow.core.segments import held_from_memberships
 from cdpflow.errors import BadInput
@@ -121,7 +122,8 @@ def _lines(record):
 
 
 def build_live(pipeline: beam.Pipeline, bootstrap: str, config: Dict[str, Any], identity_store: str, rules,
-               history, model, seeds, start: str, until: Optional[int], group: str = STREAM_GROUP):
+               history, model, seeds, start: str, until: Optional[int], group: str = STREAM_GROUP,
+               warehouse: Optional[str] = None):
     """Wires the live graph: Kafka in, the streaming graph, segment assignment, Kafka out."""
     source = (pipeline
               | "ReadRaw" >> ReadKafkaTopic(bootstrap, RAW_EVENTS.name, start=start, group=group,
@@ -129,7 +131,8 @@ def build_live(pipeline: beam.Pipeline, bootstrap: str, config: Dict[str, Any], 
               | "Values" >> beam.Map(_lines))
     preload = pipeline | "WarehouseEvents" >> beam.Create(history) if history else None
     outputs = build_stream(source, config, identity_store, identity_rules=rules, preload=preload,
-                           clv_model=model, until=until, routed_out=True)
+                           clv_model=model, until=until, routed_out=True,
+                           governance=WarehouseGovernance(warehouse, config) if warehouse else None)
     changes = outputs[PROFILES] | "AssignSegments" >> AssignSegmentsStream(config["segments"], config["lifecycle"],
                                                                             seeds)
     records = (
@@ -228,7 +231,8 @@ def run_stream(bootstrap: str, warehouse: str, config: Dict[str, Any], runner: s
             pipeline = beam.Pipeline(runner=runner_obj, options=PipelineOptions(args, streaming=True))
         else:
             pipeline = streaming_pipeline(runner, list(pipeline_args))
-        build_live(pipeline, bootstrap, config, store_uri, rules, history, model, seeds, start, until)
+        build_live(pipeline, bootstrap, config, store_uri, rules, history, model, seeds, start, until,
+                   warehouse=warehouse)
         result = pipeline.run()
         result.wait_until_finish()
     finally:

@@ -45,7 +45,8 @@ def _at_event_time(event):
 def build_stream(lines: beam.PCollection, config: Dict[str, Any], identity_store: str,
                  identity_rules: IdentityRules,
                  preload: Optional[beam.PCollection] = None, clv_model: Optional[dict] = None,
-                 until: Optional[int] = None, routed_out: bool = False) -> Dict[str, beam.PCollection]:
+                 until: Optional[int] = None, routed_out: bool = False, governance=None
+                 ) -> Dict[str, beam.PCollection]:
     """Wires the streaming graph after `lines` (raw event lines, bytes).
 
     Args:
@@ -59,6 +60,8 @@ def build_stream(lines: beam.PCollection, config: Dict[str, Any], identity_store
       clv_model: the warehouse's latest fitted `clv_models` row (`DuckDBWarehouse.latest_clv_model`).
       until: the end of a replay or of a bounded live run: every profile gets a last row as of it,
         and no timer is set past it (None for a live stream that runs on).
+      governance: for a stream that runs on, a callable giving the warehouse's current identity
+        rules (`cdpflow.core.governance.WarehouseGovernance`), asked again every few seconds.
       routed_out: also return `routed`: the events identity attributed, (node key, (event with
         its profile, epoch)); forgotten people's events are not among them.
 
@@ -85,7 +88,7 @@ def build_stream(lines: beam.PCollection, config: Dict[str, Any], identity_store
     enriched = accepted | "Enrich" >> EnrichFromFiles(enrichment.get("catalog"), enrichment.get("rates"),
                                                       config["reporting_currency"])
     identity = enriched | "ResolveIdentity" >> ResolveIdentityStream(
-        identity_store, identity_rules)
+        identity_store, identity_rules, governance=governance)
     features = (identity[ROUTED], identity[MOVES]) | "StreamFeatures" >> StreamFeatures(settings, clv_model, until,
                                                                                              identity_store)
     dead_letters = ((parsed[DEAD_LETTERS], normalized[DEAD_LETTERS], unique[DEAD_LETTERS], on_time[DEAD_LETTERS],

@@ -19,6 +19,7 @@ count of resolved events is a singleton side input, which Beam computes complete
 """
 from __future__ import annotations
 
+import time
 from typing import Iterable, List, Tuple
 
 import apache_beam as beam
@@ -52,9 +53,11 @@ class _StoreFn(beam.DoFn):
 
 
 class _ResolveFn(_StoreFn):
-    def __init__(self, store_path, rules, batch_size: int):
+    def __init__(self, store_path, rules, batch_size: int, governance=None, refresh_s: float = 10.0):
         super().__init__(store_path, rules)
         self.batch_size = batch_size
+        self.governance, self.refresh_s = governance, refresh_s
+        self.refreshed = 0.0
         self.received = Metrics.counter(self.__class__, "received")
         self.succeeded = Metrics.counter(self.__class__, "succeeded")
         self.batch = Metrics.distribution(self.__class__, "batch_size")
@@ -166,9 +169,11 @@ class _ResolveStreamFn(_StoreFn):
     both stamped with the causing event's time.
     """
 
-    def __init__(self, store_path, rules, batch_size: int):
+    def __init__(self, store_path, rules, batch_size: int, governance=None, refresh_s: float = 10.0):
         super().__init__(store_path, rules)
         self.batch_size = batch_size
+        self.governance, self.refresh_s = governance, refresh_s
+        self.refreshed = 0.0
         self.received = Metrics.counter(self.__class__, "received")
         self.succeeded = Metrics.counter(self.__class__, "succeeded")
         self.dead_lettered = Metrics.counter(self.__class__, "dead_lettered")
@@ -196,6 +201,13 @@ class _ResolveStreamFn(_StoreFn):
         pending, self.pending = self.pending, []
         if not pending:
             return
+        if self.governance is not None and time.monotonic() - self.refreshed > self.refresh_s:
+            # A live stream follows the warehouse's governance: someone forgotten while it runs
+            # is suppressed from the next batch on, not from the next restart.
+            self.refreshed = time.monotonic()
+            rules = self.governance()
+            if rules is not None:
+                self.rules = self.store.rules = rules
         decisions, epoch, moves = self.store.resolve_batch_with_moves(
             (e.message_id, e.timestamp, e.identifiers) for e, _, _ in pending)
         taken = epoch - 1 if moves else epoch
@@ -224,18 +236,22 @@ class _ResolveStreamFn(_StoreFn):
 class ResolveIdentityStream(beam.PTransform):
     """Streaming identity: PCollection[NormalizedEvent] -> {'routed', 'moves', 'dead_letters'}.
 
-    Each bundle is resolved in batches of `batch_size` against the shared store; the outputs
-    feed `StreamFeatures`, which keeps feature state per identifier and moves it when the
+    Each bundle is resolved in batches of `batch_size` against the shared store; `governance`
+    (a callable returning the warehouse's current IdentityRules, or None when it cannot tell
+    now; `WarehouseGovernance`) is asked again every 10 s. The outputs feed `StreamFeatures`, which keeps feature state per identifier and moves it when the
     store merges or splits profiles.
     """
 
-    def __init__(self, store_path: str, rules: IdentityRules = IdentityRules(), batch_size: int = 200):
+    def __init__(self, store_path: str, rules: IdentityRules = IdentityRules(), batch_size: int = 200,
+                 governance=None):
         super().__init__()
         self.store_path = store_path
         self.rules = rules
         self.batch_size = batch_size
+        self.governance = governance
 
     def expand(self, events):
         results = events | "Resolve" >> beam.ParDo(
-            _ResolveStreamFn(self.store_path, self.rules, self.batch_size)).with_outputs(MOVES, DEAD_LETTERS, main=ROUTED)
+            _ResolveStreamFn(self.store_path, self.rules, self.batch_size, self.governance)
+        ).with_outputs(MOVES, DEAD_LETTERS, main=ROUTED)
         return {ROUTED: results[ROUTED], MOVES: results[MOVES], DEAD_LETTERS: results[DEAD_LETTERS]}

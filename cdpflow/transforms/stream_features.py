@@ -157,6 +157,8 @@ class _ProfileFeaturesFn(beam.DoFn):
         count = self.store.identifier_count(key) if self.store is not None else None
         row, transitions, now_emitted, following = self.machine.on_timer(
             key, _micros(fired), members.read(), emitted.read(), int(time.time() * 1_000_000), count)
+        if count == 0:
+            members.clear()  # forgotten: what the profile's identifiers sent is dropped
         emitted.write(now_emitted)
         if row is not None:
             self.rows.inc()

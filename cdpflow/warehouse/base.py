@@ -155,7 +155,7 @@ class Warehouse(abc.ABC):
         return None
 
 
-def open_warehouse(uri: str, read_only: bool = False) -> Warehouse:
+def open_warehouse(uri: str, read_only: bool = False, lock_timeout: Optional[float] = None) -> Warehouse:
     """Opens a warehouse by URI: `duckdb:///path/file.duckdb`, or a plain path (DuckDB).
 
     Raises:
@@ -166,7 +166,7 @@ def open_warehouse(uri: str, read_only: bool = False) -> Warehouse:
         scheme, rest = "duckdb", str(uri)
     if scheme == "duckdb":
         from cdpflow.warehouse.embedded import DuckDBWarehouse
-        return DuckDBWarehouse(rest, read_only=read_only)
+        return DuckDBWarehouse(rest, read_only=read_only, lock_timeout=lock_timeout)
     raise WarehouseError(f"unknown warehouse URI {uri!r}: use duckdb:///path/cdp.duckdb or a file path")
 
 

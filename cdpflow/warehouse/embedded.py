@@ -81,14 +81,17 @@ class DuckDBWarehouse(Warehouse):
       path: the .duckdb file (created on first write).
       read_only: open for reading only (fails if the file does not exist).
       default_region: how dead letters written before identifiers were stored are read when migrating.
+      lock_timeout: seconds to wait for another process's lock (default $CDPFLOW_LOCK_TIMEOUT or 60).
     """
 
-    def __init__(self, path: str, read_only: bool = False, default_region: str = "US"):
+    def __init__(self, path: str, read_only: bool = False, default_region: str = "US",
+                 lock_timeout: Optional[float] = None):
         self.path = str(path)
         self.uri = f"duckdb://{self.path}"
         if read_only and not os.path.exists(self.path):
             raise WarehouseError(f"no warehouse at {self.path}; run `cdpflow run --warehouse {self.path} ...` first")
-        deadline = time.monotonic() + float(os.environ.get("CDPFLOW_LOCK_TIMEOUT", "60"))
+        deadline = time.monotonic() + (lock_timeout if lock_timeout is not None
+                                       else float(os.environ.get("CDPFLOW_LOCK_TIMEOUT", "60")))
         while True:
             try:
                 self.con = duckdb.connect(self.path, read_only=read_only)

@@ -332,3 +332,68 @@ def test_with_the_broker_stopped_the_collector_says_503_and_every_event_answered
     assert len(accepted) == 50 and accepted <= stored <= sent
     # the batch refused while the broker was down, and not sent again, was not stored either
     assert not stored & {f"{tag}-{100 + i}" for i in range(10)}
+
+
+@pytest.mark.parametrize("how", ["control topic", "cdpflow forget"])
+def test_a_forget_holds_in_the_warehouse_the_store_and_the_topics_and_through_a_replay(tmp_path, broker, traffic, how):
+    # "cdpflow forget" works on the warehouse alone, and the stream's store is one the command
+    # does not know (as a Redis store would be): the loader must purge it
+    import uuid
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    from cdpflow.core.identity import open_identity_store
+    from cdpflow.io.kafka_sink import producer, send_all
+    from cdpflow.pipelines.live import stream_identity_store
+    from cdpflow.schemas.topics import CONTROL, PROFILE_CHANGES
+    send_live(traffic, broker)
+    events = raw_events(broker, tmp_path / "raw.jsonl")
+    warehouse = tmp_path / "live.duckdb"
+    store_uri = stream_identity_store(str(warehouse)) if how == "control topic" else f"sqlite://{tmp_path}/elsewhere.sqlite"
+    store_args = ["--identity-store", store_uri]
+    assert main(stream_args(traffic, broker, warehouse, end_time(events)) + store_args) == 0
+    before = tables(warehouse)
+    # someone with an email and an event history, in no conflict
+    pid, ids = next((p, i) for p, i in sorted(before["ids"].items())
+                    if any(t == "email" for t, _ in i) and not i & before["conflicted"] and len(i) >= 2)
+    email = next(v for t, v in ids if t == "email")
+    client = producer(broker)
+    consumer = KafkaConsumer(bootstrap_servers=broker)
+    profile_tps = [TopicPartition(PROFILE_CHANGES.name, p) for p in consumer.partitions_for_topic(PROFILE_CHANGES.name)]
+    after_forget = consumer.end_offsets(profile_tps)
+    if how == "control topic":
+        send_all(client, [(CONTROL.name, pid.encode(), orjson.dumps({"command": "forget", "identifier": f"email:{email}"}))])
+    else:
+        assert main(["forget", f"email:{email}", "--warehouse", str(warehouse)]) == 0
+    client.close()
+    # a client replays everything it ever sent, and the person comes back with a new device
+    again = tmp_path / "again.jsonl"
+    fresh = {"type": "identify", "messageId": f"new-{uuid.uuid4().hex}", "anonymousId": f"anon-{uuid.uuid4().hex}",
+             "traits": {"email": email}, "timestamp": format_ts(int(time.time() * 1_000_000))}
+    again.write_bytes((tmp_path / "raw.jsonl").read_bytes() + orjson.dumps(fresh) + b"\n")
+    send_live(traffic, broker, [(again, 5000)])
+    events = raw_events(broker, tmp_path / "raw2.jsonl")
+    assert main(stream_args(traffic, broker, warehouse, end_time(events)) + store_args) == 0
+    after = tables(warehouse)
+    assert not set(after["links"]) & ids, "a forgotten identifier came back"
+    assert pid not in {p for p in after["ids"]} and fresh["messageId"] not in after["events"]
+    con = duckdb.connect(str(warehouse), read_only=True)
+    for table, column in (("profiles", "email"), ("dead_letters", "raw"), ("events", "raw")):
+        assert not con.execute(f"SELECT count(*) FROM {table} WHERE {column} ILIKE ?", [f"%{email}%"]).fetchone()[0], table
+    con.close()
+    store = open_identity_store(store_uri)
+    try:
+        assert all(store.profile_of(i) is None for i in ids)
+    finally:
+        store.close()
+    # after the forget, the profile topic carries the person's tombstone and none of their rows
+    consumer.assign(profile_tps)
+    for tp in profile_tps:
+        consumer.seek(tp, after_forget[tp])
+    later = [r for batch in iter(lambda: consumer.poll(timeout_ms=2000), {}) for records in batch.values() for r in records]
+    consumer.close()
+    if how == "control topic":
+        assert any(r.key == pid.encode() and r.value is None for r in later)
+    assert not [r for r in later if r.value is not None and email.encode() in r.value]
+    # the rest is as it was
+    assert len(after["profiles"]) == len(before["profiles"]) - 1
