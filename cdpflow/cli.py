@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     live.add_argument("--from", dest="start", default="earliest", choices=("earliest", "latest", "committed"),
                       help="where to start reading cdp.events.raw (default earliest: the warehouse's events "
                            "are recognised and counted once)")
-    live.add_argument("--until", help="ISO-8601 time: stop at records received after it, with every profile as of it")
+    live.add_argument("--until", help="ISO-8601 time (to the millisecond): stop at records received after it, with every "
+                                       "profile as of it")
     live.add_argument("--identity-store", help="sqlite:///FILE or redis://HOST:PORT/DB the stream resolves against "
                                                "(default: a SQLite file beside the warehouse, kept across runs)")
     live.add_argument("--no-loader", action="store_true", help="write only to Kafka; a `cdpflow load` loads the warehouse")

@@ -197,6 +197,8 @@ def run_stream(bootstrap: str, warehouse: str, config: Dict[str, Any], runner: s
     if runner == "direct":
         raise BadInput("--runner direct: the BundleBased DirectRunner cannot run the Kafka source "
                        "(a splittable DoFn); use --runner prism")
+    if until is not None:
+        until = until // 1000 * 1000  # timers keep whole milliseconds: the last rows are as of this
     remote = runner != "prism"
     if remote:
         # Workers on other machines: they cannot share a SQLite file, and the loader runs beside

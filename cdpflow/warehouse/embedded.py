@@ -74,6 +74,16 @@ def read_staged(staging_dir: str, name: str) -> List[Dict[str, Any]]:
     return rows
 
 
+def _dead_letter_row(record: Mapping[str, Any]) -> Dict[str, Any]:
+    """A `cdp.events.deadletter` record as a dead_letters row: the stream's are rows already; an
+    importer's (`cdpflow import --to kafka`) name their file and row, and are keyed by their id."""
+    value = dict(record["value"])
+    if "row" in value and "file" in value:
+        value["error"] = f"{value.get('source') or 'import'} {value['file']} row {value['row']}: {value.get('error')}"
+    value.setdefault("dead_letter_id", record["key"])
+    return value
+
+
 class DuckDBWarehouse(Warehouse):
     """A DuckDB warehouse file.
 
@@ -373,7 +383,7 @@ class DuckDBWarehouse(Warehouse):
                 if not row.get("retracted"):
                     self._insert_new("lifecycle_transitions", None, [row])
             counts["lifecycle_transitions"] = len(transitions)
-            letters = [r["value"] for r in by_topic.get(DL.name, ())]
+            letters = [_dead_letter_row(r) for r in by_topic.get(DL.name, ())]
             if suppressed is not None:
                 letters = [d for d in letters if not suppressed([tuple(i) for i in d.get("identifiers") or ()])]
             counts["dead_letters"] = self._insert_new("dead_letters", "dead_letter_id", letters) if letters else 0
