@@ -43,11 +43,12 @@ test: venv prism redis-server kafka
 test-fast: venv prism redis-server kafka
 	$(BIN)/python -m pytest -m "not e2e" tests
 
-bench: venv redis-server kafka
+bench: venv prism redis-server kafka
 	$(BIN)/python benchmarks/pipeline_vs_reference.py
 	$(BIN)/python benchmarks/features.py
 	$(BIN)/python benchmarks/identity_store.py
 	$(BIN)/python benchmarks/collector.py
+	$(BIN)/python benchmarks/live.py --rates 10 25 50 --seconds 30
 
 # Prism, Beam's portable local runner, built from the Go module proxy (used by --runner prism).
 prism: .cache/bin/prism

@@ -13,14 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import orjson
-import requests
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -54,24 +51,8 @@ def main(argv=None):
              for line in path.read_bytes().splitlines() if acceptable(line)][:args.events]
     broker = Kafka(root / "stack", port=free_port(), controller_port=free_port())
     broker.up()
-    config = root / "collector.yaml"
-    config.write_text("collector:\n  write_keys: {wk_bench: bench}\n")
-    port = free_port()
-    collector = subprocess.Popen([sys.executable, "-m", "cdpflow.cli", "serve", "collector", "--port", str(port),
-                                  "--bootstrap", broker.bootstrap_servers(), "--config", str(config)],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
+    collector, url = common.start_collector(broker.bootstrap_servers(), root)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline or collector.poll() is not None:
-                raise RuntimeError(f"the collector did not start: {collector.stderr.read().decode()[-2000:]}")
-            time.sleep(0.2)
         send(lines[:500], url, "wk_bench", batch_size=args.batch_size, is_live=True)  # warm up
         report = send(lines, url, "wk_bench", batch_size=args.batch_size, is_live=True)
     finally:

@@ -1,7 +1,8 @@
 """End to end on real components: collector -> Kafka -> `cdpflow stream` (Prism) + loader -> warehouse.
 
-Generated traffic with its default noise is sent live (`cdpflow send --live`) through the
-collector into a broker of the test's own. `cdpflow stream --until T` reads `cdp.events.raw`,
+Generated traffic with its default noise is sent live through the collector into a broker of
+the test's own: by Segment's analytics-python SDK where it can express the event, by
+`cdpflow send --live` for the rest (broken lines, unknown types). `cdpflow stream --until T` reads `cdp.events.raw`,
 writes the change topics, and its loader commits them to a DuckDB warehouse. The reference is
 `cdpflow run --as-of T` over the events exactly as `cdp.events.raw` holds them. For every
 person whose identifiers met no merge-protection rule in either run, the two warehouses must
@@ -74,6 +75,59 @@ def send_live(sample, bootstrap, files=None):
     finally:
         server.stop()
         sink.close()
+
+
+def send_with_sdk(sample, bootstrap, tmp_path):
+    """Sends the sample live as a tracking SDK would: Segment's analytics-python, its host the collector.
+
+    Each event's times move to the moment it is sent, keeping its lateness. What the SDK cannot
+    express (a broken line, an unknown type, an event without ids or time) goes through
+    `cdpflow send --live`, so the default noise still arrives.
+    """
+    from datetime import datetime
+
+    from segment.analytics import Client
+
+    from cdpflow.collector.send import live
+    from cdpflow.pipelines.replay import arrival_order
+    sink = KafkaSink(bootstrap)
+    server = Server(Collector(sink, {KEY: "web-shop"}))
+    errors, rest = [], []
+    client = Client(KEY, host=server.url, sync_mode=True, on_error=lambda e, batch: errors.append(e))
+    try:
+        for _, line in arrival_order([str(sample / "events")]):
+            try:
+                event = orjson.loads(line)
+                event = live(event, int(time.time() * 1_000_000))
+                at = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
+                common = {"context": event.get("context") or None, "timestamp": at, "message_id": event["messageId"]}
+                who = {"user_id": event.get("userId"), "anonymous_id": event.get("anonymousId")}
+                kind = event["type"]
+                if kind == "track":
+                    client.track(event=event["event"], properties=event.get("properties") or {}, **who, **common)
+                elif kind == "identify":
+                    client.identify(traits=event.get("traits") or {}, **who, **common)
+                elif kind in ("page", "screen"):
+                    getattr(client, kind)(category=event.get("category"), name=event.get("name"),
+                                          properties=event.get("properties") or {}, **who, **common)
+                elif kind == "alias":
+                    client.alias(previous_id=event["previousId"], user_id=event["userId"], **common)
+                elif kind == "group":
+                    client.group(group_id=event["groupId"], traits=event.get("traits") or {}, **who, **common)
+                else:
+                    rest.append(line)
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AssertionError, AttributeError):
+                rest.append(line)  # not something an SDK would send: as recorded
+        client.flush()
+        assert not errors, errors[:3]
+        if rest:
+            (tmp_path / "rest.jsonl").write_bytes(b"\n".join(rest) + b"\n")
+            assert main(["send", "--input", str(tmp_path / "rest.jsonl"), "--collector", server.url, "--write-key", KEY,
+                         "--live"]) == 0
+    finally:
+        server.stop()
+        sink.close()
+    return len(rest)
 
 
 def raw_events(bootstrap, path):
@@ -169,6 +223,11 @@ def assert_same_as_batch(stream, batch, dead_letters=True):
         assert stream["dead_letters"] == batch["dead_letters"]
     clean = [ids for ids in batch["profiles"] if not ids & (batch["conflicted"] | stream["conflicted"])]
     assert len(clean) >= 0.8 * len(batch["profiles"])  # the noise merges few of them
+    # the others: every merge-protection limit holds in the stream's profiles too
+    limits = {"user_id": 1, "email": 5, "phone": 5, "loyalty_id": 1, "device_id": 20, "anonymous_id": 100}
+    for ids in stream["profiles"]:
+        for id_type, limit in limits.items():
+            assert sum(1 for t, _ in ids if t == id_type) <= limit, (id_type, sorted(ids))
     for ids in clean:
         assert ids in stream["profiles"], f"the batch run's profile {sorted(ids)} is not in the stream's warehouse"
         ours, theirs = stream["profiles"][ids], batch["profiles"][ids]
@@ -178,8 +237,10 @@ def assert_same_as_batch(stream, batch, dead_letters=True):
 
 
 def test_the_stream_and_its_loader_equal_a_batch_run_over_the_raw_topic(tmp_path, broker, traffic):
-    send_live(traffic, broker)
+    by_hand = send_with_sdk(traffic, broker, tmp_path)
     events = raw_events(broker, tmp_path / "raw.jsonl")
+    sdk = sum(1 for e in events if (e.get("context") or {}).get("library", {}).get("name") == "analytics-python")
+    assert sdk >= 0.9 * len(events) and sdk + by_hand >= len(events) - 5, (sdk, by_hand, len(events))
     until = end_time(events)
     warehouse = tmp_path / "live.duckdb"
     assert main(stream_args(traffic, broker, warehouse, until)) == 0
@@ -217,6 +278,13 @@ def loaded_events(warehouse):
             return wh.count("events")
     except WarehouseError:
         return 0
+
+
+def tables_between_commits(warehouse):
+    """The profile ids the warehouse holds now, read as `cdpflow profile` reads (between the loader's commits)."""
+    from cdpflow.warehouse import open_warehouse
+    with open_warehouse(str(warehouse), read_only=True) as wh:
+        return [r["profile_id"] for r in wh.query("SELECT profile_id FROM profiles ORDER BY profile_id LIMIT 5")]
 
 
 def assert_changes_alternate(changes, warehouse):
@@ -260,10 +328,15 @@ def test_a_stream_killed_mid_input_and_started_again_loses_nothing_and_sends_no_
     try:
         sender.start()
         deadline = time.monotonic() + 240
-        while loaded_events(warehouse) < 100:
+        while loaded_events(warehouse) < 100 or not tables_between_commits(warehouse):
             assert first.poll() is None, first.stderr.read().decode()[-2000:]
             assert time.monotonic() < deadline, "the stream made no progress"
             time.sleep(0.5)
+        # readers answer while the stream and its loader run (they open the file between commits)
+        someone = next(iter(tables_between_commits(warehouse)))
+        assert main(["profile", someone, "--warehouse", str(warehouse), "--json"]) == 0
+        assert main(["export", "profiles", "--warehouse", str(warehouse), "--format", "csv",
+                     "--out", str(tmp_path / "profiles.csv")]) == 0
         still_sending = sender.is_alive()
     finally:
         if first.poll() is None:
