@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 LOADED_TOPICS = (PROFILE_CHANGES.name, SEGMENT_CHANGES.name, DEAD_LETTERS.name, WAREHOUSE_ROWS.name, CONTROL.name)
 LOADER_GROUP = "cdpflow-loader"
+_UNREADABLE = {"$unreadable": True}  # a record whose value is not JSON (never written by cdpflow)
 
 
 def _order(record) -> tuple:
@@ -75,14 +76,7 @@ class Loader:
                 raise RuntimeError(f"no topic {topic!r} at {bootstrap} (`cdpflow stack up kafka` creates it)")
             self.partitions.extend(TopicPartition(topic, p) for p in sorted(found))
         self.consumer.assign(self.partitions)
-        with open_warehouse(warehouse) as wh:
-            stored = wh.stream_offsets()
-        for tp in self.partitions:
-            offset = stored.get((tp.topic, tp.partition))
-            if offset is None:
-                self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, offset)
+        self.seek_to_stored()
         self.totals: Dict[str, int] = {}
         self._publisher = None
         self._suppressed = None
@@ -110,10 +104,13 @@ class Loader:
             polled = self.consumer.poll(timeout_ms=int(left * 1000), max_records=self.max_batch - len(batch))
             for tp, records in polled.items():
                 for record in records:
+                    try:
+                        value = orjson.loads(record.value) if record.value is not None else None
+                    except orjson.JSONDecodeError:
+                        value = _UNREADABLE
                     batch.append({"topic": tp.topic, "partition": tp.partition, "offset": record.offset,
-                                  "key": record.key.decode("utf-8") if record.key is not None else None,
-                                  "value": orjson.loads(record.value) if record.value is not None else None,
-                                  "order": _order(record)})
+                                  "key": record.key.decode("utf-8", "replace") if record.key is not None else None,
+                                  "value": value, "order": _order(record)})
             if not polled:
                 break
         return batch
@@ -123,26 +120,42 @@ class Loader:
         from kafka.structs import OffsetAndMetadata
         now = int(time.time() * 1_000_000)
         counts: Dict[str, int] = {}
+        unreadable = [r for r in batch if r["value"] is _UNREADABLE]
+        if unreadable:
+            # Not cdpflow's: said and counted, their offsets passed so they do not block the rest.
+            log.error("loader: %d record(s) that are not JSON, e.g. %s:%s:%s", len(unreadable), unreadable[0]["topic"],
+                      unreadable[0]["partition"], unreadable[0]["offset"])
+            counts["unreadable"] = len(unreadable)
+            for record in unreadable:
+                record["skip"] = True
         with open_warehouse(self.warehouse) as wh:
             key = governance.suppression_key(self.config, wh.demo_key_file())
             stored = wh.stream_offsets()
             # Commands first: rows the stream produced for a person before their forget was read
             # meet the suppression check below and are not loaded.
             for record in batch:
-                if record["topic"] == CONTROL.name and record["offset"] >= stored.get((CONTROL.name, record["partition"]), 0):
-                    for name, value in self._control(wh, record, key, now).items():
+                if record["topic"] == CONTROL.name and not record.get("skip") and \
+                        record["offset"] >= stored.get((CONTROL.name, record["partition"]), 0):
+                    try:
+                        done = self._control(wh, record, key, now)
+                    except Exception as err:  # noqa: BLE001 (one bad command must not stop the loading)
+                        log.error("loader: cdp.control %s:%s refused: %s: %s", record["partition"], record["offset"],
+                                  type(err).__name__, err)
+                        done = {"control_refused": 1}
+                    for name, value in done.items():
                         counts[name] = counts.get(name, 0) + value
             rules = governance.identity_rules(self.config, wh.governance(), key)
             store = open_identity_store(self.identity_store, rules)
             try:
-                if rules.suppressed != self._suppressed:
+                links = store.links()
+                if rules.suppressed != self._suppressed or any(
+                        rules.is_suppressed([(link["identifier_type"], link["identifier_value"])]) for link in links):
                     # Forgotten since the last commit (`cdpflow forget` on the warehouse, or a
-                    # control command): gone from the identity store the stream resolves against.
+                    # control command), or resolved again by a stream that had not heard of it
+                    # yet: every profile holding a forgotten identifier leaves the store.
                     counts["purged_identifiers"] = store.purge(rules)
                     self._suppressed = rules.suppressed
-                # And whatever the stream resolved for them before it heard of the forget stays out.
-                links = [link for link in store.links()
-                         if not rules.is_suppressed([(link["identifier_type"], link["identifier_value"])])]
+                    links = store.links()
                 conflicts = [c for c in store.conflicts()
                              if not rules.is_suppressed([(c["identifier_type"], c["identifier_value"])])]
                 identity = {"links": links, "merges": store.merges(), "conflicts": conflicts,
@@ -150,6 +163,7 @@ class Loader:
                 counts.update(wh.load_stream_batch(batch, identity, now, suppressed=rules.is_suppressed))
             finally:
                 store.close()
+            self._publish_outbox(wh)  # exits a forget committed before a crash, not yet sent
         for name, value in counts.items():
             self.totals[name] = self.totals.get(name, 0) + value
         ends: Dict[Any, int] = {}
@@ -164,24 +178,40 @@ class Loader:
         return counts
 
     def _control(self, wh, record, key, now) -> Dict[str, int]:
-        command = record["value"] or {}
-        if command.get("command") != "forget" or not command.get("identifier"):
-            log.error("loader: cdp.control record %s:%s is not a command this loader applies: %r",
-                      record["partition"], record["offset"], command)
+        """Applies one `cdp.control` command; a crash part-way is safe to repeat from the start."""
+        from cdpflow.io.kafka_sink import send_all
+        command = record["value"]
+        if not isinstance(command, dict) or command.get("command") != "forget" \
+                or not isinstance(command.get("identifier"), str) or not command["identifier"].strip():
+            log.error("loader: cdp.control record %s:%s is not a command this loader applies (forget with an "
+                      "identifier): %r", record["partition"], record["offset"], command)
             return {"control_refused": 1}
-        done = wh.forget(command["identifier"], now, key)
-        if done is None:
-            return {"forget_unknown": 1}
+        identifier = command["identifier"]
         store = open_identity_store(self.identity_store)
         try:
-            store.forget(done["identifiers"])
+            # The person as the identity store knows them: the stream may have resolved events the
+            # warehouse does not hold yet (or never will, if the loader was behind).
+            found = wh.identifier_of(identifier)
+            in_store = store.profile_of(found) if found else None
+            if in_store is not None:
+                held = [(link["identifier_type"], link["identifier_value"]) for link in store.links()
+                        if link["profile_id"] == in_store]
+            else:
+                held = [found] if found else []
+            profile_id = wh.resolve_profile_id(identifier) or in_store
+            if profile_id:
+                # First, so a repeat after a crash still sends it: compaction drops the person's rows.
+                send_all(self._producer(), [(PROFILE_CHANGES.name, profile_id.encode(), None)])
+            done = wh.forget(identifier, now, key)
+            identifiers = sorted(set(held) | set(tuple(i) for i in (done or {}).get("identifiers", ())))
+            if not identifiers:
+                return {"forget_unknown": 1}
+            # Suppressed whether or not the warehouse held them: what arrives later stays out.
+            wh.suppress(identifiers, now, key)
+            store.forget(identifiers)
         finally:
             store.close()
         self._publish_outbox(wh)
-        if done.get("profile_id"):
-            # The compacted profile topic keeps a tombstone, so compaction drops the person's rows.
-            from cdpflow.io.kafka_sink import send_all
-            send_all(self._producer(), [(PROFILE_CHANGES.name, done["profile_id"].encode(), None)])
         return {"forgotten": 1}
 
     def _producer(self):
@@ -205,22 +235,46 @@ class Loader:
         ends = self.consumer.end_offsets(self.partitions)
         return any(self.consumer.position(tp) < ends[tp] for tp in self.partitions)
 
+    def seek_to_stored(self) -> None:
+        """Puts every partition back where the warehouse says loading stands."""
+        with open_warehouse(self.warehouse) as wh:
+            stored = wh.stream_offsets()
+        for tp in self.partitions:
+            offset = stored.get((tp.topic, tp.partition))
+            if offset is None:
+                self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, offset)
+
+    def step(self, retries: int = 5) -> bool:
+        """Loads one micro-batch; True if there was one. A commit that fails is tried again from
+        the stored offsets (the batch was rolled back); after `retries` failures in a row it raises."""
+        for attempt in range(retries + 1):
+            batch = self.poll_batch()
+            if not batch:
+                return False
+            try:
+                self.commit(batch)
+                return True
+            except Exception as err:  # noqa: BLE001 (a busy file, a broker blip: retried, then raised)
+                if attempt == retries:
+                    raise
+                log.warning("loader: a commit failed (%s: %s); again from the stored offsets", type(err).__name__, err)
+                time.sleep(min(5.0, 0.5 * 2 ** attempt))
+                self.seek_to_stored()
+        return False
+
     def run_until_caught_up(self) -> Dict[str, int]:
         """Loads until every partition is read to the end it had when this was called."""
         ends = self.consumer.end_offsets(self.partitions)
         while any(self.consumer.position(tp) < ends[tp] for tp in self.partitions):
-            batch = self.poll_batch()
-            if batch:
-                self.commit(batch)
+            self.step()
         return dict(self.totals)
 
     def run(self, stop=None) -> Dict[str, int]:
         """Loads until `stop` (a threading.Event) is set, then loads what is left."""
         while stop is None or not stop.is_set():
-            batch = self.poll_batch()
-            if batch:
-                self.commit(batch)
-            elif stop is not None:
+            if not self.step() and stop is not None:
                 stop.wait(self.max_wait_s)
         return self.run_until_caught_up()
 

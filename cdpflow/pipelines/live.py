@@ -178,6 +178,7 @@ def prepare(warehouse: str, config: Dict[str, Any], identity_store: Optional[str
     for row in memberships:
         by_profile.setdefault(row["profile_id"], []).append(row)
     seeds = {pid: held_from_memberships(rows) for pid, rows in by_profile.items()}
+
     return rules, history, model, seeds, store_uri
 
 

@@ -207,6 +207,8 @@ class _ResolveStreamFn(_StoreFn):
             self.refreshed = time.monotonic()
             rules = self.governance()
             if rules is not None:
+                if rules.suppressed != self.rules.suppressed:
+                    self.store.purge(rules)  # whoever was forgotten leaves the graph now
                 self.rules = self.store.rules = rules
         decisions, epoch, moves = self.store.resolve_batch_with_moves(
             (e.message_id, e.timestamp, e.identifiers) for e, _, _ in pending)

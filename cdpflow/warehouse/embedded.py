@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from cdpflow.core.governance import LEGACY_KEY_ID, GovernanceState, SuppressionKey, identifiers_of_raw
 from cdpflow.core.normalize import normalize_email, normalize_phone
-from cdpflow.core.segments import outbox_message, segment_change
+from cdpflow.core.segments import idempotency_key, outbox_message, segment_change
 from cdpflow.core.timeutil import format_ts
 from cdpflow.schemas.tables import ALL_TABLES, Table, duckdb_column
 from cdpflow.core.segments import SEGMENT_CHANGES_TOPIC
@@ -74,6 +74,16 @@ def read_staged(staging_dir: str, name: str) -> List[Dict[str, Any]]:
     return rows
 
 
+def _exit_of_span(row: Mapping[str, Any], now_us: int, request_id: str) -> Dict[str, Any]:
+    """The exit a forget sends for an open span: keyed by the span's ordinal, as the stream keys
+    it (`MembershipMachine`), so a destination that hears the stream's own exit later drops it."""
+    change = segment_change(row["profile_id"], row["segment"], row["source"], "exit", format_ts(now_us),
+                            f"forget:{request_id}", row["model_version"])
+    change["idempotency_key"] = idempotency_key(row["profile_id"], row["segment"], "exit", f"#{row['entries']}")
+    change["ordinal"] = row["entries"]
+    return change
+
+
 def _dead_letter_row(record: Mapping[str, Any]) -> Dict[str, Any]:
     """A `cdp.events.deadletter` record as a dead_letters row: the stream's are rows already; an
     importer's (`cdpflow import --to kafka`) name their file and row, and are keyed by their id."""
@@ -106,9 +116,12 @@ class DuckDBWarehouse(Warehouse):
             try:
                 self.con = duckdb.connect(self.path, read_only=read_only)
                 break
-            except duckdb.IOException as err:
-                # Another process holds the file (DuckDB: one writer, and no reader beside it).
-                if "lock" not in str(err).lower() or time.monotonic() > deadline:
+            except (duckdb.IOException, duckdb.ConnectionException) as err:
+                # Another process holds the file (DuckDB: one writer, and no reader beside it), or
+                # another connection of this process with the other mode (the stream's loader
+                # thread beside its governance reads): wait for it.
+                busy = "lock" in str(err).lower() or "different configuration" in str(err).lower()
+                if not busy or time.monotonic() > deadline:
                     raise WarehouseError(f"cannot open {self.path}: {err}") from None
                 time.sleep(0.2)
         if not read_only:
@@ -323,7 +336,8 @@ class DuckDBWarehouse(Warehouse):
             known = identity["profiles"]
             by_topic: Dict[str, list] = {}
             for record in fresh:
-                by_topic.setdefault(record["topic"], []).append(record)
+                if not record.get("skip"):
+                    by_topic.setdefault(record["topic"], []).append(record)
             # Accepted events: new message ids only, each with the profile it belongs to now.
             events = [r["value"]["row"] for r in by_topic.get(WAREHOUSE_ROWS.name, ()) if r["value"]["table"] == "events"]
             if suppressed is not None:
@@ -358,9 +372,15 @@ class DuckDBWarehouse(Warehouse):
                 if pid not in newest or tuple(record["order"]) >= tuple(newest[pid]["order"]):
                     newest[pid] = record
             upserts = [r["value"] for pid, r in newest.items() if r["value"] is not None and pid in known]
-            deletes = [pid for pid, r in newest.items() if r["value"] is None or pid not in known]
-            if deletes:
-                self.con.executemany("DELETE FROM profiles WHERE profile_id = ?", [(p,) for p in deletes])
+            gone = [pid for pid in newest if pid not in known]  # forgotten or absorbed: whatever the rows say
+            tombstones = [(pid, r["order"][0]) for pid, r in newest.items() if r["value"] is None and pid in known]
+            deletes = gone + [pid for pid, _ in tombstones]
+            if gone:
+                self.con.executemany("DELETE FROM profiles WHERE profile_id = ?", [(p,) for p in gone])
+            if tombstones:
+                # a tombstone that overtook a newer row on the way deletes nothing
+                self.con.executemany("DELETE FROM profiles WHERE profile_id = ? AND as_of <= make_timestamp(?)",
+                                     tombstones)
             if upserts:
                 self.con.register("staged", arrow_table(ALL_TABLES["profiles"], upserts))
                 self.con.execute("DELETE FROM profiles WHERE profile_id IN (SELECT s.profile_id FROM staged s "
@@ -374,8 +394,10 @@ class DuckDBWarehouse(Warehouse):
                 [r["value"] for r in by_topic.get(SEGMENT_CHANGES.name, ()) if r["value"]["profile_id"] in known
                  or r["value"]["direction"] == "exit"], now_us)
             # Lifecycle transitions: added, or taken back when a late event superseded them.
+            # (a retraction always applies: it comes under the id of a profile a merge absorbed)
             transitions = [r["value"]["row"] for r in by_topic.get(WAREHOUSE_ROWS.name, ())
-                           if r["value"]["table"] == "lifecycle_transitions" and r["value"]["row"]["profile_id"] in known]
+                           if r["value"]["table"] == "lifecycle_transitions"
+                           and (r["value"]["row"]["profile_id"] in known or r["value"]["row"].get("retracted"))]
             for row in sorted(transitions, key=lambda t: t["as_of"]):
                 self.con.execute("DELETE FROM lifecycle_transitions WHERE profile_id = ? AND transitioned_at = "
                                  "make_timestamp(?) AND to_stage = ?",
@@ -436,8 +458,11 @@ class DuckDBWarehouse(Warehouse):
                     [change["profile_id"], change["segment"], change["source"], at, change.get("model_version"),
                      change["profile_id"], change["segment"]])
             else:
-                self.con.execute("UPDATE segment_memberships SET exited_at = make_timestamp(?) WHERE profile_id = ? "
-                                 "AND segment = ? AND exited_at IS NULL", [at, change["profile_id"], change["segment"]])
+                closed = self.con.execute(
+                    "UPDATE segment_memberships SET exited_at = make_timestamp(?) WHERE profile_id = ? "
+                    "AND segment = ? AND exited_at IS NULL", [at, change["profile_id"], change["segment"]]).fetchone()[0]
+                if not closed:
+                    continue  # nothing open (a forget closed it, or it never loaded): nothing to record
             self.con.execute(
                 "INSERT INTO outbox BY NAME SELECT ? AS idempotency_key, ? AS topic, ? AS message_key, ?::JSON AS payload, "
                 "make_timestamp(?) AS created_at, ? AS warehouse_version, make_timestamp(?) AS published_at",
@@ -565,8 +590,10 @@ class DuckDBWarehouse(Warehouse):
         if profile_id is not None:
             identifiers = [(r["identifier_type"], r["identifier_value"]) for r in self.query(
                 "SELECT identifier_type, identifier_value FROM identity_links WHERE profile_id = ?", [profile_id])]
-            closed = self.query("SELECT profile_id, segment, source, model_version FROM segment_memberships "
-                                "WHERE profile_id = ? AND exited_at IS NULL", [profile_id])
+            closed = self.query("SELECT m.profile_id, m.segment, m.source, m.model_version, (SELECT count(*) FROM "
+                                "segment_memberships s WHERE s.profile_id = m.profile_id AND s.segment = m.segment) "
+                                "AS entries FROM segment_memberships m WHERE m.profile_id = ? AND m.exited_at IS NULL",
+                                [profile_id])
             absorbed = [r[0] for r in self.con.execute(
                 "SELECT absorbed_id FROM profile_merges WHERE survivor_id = ?", [profile_id]).fetchall()]
             ids = [profile_id, *absorbed]
@@ -586,11 +613,7 @@ class DuckDBWarehouse(Warehouse):
         version = self._begin(expected_version)
         try:
             for identifier_pair in identifiers:
-                digest = key.hash(identifier_pair)
-                self.con.execute("INSERT INTO identity_suppressions BY NAME SELECT ? AS identifier_hash, "
-                                 "make_timestamp(?) AS suppressed_at, ? AS request_id, ? AS key_id "
-                                 "WHERE NOT EXISTS (SELECT 1 FROM identity_suppressions WHERE identifier_hash = ?)",
-                                 [digest, now_us, request_id, key.key_id, digest])
+                self._insert_suppression(key.hash(identifier_pair), now_us, request_id, key.key_id)
             marks = ",".join("?" * len(ids))
             for table in ("events", "identity_links", "profiles", "segment_memberships", "lifecycle_transitions"):
                 counts[table] = self.con.execute(
@@ -610,9 +633,7 @@ class DuckDBWarehouse(Warehouse):
             # Their messages go too, delivered or not (the exits below tell the destinations).
             counts["outbox"] = self.con.execute(
                 f"DELETE FROM outbox WHERE message_key IN ({marks})", ids).fetchone()[0] if ids else 0
-            exits = [outbox_message(segment_change(row["profile_id"], row["segment"], row["source"], "exit",
-                                                   format_ts(now_us), f"forget:{request_id}", row["model_version"]))
-                     for row in closed]
+            exits = [outbox_message(_exit_of_span(row, now_us, request_id)) for row in closed]
             self._insert_outbox(exits, version, now_us)
             self._set_version(version)
             self.con.execute("COMMIT")
@@ -621,6 +642,40 @@ class DuckDBWarehouse(Warehouse):
             raise
         return {"profile_id": profile_id, "request_id": request_id, "identifiers": identifiers,
                 "deleted": counts, "closed_memberships": closed, "exits": len(exits)}
+
+    def identifier_of(self, identifier: str) -> Optional[tuple]:
+        """(type, normalised value) of an identifier as a user types it: `type:value`, or a bare
+        value one link holds; None if it names nothing (or several)."""
+        id_type, values = self._candidates(identifier)
+        if id_type is not None:
+            return (id_type, values[0])
+        found = set()
+        for value in values:
+            found.update(tuple(r) for r in self.con.execute(
+                "SELECT identifier_type, identifier_value FROM identity_links WHERE identifier_value = ?", [value]).fetchall())
+        return found.pop() if len(found) == 1 else None
+
+    def suppress(self, identifiers, now_us: int, key: SuppressionKey) -> int:
+        """Keeps keyed hashes of identifiers (a person forgotten before the warehouse held them); returns how many were new."""
+        added = 0
+        version = self._begin(None)
+        try:
+            request_id = hashlib.sha256(f"{sorted(identifiers)}\x00{now_us}".encode()).hexdigest()[:16]
+            for identifier in identifiers:
+                added += self._insert_suppression(key.hash(tuple(identifier)), now_us, request_id, key.key_id)
+            self._set_version(version)
+            self.con.execute("COMMIT")
+        except Exception:
+            self.con.execute("ROLLBACK")
+            raise
+        return added
+
+    def _insert_suppression(self, digest: str, now_us: int, request_id: str, key_id: str) -> int:
+        """Keeps one identifier's keyed hash (once); returns 1 if it was new."""
+        return self.con.execute(
+            "INSERT INTO identity_suppressions BY NAME SELECT ? AS identifier_hash, make_timestamp(?) AS suppressed_at, "
+            "? AS request_id, ? AS key_id WHERE NOT EXISTS (SELECT 1 FROM identity_suppressions WHERE identifier_hash = ?)",
+            [digest, now_us, request_id, key_id, digest]).fetchone()[0]
 
     def _dead_letters_where(self, test) -> List[str]:
         """Ids of the dead letters whose stored identifiers ([(type, normalised value)]) pass `test`."""
