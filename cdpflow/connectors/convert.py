@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import orjson
 import yaml
 
-from cdpflow.core.normalize import NormalizationError, normalize_event
+from cdpflow.core.normalize import NormalizationError, normalize_email, normalize_event, normalize_phone
 from cdpflow.errors import BadInput
 from cdpflow.schemas import EventValidator, SchemaViolation
 
@@ -193,7 +193,8 @@ def convert(path: str, mapping: Mapping_, default_region: str = "US") -> ImportR
     for number, row in read_rows(path):
         raw = row if isinstance(row, str) else orjson.dumps(row).decode()
         if isinstance(row, str):
-            result.dead_letters.append(_letter(path, number, "parse", "not a JSON object", raw, mapping))
+            result.dead_letters.append(_letter(path, number, "parse", "not a JSON object", raw, mapping, None,
+                                               default_region))
             continue
         try:
             event = to_event(mapping, row)
@@ -202,7 +203,7 @@ def convert(path: str, mapping: Mapping_, default_region: str = "US") -> ImportR
         except (ValueError, SchemaViolation, NormalizationError) as err:
             stage = "validate" if isinstance(err, SchemaViolation) else "normalize" \
                 if isinstance(err, NormalizationError) else "map"
-            result.dead_letters.append(_letter(path, number, stage, str(err), raw, mapping))
+            result.dead_letters.append(_letter(path, number, stage, str(err), raw, mapping, row, default_region))
             continue
         result.events.append(event)
     return result
@@ -213,6 +214,22 @@ def dead_letter_key(letter: Mapping[str, Any]) -> str:
     return hashlib.sha1(f"{letter['stage']}\x00{letter['raw']}".encode("utf-8")).hexdigest()
 
 
-def _letter(path, number, stage, error, raw, mapping) -> Dict[str, Any]:
+def row_identifiers(mapping: Mapping_, row: Optional[Mapping[str, Any]], default_region: str = "US") -> List[List[str]]:
+    """[type, normalised value] of each identifier the mapping names in a row (a row that is not an
+    object names none): what a forget and the suppression check find a refused row by."""
+    found = []
+    for id_type, column in sorted(mapping.identifiers.items()) if isinstance(row, Mapping) else ():
+        value = _text(row.get(column))
+        if value is None:
+            continue
+        if id_type == "email":
+            value = normalize_email(value) or value
+        elif id_type == "phone":
+            value = normalize_phone(value, default_region) or value
+        found.append([id_type, value])
+    return found
+
+
+def _letter(path, number, stage, error, raw, mapping, row=None, default_region: str = "US") -> Dict[str, Any]:
     return {"source": mapping.source, "file": os.path.basename(path), "row": number, "stage": stage,
-            "error": error, "raw": raw}
+            "error": error, "raw": raw, "identifiers": row_identifiers(mapping, row, default_region)}

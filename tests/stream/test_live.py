@@ -496,5 +496,8 @@ def test_crm_and_pos_imports_through_kafka_reach_the_profiles_of_a_batch_run(tmp
     # the importers' bad rows are dead letters in the warehouse, with their file and row
     con = duckdb.connect(str(warehouse), read_only=True)
     errors = sorted(r[0] for r in con.execute("SELECT error FROM dead_letters").fetchall())
+    # with the identifiers of the row, so a forget finds a refused row too
+    c3 = con.execute("SELECT identifiers::VARCHAR FROM dead_letters WHERE error LIKE '%crm.csv row 4:%'").fetchone()[0]
     con.close()
     assert len(errors) == 4 and all(" row " in e for e in errors), errors
+    assert orjson.loads(c3) == [["user_id", "C-3"]]
