@@ -117,6 +117,7 @@ class Loader:
 
     def commit(self, batch: List[Dict[str, Any]]) -> Dict[str, int]:
         """Commits one micro-batch to the warehouse (rows and offsets together); returns the counts."""
+        from kafka import TopicPartition
         from kafka.structs import OffsetAndMetadata
         now = int(time.time() * 1_000_000)
         counts: Dict[str, int] = {}
@@ -168,7 +169,6 @@ class Loader:
             self.totals[name] = self.totals.get(name, 0) + value
         ends: Dict[Any, int] = {}
         for record in batch:
-            from kafka import TopicPartition
             tp = TopicPartition(record["topic"], record["partition"])
             ends[tp] = max(ends.get(tp, 0), record["offset"] + 1)
         try:
@@ -179,7 +179,7 @@ class Loader:
 
     def _control(self, wh, record, key, now) -> Dict[str, int]:
         """Applies one `cdp.control` command; a crash part-way is safe to repeat from the start."""
-        from cdpflow.io.kafka_sink import send_all
+        from cdpflow.io.kafka_producer import send_all
         command = record["value"]
         if not isinstance(command, dict) or command.get("command") != "forget" \
                 or not isinstance(command.get("identifier"), str) or not command["identifier"].strip():
@@ -211,17 +211,16 @@ class Loader:
             store.forget(identifiers)
         finally:
             store.close()
-        self._publish_outbox(wh)
-        return {"forgotten": 1}
+        return {"forgotten": 1}  # its exits are published at the end of the commit
 
     def _producer(self):
-        from cdpflow.io.kafka_sink import producer
+        from cdpflow.io.kafka_producer import producer
         if self._publisher is None:
             self._publisher = producer(self.bootstrap)
         return self._publisher
 
     def _publish_outbox(self, wh):
-        from cdpflow.io.kafka_sink import send_all
+        from cdpflow.io.kafka_producer import send_all
         pending = wh.pending_outbox()
         if not pending:
             return
@@ -230,11 +229,6 @@ class Loader:
         wh.mark_published([m["idempotency_key"] for m in pending], int(time.time() * 1_000_000))
 
     # ------------------------------------------------------------------------------ loops
-    def behind(self) -> bool:
-        """True while some partition has records the loader has not read."""
-        ends = self.consumer.end_offsets(self.partitions)
-        return any(self.consumer.position(tp) < ends[tp] for tp in self.partitions)
-
     def seek_to_stored(self) -> None:
         """Puts every partition back where the warehouse says loading stands."""
         with open_warehouse(self.warehouse) as wh:

@@ -57,17 +57,14 @@ class KafkaSink(Sink):
 
     def producer(self):
         """The producer, connected on first use: the collector starts (and says 503) while Kafka is down."""
-        from kafka import KafkaProducer
         from kafka.errors import KafkaError
+
+        from cdpflow.io.kafka_producer import producer
         with self._lock:
             if self._producer is None:
                 try:
-                    self._producer = KafkaProducer(
-                        bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
-                        retries=5, max_block_ms=int(self.timeout_s * 1000),
-                        bootstrap_timeout_ms=int(self.timeout_s * 1000),
-                        request_timeout_ms=int(self.timeout_s * 1000),
-                        delivery_timeout_ms=int(self.timeout_s * 1000) + 10, compression_type="gzip")
+                    self._producer = producer(self.bootstrap, self.timeout_s, retries=5,
+                                              bootstrap_timeout_ms=int(self.timeout_s * 1000))
                 except KafkaError as err:
                     raise SinkUnavailable(f"cannot reach Kafka at {self.bootstrap}: {type(err).__name__}: {err}") \
                         from None

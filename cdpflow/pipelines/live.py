@@ -31,8 +31,8 @@ a last row as of it, and the command returns when the loader has committed every
 bounded catch-up run, and how the tests compare the stream with `cdpflow run --as-of`).
 
 Runner: Prism (`make prism`); the BundleBased DirectRunner rejects the Kafka source's
-splittable DoFn. On Dataflow the same graph runs with Beam's `ReadFromKafka` (or Pub/Sub) in
-place of the source.
+splittable DoFn. On Dataflow the same graph is submitted with this source; Beam's
+`ReadFromKafka` (or Pub/Sub) could take its place, since what follows takes raw lines.
 """
 from __future__ import annotations
 
@@ -178,7 +178,6 @@ def prepare(warehouse: str, config: Dict[str, Any], identity_store: Optional[str
     for row in memberships:
         by_profile.setdefault(row["profile_id"], []).append(row)
     seeds = {pid: held_from_memberships(rows) for pid, rows in by_profile.items()}
-
     return rules, history, model, seeds, store_uri
 
 

@@ -11,6 +11,7 @@ position, so a column that sits elsewhere in an older file still gets its own va
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
@@ -230,6 +231,19 @@ class DuckDBWarehouse(Warehouse):
             raise ConcurrentWriteError(expected_version, found)
         return found + 1
 
+    @contextlib.contextmanager
+    def _transaction(self, expected_version: Optional[int]):
+        """A write transaction that checks the version (`_begin`), raises it by one and commits;
+        rolled back whole if anything in it fails. Yields the new version."""
+        version = self._begin(expected_version)
+        try:
+            yield version
+            self._set_version(version)
+            self.con.execute("COMMIT")
+        except Exception:
+            self.con.execute("ROLLBACK")
+            raise
+
     def _set_version(self, version: int):
         self.con.execute("DELETE FROM warehouse_meta WHERE name = 'version'")
         self.con.execute("INSERT INTO warehouse_meta BY NAME SELECT 'version' AS name, ? AS value, now() AS updated_at",
@@ -271,8 +285,7 @@ class DuckDBWarehouse(Warehouse):
           ConcurrentWriteError: the warehouse is no longer at `expected_version` (nothing written).
         """
         written = {}
-        version = self._begin(expected_version)
-        try:
+        with self._transaction(expected_version) as version:
             for name in replace:
                 staged = arrow_table(ALL_TABLES[name], read_staged(staging_dir, name))
                 self.con.register("staged", staged)
@@ -282,23 +295,11 @@ class DuckDBWarehouse(Warehouse):
                 self.con.unregister("staged")
                 written[name] = staged.num_rows
             for name, key in append_unique.items():
-                staged = arrow_table(ALL_TABLES[name], read_staged(staging_dir, name))
-                self.con.register("staged", staged)
-                before = self.count(name)
-                self.con.execute(
-                    f'INSERT INTO "{name}" BY NAME SELECT DISTINCT ON ("{key}") * FROM staged '
-                    f'WHERE "{key}" NOT IN (SELECT "{key}" FROM "{name}")')
-                self.con.unregister("staged")
-                written[name] = self.count(name) - before
+                written[name] = self._insert_new(name, key, read_staged(staging_dir, name))
             if suppressed is not None:
                 written["dead_letters_forgotten"] = self._delete_dead_letters(self._dead_letters_where(suppressed))
             if outbox:
                 written["outbox"] = self._insert_outbox(outbox, version, int(time.time() * 1_000_000))
-            self._set_version(version)
-            self.con.execute("COMMIT")
-        except Exception:
-            self.con.execute("ROLLBACK")
-            raise
         return written
 
     # The stream's loader -----------------------------------------------------------------
@@ -328,8 +329,7 @@ class DuckDBWarehouse(Warehouse):
         """
         from cdpflow.schemas.topics import DEAD_LETTERS as DL, PROFILE_CHANGES, SEGMENT_CHANGES, WAREHOUSE_ROWS
         counts: Dict[str, int] = {}
-        self.con.execute("BEGIN TRANSACTION")
-        try:
+        with self._transaction(None):
             stored = self.stream_offsets()
             fresh = [r for r in records if r["offset"] >= stored.get((r["topic"], r["partition"]), 0)]
             counts["skipped"] = len(records) - len(fresh)
@@ -418,11 +418,6 @@ class DuckDBWarehouse(Warehouse):
                 self.con.execute('DELETE FROM stream_offsets WHERE topic = ? AND "partition" = ?', [topic, partition])
                 self.con.execute('INSERT INTO stream_offsets BY NAME SELECT ? AS topic, ? AS "partition", '
                                  '? AS next_offset, make_timestamp(?) AS updated_at', [topic, partition, offset, now_us])
-            self._set_version(self.version() + 1)
-            self.con.execute("COMMIT")
-        except Exception:
-            self.con.execute("ROLLBACK")
-            raise
         return counts
 
     def _insert_new(self, name: str, key: Optional[str], rows: Sequence[Mapping[str, Any]]) -> int:
@@ -610,8 +605,7 @@ class DuckDBWarehouse(Warehouse):
         request_id = hashlib.sha256(f"{profile_id or identifiers[0]}\x00{now_us}".encode()).hexdigest()[:16]
         wanted = {tuple(i) for i in identifiers}
         counts = {}
-        version = self._begin(expected_version)
-        try:
+        with self._transaction(expected_version) as version:
             for identifier_pair in identifiers:
                 self._insert_suppression(key.hash(identifier_pair), now_us, request_id, key.key_id)
             marks = ",".join("?" * len(ids))
@@ -635,11 +629,6 @@ class DuckDBWarehouse(Warehouse):
                 f"DELETE FROM outbox WHERE message_key IN ({marks})", ids).fetchone()[0] if ids else 0
             exits = [outbox_message(_exit_of_span(row, now_us, request_id)) for row in closed]
             self._insert_outbox(exits, version, now_us)
-            self._set_version(version)
-            self.con.execute("COMMIT")
-        except Exception:
-            self.con.execute("ROLLBACK")
-            raise
         return {"profile_id": profile_id, "request_id": request_id, "identifiers": identifiers,
                 "deleted": counts, "closed_memberships": closed, "exits": len(exits)}
 
@@ -658,16 +647,10 @@ class DuckDBWarehouse(Warehouse):
     def suppress(self, identifiers, now_us: int, key: SuppressionKey) -> int:
         """Keeps keyed hashes of identifiers (a person forgotten before the warehouse held them); returns how many were new."""
         added = 0
-        version = self._begin(None)
-        try:
+        with self._transaction(None):
             request_id = hashlib.sha256(f"{sorted(identifiers)}\x00{now_us}".encode()).hexdigest()[:16]
             for identifier in identifiers:
                 added += self._insert_suppression(key.hash(tuple(identifier)), now_us, request_id, key.key_id)
-            self._set_version(version)
-            self.con.execute("COMMIT")
-        except Exception:
-            self.con.execute("ROLLBACK")
-            raise
         return added
 
     def _insert_suppression(self, digest: str, now_us: int, request_id: str, key_id: str) -> int:
@@ -695,8 +678,7 @@ class DuckDBWarehouse(Warehouse):
     def add_separations(self, pairs, now_us: int, reason: str, expected_version: Optional[int] = None) -> int:
         """Records pairs of identifiers that must stay in different profiles; returns how many were new."""
         added = 0
-        version = self._begin(expected_version)
-        try:
+        with self._transaction(expected_version):
             for (lt, lv), (rt, rv) in pairs:
                 exists = self.con.execute(
                     "SELECT count(*) FROM identity_separations WHERE left_type = ? AND left_value = ? "
@@ -706,11 +688,6 @@ class DuckDBWarehouse(Warehouse):
                                      "? AS right_type, ? AS right_value, make_timestamp(?) AS created_at, ? AS reason",
                                      [lt, lv, rt, rv, now_us, reason])
                     added += 1
-            self._set_version(version)
-            self.con.execute("COMMIT")
-        except Exception:
-            self.con.execute("ROLLBACK")
-            raise
         return added
 
     def merges_into(self, profile_id: str) -> List[Dict[str, Any]]:

@@ -417,7 +417,7 @@ def test_a_forget_holds_in_the_warehouse_the_store_and_the_topics_and_through_a_
     from kafka import KafkaConsumer, TopicPartition
 
     from cdpflow.core.identity import open_identity_store
-    from cdpflow.io.kafka_sink import producer, send_all
+    from cdpflow.io.kafka_producer import producer, send_all
     from cdpflow.pipelines.live import stream_identity_store
     from cdpflow.schemas.topics import CONTROL, PROFILE_CHANGES
     send_live(traffic, broker)
