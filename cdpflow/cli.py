@@ -265,7 +265,7 @@ def cmd_forget(args) -> int:
         # any other store it loads from at its next commit)
         kept = [wh.default_identity_store()] + ([stream_identity_store(args.warehouse)]
                                                 if warehouse_path(args.warehouse) else [])
-        removed = sum(forget_in_identity_store(uri, done["identifiers"], rules, wh.version())
+        removed = sum(forget_in_identity_store(uri, done["identifiers"], rules, wh.version(), key)
                       for uri in dict.fromkeys([*kept, *args.identity_store]) if uri)
         published = publish_pending(wh, JsonLinesPublisher(changes_file))
     console.print(f"forgot {done['profile_id'] or args.identifier}: {len(done['identifiers'])} identifier(s) suppressed, "
@@ -274,8 +274,11 @@ def cmd_forget(args) -> int:
     return 0
 
 
-def forget_in_identity_store(uri, identifiers, rules, version: int) -> int:
-    """Removes a forgotten person from an identity store (and anything else its rules suppress)."""
+def forget_in_identity_store(uri, identifiers, rules, version: int, key=None) -> int:
+    """Removes a forgotten person from an identity store (and anything else its rules suppress).
+
+    With the suppression `key`, the store keeps the person's hashes too, so a stream resolving
+    against it refuses them from its next batch on."""
     from cdpflow.core.identity import open_identity_store, sqlite_path
     if not uri:
         return 0
@@ -284,7 +287,8 @@ def forget_in_identity_store(uri, identifiers, rules, version: int) -> int:
         return 0
     store = open_identity_store(uri, rules)
     try:
-        removed = store.forget(identifiers) + store.purge(rules)
+        hashes = [key.hash(tuple(i)) for i in identifiers] if key is not None else []
+        removed = store.forget(identifiers, hashes=hashes) + store.purge(rules)
         store.stamp_warehouse_version(version)
         return removed
     finally:

@@ -7,7 +7,7 @@ streaming jobs write only to Kafka and this loader moves what they wrote into th
 
 - it reads `cdp.profiles.changes`, `cdp.segments.changes`, `cdp.events.deadletter` and
   `cdp.warehouse.rows` (read_committed: a transactional producer's aborted records never load),
-  and `cdp.control` (forget commands);
+  and `cdp.control` (forget and split commands, `cdpflow.core.control`);
 - it gathers a micro-batch (up to `max_batch` records or `max_wait_s`), opens the warehouse,
   commits the rows together with the offsets they came from in one transaction
   (`Warehouse.load_stream_batch`), and closes it: exactly once without trusting Kafka's own
@@ -18,7 +18,9 @@ streaming jobs write only to Kafka and this loader moves what they wrote into th
 - governance: the warehouse's forgotten identifiers are read at each commit; an event or a
   dead letter that names one is not loaded, nor a row of a profile the identity store no longer
   knows. A `forget` on `cdp.control` deletes the person from the warehouse and the identity
-  store, and the exits it writes to the outbox are published to `cdp.segments.changes`.
+  store, and the exits it writes to the outbox are published to `cdp.segments.changes`. A
+  `split` undoes merges in the identity store (the stream applies it too, and moves its feature
+  state) and records the separations in the warehouse's governance.
 
 After a commit the consumer group's offsets are committed too, for lag dashboards only; on
 start the loader seeks to the offsets the warehouse holds.
@@ -31,7 +33,7 @@ from typing import Any, Dict, List, Optional
 
 import orjson
 
-from cdpflow.core import governance
+from cdpflow.core import control, governance
 from cdpflow.core.identity import open_identity_store
 from cdpflow.schemas.topics import CONTROL, DEAD_LETTERS, PROFILE_CHANGES, SEGMENT_CHANGES, WAREHOUSE_ROWS
 from cdpflow.warehouse import open_warehouse
@@ -109,6 +111,7 @@ class Loader:
                     except orjson.JSONDecodeError:
                         value = _UNREADABLE
                     batch.append({"topic": tp.topic, "partition": tp.partition, "offset": record.offset,
+                                  "timestamp": record.timestamp * 1000,
                                   "key": record.key.decode("utf-8", "replace") if record.key is not None else None,
                                   "value": value, "order": _order(record)})
             if not polled:
@@ -179,14 +182,41 @@ class Loader:
 
     def _control(self, wh, record, key, now) -> Dict[str, int]:
         """Applies one `cdp.control` command; a crash part-way is safe to repeat from the start."""
-        from cdpflow.io.kafka_producer import send_all
-        command = record["value"]
-        if not isinstance(command, dict) or command.get("command") != "forget" \
-                or not isinstance(command.get("identifier"), str) or not command["identifier"].strip():
-            log.error("loader: cdp.control record %s:%s is not a command this loader applies (forget with an "
-                      "identifier): %r", record["partition"], record["offset"], command)
+        try:
+            command = control.parse_command(record["value"])
+        except control.ControlError as err:
+            log.error("loader: cdp.control record %s:%s refused: %s: %r", record["partition"], record["offset"], err,
+                      record["value"])
             return {"control_refused": 1}
-        identifier = command["identifier"]
+        if command.name == "split":
+            return self._split(wh, command, key, record.get("timestamp") or now)
+        return self._forget(wh, command.target, key, now)
+
+    def _split(self, wh, command: "control.Command", key, at: int) -> Dict[str, int]:
+        """Applies a split to the identity store (which the stream resolves against) and records
+        its separations in the warehouse, so batch runs, replays and restarts keep the parts apart.
+
+        The stream applies the same command (idempotent by its id in the store): whichever comes
+        first re-derives the profile, and the stream sends the moves to its feature state either way.
+        """
+        rules = governance.identity_rules(self.config, wh.governance(), key)
+        store = open_identity_store(self.identity_store, rules)
+        try:
+            outcome = store.split(control.reference(command.target, self.config["default_region"]), command.id, at,
+                                  merge=command.merge)
+            held = store.separations()
+        finally:
+            store.close()
+        added = wh.add_separations(held, at, command.reason)
+        if not (outcome.profiles or outcome.replayed or outcome.separations or added):
+            log.warning("loader: split %s of %r: no merge to undo (unknown profile, or split already)", command.id,
+                        command.target)
+            return {"split_nothing": 1}
+        log.info("loader: split %s of %r: now profiles %s", command.id, command.target, ", ".join(outcome.profiles))
+        return {"split": 1}
+
+    def _forget(self, wh, identifier: str, key, now) -> Dict[str, int]:
+        from cdpflow.io.kafka_producer import send_all
         store = open_identity_store(self.identity_store)
         try:
             # The person as the identity store knows them: the stream may have resolved events the
@@ -208,7 +238,9 @@ class Loader:
                 return {"forget_unknown": 1}
             # Suppressed whether or not the warehouse held them: what arrives later stays out.
             wh.suppress(identifiers, now, key)
-            store.forget(identifiers)
+            # the store keeps the hashes too: a stream resolving against it refuses the person
+            # from its next batch, before it next reads the warehouse's governance
+            store.forget(identifiers, hashes=[key.hash(tuple(i)) for i in identifiers])
         finally:
             store.close()
         return {"forgotten": 1}  # its exits are published at the end of the commit

@@ -152,3 +152,52 @@ class SequentialIdentityReference:
         for node, root in self.components().items():
             groups.setdefault(root, set()).add(node)
         return {frozenset(g) for g in groups.values()}
+
+
+class SeparatedReference:
+    """Events one by one with manual separations in force from the start, no limits (for splits).
+
+    An event's identifiers in priority order; its target is the profile of the first one seen
+    before (or, if none was, of its first identifier). Every other identifier joins the target,
+    with its whole profile if it had one, unless that would put two separated identifiers in one
+    profile: then it stays where it is (or alone, if it is new).
+    """
+
+    def __init__(self, priority, separations):
+        self.rank = {t: i for i, t in enumerate(priority)}
+        self.separations = [tuple(p) for p in separations]
+        self.profile_of = {}  # identifier -> profile number
+        self.members = {}  # profile number -> set of identifiers
+        self.next = 0
+
+    def _new(self, identifier):
+        self.next += 1
+        self.profile_of[identifier] = self.next
+        self.members[self.next] = {identifier}
+        return self.next
+
+    def _apart(self, left, right):
+        return any((a in self.members[left] and b in self.members[right]) or
+                   (b in self.members[left] and a in self.members[right]) for a, b in self.separations)
+
+    def resolve(self, identifiers):
+        ordered = sorted(set(map(tuple, identifiers)), key=lambda i: (self.rank.get(i[0], len(self.rank)), i))
+        known = [i for i in ordered if i in self.profile_of]
+        lead = known[0] if known else ordered[0]
+        target = self.profile_of[lead] if known else self._new(lead)
+        for identifier in ordered:
+            if identifier == lead:
+                continue
+            other = self.profile_of.get(identifier)
+            if other == target:
+                continue
+            if other is None:
+                other = self._new(identifier)
+            if self._apart(target, other):
+                continue
+            for member in self.members.pop(other):
+                self.profile_of[member] = target
+                self.members[target].add(member)
+
+    def partition(self):
+        return {frozenset(m) for m in self.members.values()}

@@ -4,6 +4,7 @@
                    [--from earliest|latest|committed] [--until ISO-TIME] [--no-loader]
 
     ReadKafkaTopic(cdp.events.raw) -> the streaming graph of `replay` (`build_stream`)
+    ReadKafkaTopic(cdp.control) -> ApplyControl (split commands: moves into the feature state)
         -> AssignSegmentsStream -> WriteToKafka:
              cdp.profiles.changes   profile rows (a tombstone when a profile is absorbed)
              cdp.segments.changes   enter/exit changes, with idempotency keys
@@ -55,8 +56,8 @@ from cdpflow.io.kafka_source import ReadKafkaTopic
 from cdpflow.pipelines.replay import read_start, rebuild_identity_store
 from cdpflow.pipelines.stream import build_stream
 from cdpflow.runners.direct import streaming_pipeline
-from cdpflow.schemas.topics import DEAD_LETTERS as DEAD_LETTER_TOPIC, PROFILE_CHANGES, RAW_EVENTS, SEGMENT_CHANGES, \
-    WAREHOUSE_ROWS
+from cdpflow.schemas.topics import CONTROL, DEAD_LETTERS as DEAD_LETTER_TOPIC, PROFILE_CHANGES, RAW_EVENTS, \
+    SEGMENT_CHANGES, WAREHOUSE_ROWS
 from cdpflow.transforms import DEAD_LETTERS
 from cdpflow.transforms.features import PROFILES, TRANSITIONS
 from cdpflow.transforms.identity import ROUTED
@@ -129,10 +130,17 @@ def build_live(pipeline: beam.Pipeline, bootstrap: str, config: Dict[str, Any], 
               | "ReadRaw" >> ReadKafkaTopic(bootstrap, RAW_EVENTS.name, start=start, group=group,
                                             stop_after_us=until)
               | "Values" >> beam.Map(_lines))
+    # Commands from the start of the topic on every run: each is applied once (by its id in the
+    # identity store), and a repeat gives back the moves it made, which a rebuilt state ignores.
+    control = (pipeline
+               | "ReadControl" >> ReadKafkaTopic(bootstrap, CONTROL.name, start="earliest", group=group,
+                                                 stop_after_us=until)
+               | "ControlValues" >> beam.Map(_lines))
     preload = pipeline | "WarehouseEvents" >> beam.Create(history) if history else None
     outputs = build_stream(source, config, identity_store, identity_rules=rules, preload=preload,
                            clv_model=model, until=until, routed_out=True,
-                           governance=WarehouseGovernance(warehouse, config) if warehouse else None)
+                           governance=WarehouseGovernance(warehouse, config) if warehouse else None,
+                           control=control)
     changes = outputs[PROFILES] | "AssignSegments" >> AssignSegmentsStream(config["segments"], config["lifecycle"],
                                                                             seeds)
     records = (
@@ -168,6 +176,8 @@ def prepare(warehouse: str, config: Dict[str, Any], identity_store: Optional[str
         fresh = probe.is_empty()
         if not fresh:
             probe.purge(rules)  # forgotten since the store was last used: gone from it too
+            # split in the warehouse since (`cdpflow identity split`): apart in the store too
+            probe.separate(rules.separations, "warehouse separations", int(time.time() * 1_000_000))
     finally:
         probe.close()
     if fresh and identity_history:

@@ -29,7 +29,7 @@ from cdpflow.transforms import DEAD_LETTERS
 from cdpflow.transforms.dedup import UNIQUE, DedupStream
 from cdpflow.transforms.enrich import EnrichFromFiles
 from cdpflow.transforms.features import PROFILES, TRANSITIONS
-from cdpflow.transforms.identity import MOVES, ROUTED, ResolveIdentityStream
+from cdpflow.transforms.identity import MOVES, ROUTED, ApplyControl, ResolveIdentityStream
 from cdpflow.transforms.lateness import ON_TIME, CheckLateness
 from cdpflow.transforms.normalize import NORMALIZED, Normalize
 from cdpflow.transforms.stream_features import StreamFeatures
@@ -45,8 +45,8 @@ def _at_event_time(event):
 def build_stream(lines: beam.PCollection, config: Dict[str, Any], identity_store: str,
                  identity_rules: IdentityRules,
                  preload: Optional[beam.PCollection] = None, clv_model: Optional[dict] = None,
-                 until: Optional[int] = None, routed_out: bool = False, governance=None
-                 ) -> Dict[str, beam.PCollection]:
+                 until: Optional[int] = None, routed_out: bool = False, governance=None,
+                 control: Optional[beam.PCollection] = None) -> Dict[str, beam.PCollection]:
     """Wires the streaming graph after `lines` (raw event lines, bytes).
 
     Args:
@@ -62,6 +62,8 @@ def build_stream(lines: beam.PCollection, config: Dict[str, Any], identity_store
         and no timer is set past it (None for a live stream that runs on).
       governance: for a stream that runs on, a callable giving the warehouse's current identity
         rules (`cdpflow.core.governance.WarehouseGovernance`), asked again every few seconds.
+      control: the values of `cdp.control` records: split commands are applied to the live
+        graph and their moves join the identity stage's (`ApplyControl`).
       routed_out: also return `routed`: the events identity attributed, (node key, (event with
         its profile, epoch)); forgotten people's events are not among them.
 
@@ -89,7 +91,11 @@ def build_stream(lines: beam.PCollection, config: Dict[str, Any], identity_store
                                                       config["reporting_currency"])
     identity = enriched | "ResolveIdentity" >> ResolveIdentityStream(
         identity_store, identity_rules, governance=governance)
-    features = (identity[ROUTED], identity[MOVES]) | "StreamFeatures" >> StreamFeatures(settings, clv_model, until,
+    moves = identity[MOVES]
+    if control is not None:
+        split = control | "ApplyControl" >> ApplyControl(identity_store, identity_rules, config["default_region"])
+        moves = (moves, split) | "AllMoves" >> beam.Flatten()
+    features = (identity[ROUTED], moves) | "StreamFeatures" >> StreamFeatures(settings, clv_model, until,
                                                                                              identity_store)
     dead_letters = ((parsed[DEAD_LETTERS], normalized[DEAD_LETTERS], unique[DEAD_LETTERS], on_time[DEAD_LETTERS],
                      identity[DEAD_LETTERS])

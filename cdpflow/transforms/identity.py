@@ -19,19 +19,25 @@ count of resolved events is a singleton side input, which Beam computes complete
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Iterable, List, Tuple
+
+import orjson
 
 import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
+from cdpflow.core.control import ControlError, parse_command, reference
 from cdpflow.core.identity import BLOCKED, OK, SUPPRESSED, IdentityRules, open_identity_store
 from cdpflow.schemas.records import DeadLetter, Identifier, NormalizedEvent
 from cdpflow.transforms import DEAD_LETTERS
 
 EVENTS, LINKS, MERGES, CONFLICTS = "events", "identity_links", "profile_merges", "identity_conflicts"
+
+log = logging.getLogger(__name__)
 
 _Key = Tuple[int, str, Tuple[Identifier, ...]]
 
@@ -257,3 +263,62 @@ class ResolveIdentityStream(beam.PTransform):
             _ResolveStreamFn(self.store_path, self.rules, self.batch_size, self.governance)
         ).with_outputs(MOVES, DEAD_LETTERS, main=ROUTED)
         return {ROUTED: results[ROUTED], MOVES: results[MOVES], DEAD_LETTERS: results[DEAD_LETTERS]}
+
+
+class _ApplyControlFn(_StoreFn):
+    """Applies `split` commands from `cdp.control` to the live graph; emits the moves they make.
+
+    A split re-derives the profile in the identity store with the new separations in force
+    (`IdentityStore.split`, idempotent by the command's id: the loader applies it too, and a
+    restarted stream re-reads the topic), and its moves go to `StreamFeatures` like a merge's, so
+    the parts' feature state, rows and segments follow at once, with or without new events.
+    A `forget` is the loader's (it needs the warehouse): the store holds the forgotten hashes it
+    writes, so the next batch refuses the person. A record that is not a command is logged and
+    counted (`refused`); nothing is dropped silently.
+    """
+
+    def __init__(self, store_path, rules, default_region: str):
+        super().__init__(store_path, rules)
+        self.default_region = default_region
+        self.received = Metrics.counter(self.__class__, "received")
+        self.applied = Metrics.counter(self.__class__, "splits")
+        self.left = Metrics.counter(self.__class__, "left_to_the_loader")
+        self.refused = Metrics.counter(self.__class__, "refused")
+        self.moved = Metrics.counter(self.__class__, "moves")
+
+    def process(self, value: bytes, timestamp=beam.DoFn.TimestampParam):
+        self.received.inc()
+        try:
+            command = parse_command(orjson.loads(value))
+            target = reference(command.target, self.default_region) if command.name == "split" else None
+        except (orjson.JSONDecodeError, ControlError) as err:
+            self.refused.inc()
+            log.error("cdp.control record refused by the stream: %s: %r", err, value[:200])
+            return
+        if command.name != "split":
+            self.left.inc()
+            return
+        outcome = self.store.split(target, command.id, timestamp.micros, merge=command.merge)
+        self.applied.inc()
+        moves = [(key, (profile_id, epoch)) for epoch, key, profile_id in outcome.replayed]
+        moves += [(key, (profile_id, outcome.epoch)) for key, profile_id in sorted(outcome.moves.items())]
+        for move in moves:
+            self.moved.inc()
+            yield move
+
+
+class ApplyControl(beam.PTransform):
+    """PCollection[bytes] (`cdp.control` values) -> PCollection[(node key, (profile_id, epoch))] moves.
+
+    Args:
+      store_path: the identity store the stream resolves against.
+      rules: the stream's identity rules.
+      default_region: for phone numbers named in commands.
+    """
+
+    def __init__(self, store_path: str, rules: IdentityRules, default_region: str):
+        super().__init__()
+        self.store_path, self.rules, self.default_region = store_path, rules, default_region
+
+    def expand(self, commands):
+        return commands | "Apply" >> beam.ParDo(_ApplyControlFn(self.store_path, self.rules, self.default_region))

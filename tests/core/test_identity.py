@@ -304,3 +304,75 @@ def test_a_retried_stream_batch_repeats_the_moves_its_first_attempt_made(backend
     assert fresh == {} and again == epoch
     assert sorted((k, p) for e, k, p in store.replayed_moves) == sorted(moves.items())
     assert {e for e, _, _ in store.replayed_moves} == {epoch}
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(events=events, later=events)
+def test_a_split_of_the_live_graph_equals_a_run_with_the_separation_from_the_start(backend, events, later):
+    # The live path's split (`cdp.control`): the biggest merged profile is split in the store.
+    # The graph must then be what a sequential run with the recorded separations in force from
+    # the first event gives (an independent reference), for the events before and after it; a
+    # second worker's connection, opened before the split, honours it from its next batch; and
+    # repeating the command changes nothing and gives back the moves it made.
+    from tests.oracles import SeparatedReference
+    new_store, shared_store = backend
+    store = new_store(UNLIMITED)
+    other = shared_store(UNLIMITED, worker=2)
+    ordered = event_time_order(events)
+    resolve_all(store, ordered)
+    before = {node_key(i): store.profile_of(i) for group in store.partition() for i in group}
+    merged = [m["survivor_id"] for m in store.merges() if m["undone_at"] is None]
+    if not merged:
+        return
+    target = max(set(merged), key=merged.count)
+    outcome = store.split(target, "cmd-1", 10 ** 9)
+    assert outcome.separations and outcome.profiles and target in [store.profile_of(i) for group in store.partition()
+                                                                   for i in group]
+    # every identifier whose profile changed is among the moves, with its new profile
+    after = {node_key(i): store.profile_of(i) for group in store.partition() for i in group}
+    assert {k for k in after if after[k] != before[k]} <= set(outcome.moves)
+    assert all(after[k] == p for k, p in outcome.moves.items())
+    # more traffic, through the other worker, in time order after the split
+    tail = [(f"n{index}", (31 + day) * DAY, ids) for index, (day, ids) in enumerate(later)]
+    tail.sort(key=lambda e: (e[1], e[0]))
+    other.resolve_batch(tail)
+    reference = SeparatedReference(UNLIMITED.priority, outcome.separations)
+    for _, (_, ids) in ordered:
+        reference.resolve(ids)
+    for _, _, ids in tail:
+        reference.resolve(ids)
+    assert store.partition() == reference.partition()
+    again = store.split(target, "cmd-1", 10 ** 9 + 1)
+    assert again.moves == {} and sorted((k, p) for _, k, p in again.replayed) == sorted(outcome.moves.items())
+    assert store.partition() == reference.partition()
+    assert set(store.separations()) == set(outcome.separations)
+
+
+def test_a_split_names_a_profile_by_an_identifier_or_an_absorbed_id_and_undoes_one_merge(backend):
+    store = backend[0](IdentityRules())
+    store.resolve("1", 1, [("email", "ann@x.com"), ("anonymous_id", "a1")])
+    store.resolve("2", 2, [("email", "bob@x.com"), ("anonymous_id", "b1")])
+    store.resolve("3", 3, [("email", "cat@x.com"), ("anonymous_id", "c1")])
+    store.resolve("4", 4, [("anonymous_id", "b1"), ("email", "ann@x.com")])  # the family computer
+    store.resolve("5", 5, [("anonymous_id", "c1"), ("email", "ann@x.com")])
+    assert len(store.partition()) == 1
+    absorbed = sorted(m["absorbed_id"] for m in store.merges())
+    outcome = store.split(absorbed[0], "only-one", 6, merge=absorbed[0])  # an absorbed id names its survivor
+    assert len(outcome.separations) == 1 and len(store.partition()) == 2
+    outcome = store.split(("email", "ann@x.com"), "the-rest", 7)
+    assert len(store.partition()) == 3
+    assert {c["rule"] for c in store.conflicts()} == {"manual_split"}
+    assert all(m["undone_at"] is not None for m in store.merges())
+    assert store.split(("email", "nobody@x.com"), "unknown", 8).profiles == []
+
+
+def test_a_forget_with_hashes_is_honoured_by_every_connection_from_its_next_batch(backend):
+    new_store, shared_store = backend
+    store, other = new_store(IdentityRules()), shared_store(IdentityRules(), worker=2)
+    person = [("email", "gone@x.com"), ("anonymous_id", "g1")]
+    store.resolve("1", 1, person)
+    store.forget(person[:1], hashes=[identifier_hash(person[0])])
+    # the other connection's rules never heard of the forget: the store's held hash refuses it
+    assert other.resolve("2", 2, [("email", "gone@x.com"), ("anonymous_id", "g2")]).status == SUPPRESSED
+    assert other.resolve("3", 3, [("anonymous_id", "g1")]).status == OK  # only what was forgotten
+    assert store.profile_of(("anonymous_id", "g2")) is None

@@ -217,12 +217,13 @@ def stream_args(sample, bootstrap, warehouse, until=None):
                 ["--until", format_ts(until)] if until is not None else [])
 
 
-def assert_same_as_batch(stream, batch, dead_letters=True):
+def assert_same_as_batch(stream, batch, dead_letters=True, conflicted_on_purpose=0):
     assert stream["events"] == batch["events"]
     if dead_letters:
         assert stream["dead_letters"] == batch["dead_letters"]
     clean = [ids for ids in batch["profiles"] if not ids & (batch["conflicted"] | stream["conflicted"])]
-    assert len(clean) >= 0.8 * len(batch["profiles"])  # the noise merges few of them
+    # the noise merges few of them (a test's own conflicts, compared by the test, left out)
+    assert len(clean) >= 0.8 * (len(batch["profiles"]) - conflicted_on_purpose)
     # the others: every merge-protection limit holds in the stream's profiles too
     limits = {"user_id": 1, "email": 5, "phone": 5, "loyalty_id": 1, "device_id": 20, "anonymous_id": 100}
     for ids in stream["profiles"]:
@@ -425,8 +426,10 @@ def test_a_forget_holds_in_the_warehouse_the_store_and_the_topics_and_through_a_
     warehouse = tmp_path / "live.duckdb"
     store_uri = stream_identity_store(str(warehouse)) if how == "control topic" else f"sqlite://{tmp_path}/elsewhere.sqlite"
     store_args = ["--identity-store", store_uri]
-    assert main(stream_args(traffic, broker, warehouse, end_time(events)) + store_args) == 0
+    first_until = end_time(events)
+    assert main(stream_args(traffic, broker, warehouse, first_until) + store_args) == 0
     before = tables(warehouse)
+    sent_before = {c["idempotency_key"] for c in changes_on_topic(broker)}
     # someone with an email and an event history, in no conflict
     pid, ids = next((p, i) for p, i in sorted(before["ids"].items())
                     if any(t == "email" for t, _ in i) and not i & before["conflicted"] and len(i) >= 2)
@@ -471,6 +474,12 @@ def test_a_forget_holds_in_the_warehouse_the_store_and_the_topics_and_through_a_
     assert not [r for r in later if r.value is not None and email.encode() in r.value]
     # the rest is as it was
     assert len(after["profiles"]) == len(before["profiles"]) - 1
+    # the second run rebuilt its state from the warehouse's history: it sent no change back-dated
+    # to before the first run's end (a history row re-applied to the resumed memberships would)
+    new_changes = [c for c in changes_on_topic(broker) if c["idempotency_key"] not in sent_before]
+    assert new_changes or how != "control topic"  # the forget's exits, at least
+    assert not [c for c in new_changes if parse_ts(c["at"]) <= first_until], \
+        [c for c in new_changes if parse_ts(c["at"]) <= first_until][:5]
 
 
 def test_crm_and_pos_imports_through_kafka_reach_the_profiles_of_a_batch_run(tmp_path, broker):
@@ -501,3 +510,133 @@ def test_crm_and_pos_imports_through_kafka_reach_the_profiles_of_a_batch_run(tmp
     con.close()
     assert len(errors) == 4 and all(" row " in e for e in errors), errors
     assert orjson.loads(c3) == [["user_id", "C-3"]]
+
+
+def _crafted(now_us, minutes_ago, message_id, kind, anonymous_id, email=None, **fields):
+    event = {"type": kind, "messageId": message_id, "anonymousId": anonymous_id,
+             "timestamp": format_ts(now_us - int(minutes_ago * 60 * 1_000_000)), **fields}
+    if email:
+        event.setdefault("context", {})["traits"] = {"email": email}
+    return event
+
+
+def _order(now_us, minutes_ago, message_id, anonymous_id, email, order_id, revenue):
+    return _crafted(now_us, minutes_ago, message_id, "track", anonymous_id, email, event="Order Completed",
+                    properties={"order_id": order_id, "revenue": revenue, "total": revenue, "currency": "USD",
+                                "products": [{"product_id": "P1", "price": revenue, "quantity": 1,
+                                              "category": "outdoor"}]})
+
+
+def _send_events(bootstrap, path, events):
+    path.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events))
+    send_live(None, bootstrap, [(path, 5000)])
+
+
+def test_a_split_on_the_control_topic_reaches_the_running_stream_the_warehouse_and_a_batch_run(tmp_path, broker):
+    # Ann and Bob share a family computer: Bob's phone cookie is seen with Ann's email, and the
+    # stream merges them. While the stream runs, a split arrives on cdp.control. Then the
+    # computer joins them again, and Bob buys once more. The running stream and its loader must
+    # part them at once and keep them apart (a manual_split conflict), and the warehouse must
+    # equal a batch run over the raw topic with the recorded separation from the start: the
+    # two people's identifier sets, every profile column and their open segments, and everyone
+    # else as in the other end-to-end tests; the change topic nets to the warehouse.
+    from cdpflow.io.kafka_producer import producer, send_all
+    from cdpflow.schemas.topics import CONTROL
+    from cdpflow.warehouse import open_warehouse
+    traffic = tmp_path / "sample"
+    generate(traffic, customers=6, days=10, seed=21)
+    send_live(traffic, broker)
+    now = int(time.time() * 1_000_000)
+    ann, bob = "ann.split@family.org", "bob.split@family.org"
+    _send_events(broker, tmp_path / "before.jsonl", [
+        _crafted(now, 300, "ann-1", "identify", "ann-laptop", traits={"email": ann, "first_name": "Ann"}),
+        _order(now, 290, "ann-2", "ann-laptop", ann, "A-1", 120.0),
+        _crafted(now, 280, "bob-1", "identify", "bob-phone", traits={"email": bob, "first_name": "Bob"}),
+        _order(now, 270, "bob-2", "bob-phone", bob, "B-1", 80.0),
+        _order(now, 260, "bob-3", "bob-phone", bob, "B-2", 35.0),
+        _crafted(now, 200, "bridge-1", "page", "bob-phone", ann, name="Newsletter"),  # the family computer
+        _order(now, 100, "ann-3", "ann-laptop", ann, "A-2", 60.0),
+    ])
+    until = (int(time.time() * 1_000_000) + 75_000_000) // 1_000_000 * 1_000_000
+    warehouse = tmp_path / "live.duckdb"
+    env = dict(os.environ, CDPFLOW_PRISM=os.path.abspath(".cache/bin/prism"))
+    log_path = tmp_path / "stream.log"  # a file, not a pipe: a full pipe would stall the stream
+    with open(log_path, "wb") as log_file:
+        stream = subprocess.Popen([sys.executable, "-m", "cdpflow.cli", *stream_args(traffic, broker, warehouse, until)],
+                                  env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=log_file)
+
+    def tail():
+        return log_path.read_text(errors="replace")[-3000:]
+
+    def profile_ids_of(*emails):
+        if not os.path.exists(warehouse):
+            return []
+        try:
+            with open_warehouse(str(warehouse), read_only=True) as wh:
+                return sorted({r["profile_id"] for r in wh.query(
+                    "SELECT profile_id FROM identity_links WHERE identifier_type = 'email' AND identifier_value IN (?, ?)",
+                    list(emails))})
+        except Exception:  # noqa: BLE001 (the loader holds the file: ask again)
+            return []
+
+    try:
+        deadline = time.monotonic() + 50
+        while len(profile_ids_of(ann, bob)) != 1:
+            assert stream.poll() is None, tail()
+            assert time.monotonic() < deadline, "the running stream did not merge Ann and Bob in time"
+            time.sleep(0.5)
+        (merged,) = profile_ids_of(ann, bob)
+        client = producer(broker)
+        send_all(client, [(CONTROL.name, merged.encode(), orjson.dumps(
+            {"command": "split", "profile": f"email:{ann.upper()}", "reason": "family computer"}))])
+        client.close()
+        deadline = time.monotonic() + 30
+        while len(profile_ids_of(ann, bob)) != 2:  # parted while the stream runs, before it ends
+            assert stream.poll() is None, tail()
+            assert time.monotonic() < deadline, "the split did not reach the warehouse while the stream ran\n" + tail()
+            time.sleep(0.5)
+        later = int(time.time() * 1_000_000)
+        _send_events(broker, tmp_path / "after.jsonl", [
+            _crafted(later, 0.2, "bridge-2", "page", "bob-phone", ann, name="Newsletter"),
+            _order(later, 0.1, "bob-4", "bob-phone", bob, "B-3", 45.0),
+        ])
+        assert stream.wait(240) == 0, tail()
+    finally:
+        if stream.poll() is None:
+            os.killpg(stream.pid, signal.SIGKILL)
+            stream.wait(30)
+    events = raw_events(broker, tmp_path / "raw.jsonl")
+    assert {"bridge-2", "bob-4"} <= {e.get("messageId") for e in events}
+    live = tables(warehouse)
+    ann_ids = next(ids for ids in live["ids"].values() if ("email", ann) in ids)
+    bob_ids = next(ids for ids in live["ids"].values() if ("email", bob) in ids)
+    assert ann_ids == {("email", ann), ("anonymous_id", "ann-laptop")}
+    assert bob_ids == {("email", bob), ("anonymous_id", "bob-phone")}
+    con = duckdb.connect(str(warehouse), read_only=True)
+    separations = con.execute("SELECT left_type, left_value, right_type, right_value FROM identity_separations").fetchall()
+    refused = con.execute("SELECT cause_message_id FROM identity_conflicts WHERE rule = 'manual_split'").fetchall()
+    con.close()
+    assert len(separations) == 1 and {(separations[0][0], separations[0][1]), (separations[0][2], separations[0][3])} \
+        & ann_ids and {(separations[0][0], separations[0][1]), (separations[0][2], separations[0][3])} & bob_ids
+    assert {r[0] for r in refused} == {"bridge-1", "bridge-2"}
+    # the reference: a batch run over the raw topic, the separation recorded before it starts
+    batch_path = tmp_path / "batch.duckdb"
+    with open_warehouse(str(batch_path)) as wh:
+        wh.add_separations([((a, b), (c, d)) for a, b, c, d in separations], now, "family computer")
+    assert main(["run", "--input", str(tmp_path / "raw.jsonl"), "--warehouse", str(batch_path), "--as-of",
+                 format_ts(until), "--catalog", str(traffic / "catalog.csv"), "--rates", str(traffic / "rates.csv")]) == 0
+    batch = tables(batch_path)
+    assert_same_as_batch(live, batch, conflicted_on_purpose=2)
+    for ids in (frozenset(ann_ids), frozenset(bob_ids)):
+        assert ids in batch["profiles"], sorted(ids)
+        ours, theirs = live["profiles"][ids], batch["profiles"][ids]
+        different = {k: (ours[k], theirs[k]) for k in theirs if k not in NOT_COMPARED and ours.get(k) != theirs[k]}
+        assert not different, f"profile {sorted(ids)}: {different}"
+        assert live["open"][ids] - MODEL_SEGMENTS == batch["open"][ids] - MODEL_SEGMENTS, sorted(ids)
+    assert live["profiles"][frozenset(bob_ids)]["orders_total"] == 3
+    # the change topic nets to the memberships the loader committed, the parted profiles' too
+    by_id = {pid: frozenset(ids) for pid, ids in live["ids"].items()}
+    netted = defaultdict(set)
+    for pid, segment in net_memberships(changes_on_topic(broker)):
+        netted[by_id.get(pid, frozenset({("profile", pid)}))].add(segment)
+    assert {k: v for k, v in netted.items() if v} == {k: v for k, v in live["open"].items() if v}

@@ -44,8 +44,9 @@ Rules, applied to each event in order (`IdentityRules`):
 from __future__ import annotations
 
 import abc
+import dataclasses
 import json
-from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple, TypeVar
+from typing import Callable, Dict, FrozenSet, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple, TypeVar
 
 from cdpflow.core.identity.rules import (BLOCKED, OK, SUPPRESSED, Decision, IdentityRules, key_identifier,
                                              node_key, profile_id_for)
@@ -55,6 +56,32 @@ T = TypeVar("T")
 # A node as backends return it: (type, value, owner, founder, quarantined, first_seen, last_seen).
 NodeRow = Tuple[str, str, str, int, int, int, int]
 Event = Tuple[str, int, Sequence[Identifier]]
+SEPARATION, SUPPRESSION = "separation", "suppression"
+
+
+def separation_item(left: Identifier, right: Identifier) -> str:
+    """How a store holds a separation: the two node keys, sorted, as JSON (one item per pair)."""
+    return json.dumps(sorted([node_key(tuple(left)), node_key(tuple(right))]))
+
+
+def _with_held(rules: IdentityRules, held: Tuple[FrozenSet[str], FrozenSet[str]]) -> IdentityRules:
+    separations, hashes = held
+    if not separations and not hashes:
+        return rules
+    pairs = frozenset(tuple(key_identifier(k) for k in json.loads(item)) for item in separations)
+    return dataclasses.replace(rules, separations=rules.separations | pairs, suppressed=rules.suppressed | hashes)
+
+
+class SplitOutcome(NamedTuple):
+    """What a split did: `epoch` and `moves` as `resolve_batch_with_moves` reports them (a repeat
+    of a command already applied gets the moves it made then in `replayed`), the separations it
+    recorded, and the profiles the split profile now consists of (empty: nothing to split)."""
+
+    epoch: int
+    moves: Dict[str, str]
+    replayed: List[Tuple[int, str, str]]
+    separations: List[Tuple[Identifier, Identifier]]
+    profiles: List[str]
 
 
 class IdentityStore(abc.ABC):
@@ -68,10 +95,24 @@ class IdentityStore(abc.ABC):
     uri: str = ""
 
     def __init__(self, rules: IdentityRules, worker: int):
+        # Governance the store itself holds (separations and forgotten identifiers written by a
+        # split or a forget on any path), read at the start of every batch: every worker of a
+        # running stream honours it from its next batch on, not when it next re-reads the
+        # warehouse. `rules` is what the caller gave plus what the store holds.
+        self._held: Tuple[FrozenSet[str], FrozenSet[str]] = (frozenset(), frozenset())
         self.rules = rules
         self.worker = worker
         self._changed: Set[str] = set()  # profile ids (founders) whose root the open batch changed
         self.replayed_moves: List[Tuple[int, str, str]] = []
+
+    @property
+    def rules(self) -> IdentityRules:
+        return self._rules
+
+    @rules.setter
+    def rules(self, rules: IdentityRules) -> None:
+        self._given_rules = rules
+        self._rules = _with_held(rules, self._held)
 
     def close(self) -> None:
         """Releases the connection."""
@@ -242,6 +283,14 @@ class IdentityStore(abc.ABC):
     def _delete_fanout_of(self, key: str) -> None:
         """Deletes the fan-out rows of this node, as an identifier and as an account."""
 
+    @abc.abstractmethod
+    def _governance_items(self, kind: str) -> Set[str]:
+        """What the store holds of one kind of governance: `separation` (a JSON pair of node
+        keys, sorted) or `suppression` (a forgotten identifier's keyed hash)."""
+
+    @abc.abstractmethod
+    def _add_governance_item(self, kind: str, item: str) -> None: ...
+
     def _prefetch(self, events: Sequence[Event]) -> None:
         """Inside a batch, before it resolves: a backend may read ahead what the batch will read."""
 
@@ -365,23 +414,13 @@ class IdentityStore(abc.ABC):
 
         def work():
             self._changed = set()
+            self._sync_governance()
             self._prefetch(events)
             earlier = self._decided_epochs([m for m, _, _ in events]) if record else {}
             decisions = [self._resolve(message_id, ts, identifiers) for message_id, ts, identifiers in events]
-            epoch = self._meta("epoch") or 0
-            moves: Dict[str, str] = {}
-            if self._changed:
-                epoch += 1
-                self._set_meta("epoch", epoch)
-                for pid in sorted(self._changed):
-                    root = self._profile_root(pid)
-                    if root is None:
-                        continue
-                    for key in self._keys_of_owner(pid):
-                        moves[key] = root
-                if record:
-                    self._record_moves(epoch, moves)
-                    self._record_decided_in([m for m, _, _ in events if m not in earlier], epoch)
+            epoch, moves = self._close_epoch(record)
+            if moves and record:
+                self._record_decided_in([m for m, _, _ in events if m not in earlier], epoch)
             # A retried bundle (its outputs were lost with it) must tell the stream again about
             # the moves its events caused the first time; an older epoch is harmless to repeat.
             replayed = [(e, k, p) for e in sorted(set(earlier.values())) for k, p in self._moves_of(e)]
@@ -393,6 +432,30 @@ class IdentityStore(abc.ABC):
             self._changed = set()
         self.replayed_moves = replayed
         return decisions, epoch, moves
+
+    def _sync_governance(self) -> None:
+        """Inside a batch: takes up the separations and suppressions the store holds now."""
+        held = (frozenset(self._governance_items(SEPARATION)), frozenset(self._governance_items(SUPPRESSION)))
+        if held != self._held:
+            self._held = held
+            self._rules = _with_held(self._given_rules, held)
+
+    def _close_epoch(self, record: bool) -> Tuple[int, Dict[str, str]]:
+        """Inside a batch, at its end: a new epoch if it changed profiles, and every moved node's profile."""
+        epoch = self._meta("epoch") or 0
+        moves: Dict[str, str] = {}
+        if self._changed:
+            epoch += 1
+            self._set_meta("epoch", epoch)
+            for pid in sorted(self._changed):
+                root = self._profile_root(pid)
+                if root is None:
+                    continue
+                for key in self._keys_of_owner(pid):
+                    moves[key] = root
+            if record:
+                self._record_moves(epoch, moves)
+        return epoch, moves
 
     def resolve(self, message_id: str, ts: int, identifiers: Sequence[Identifier]) -> Decision:
         return self.resolve_batch([(message_id, ts, identifiers)])[0]
@@ -513,8 +576,14 @@ class IdentityStore(abc.ABC):
         self._conflict(identifier, seen, "fan_out_quarantine", message_id, ts)
         self.split_profile(self._root(key), message_id, ts, f"quarantine of {identifier[0]}")
 
-    def split_profile(self, root: str, cause: str, ts: int, why: str) -> List[str]:
+    def split_profile(self, root: str, cause: str, ts: int, why: str, record_refusals: bool = False) -> List[str]:
         """Re-derives one profile from its link sets (quarantined identifiers bridge nothing).
+
+        The link sets are joined in event-time order (then messageId), as the events made them,
+        and a join that would put two separated identifiers together is refused: so a profile
+        split by hand ends as a sequential run with the separation in force from the start
+        would have left it. `record_refusals` records each refused join as a `manual_split`
+        conflict, as that run would have.
 
         Returns:
           The ids of the profiles it now consists of.
@@ -523,6 +592,7 @@ class IdentityStore(abc.ABC):
         self._changed.update(founders)
         nodes = {k: self._get_node(k) for pid in founders for k in self._keys_of_owner(pid)}
         parent = {k: k for k in nodes}
+        members = {k: {k} for k in nodes}  # component root -> its node keys
 
         def find(k):
             while parent[k] != k:
@@ -530,15 +600,33 @@ class IdentityStore(abc.ABC):
                 k = parent[k]
             return k
 
+        separated = [(node_key(a), node_key(b)) for a, b in self.rules.separations]
+        separated = [(a, b) for a, b in separated if a in nodes and b in nodes]
+
+        def apart(a, b):
+            return any((x in members[a] and y in members[b]) or (y in members[a] and x in members[b])
+                       for x, y in separated)
+
         linksets = set()
         for key in nodes:
             linksets.update(self._linksets_of(key))
-        for text in sorted(linksets):
+        ordered = []
+        for text in linksets:
+            message_id, made_at = self._linkset_origin(text) or ("", 0)
+            ordered.append((made_at, message_id, text))
+        refused = []
+        for made_at, message_id, text in sorted(ordered):
             usable = [k for k in json.loads(text) if k in nodes and not nodes[k][4]]
             for k in usable[1:]:
                 a, b = find(usable[0]), find(k)
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
+                if a == b:
+                    continue
+                if separated and apart(a, b):
+                    refused.append((k, usable[0], message_id, made_at))
+                    continue
+                low, high = min(a, b), max(a, b)
+                parent[high] = low
+                members[low] |= members.pop(high)
         components: Dict[str, List[str]] = {}
         for k in sorted(nodes):
             components.setdefault(find(k), []).append(k)
@@ -566,19 +654,135 @@ class IdentityStore(abc.ABC):
         for seq, survivor, absorbed in self._open_merges_by_survivors(founders):
             if self._root_of_pid(survivor) != self._root_of_pid(absorbed):
                 self._undo_merge(seq, ts, f"{why} ({cause})")
+        if record_refusals:
+            for key, lead, message_id, made_at in refused:
+                self._conflict(key_identifier(key), (self._root(key), self._root(lead)), "manual_split",
+                               message_id, made_at)
         return sorted(new_roots)
 
+    # ---------------------------------------------------------------- manual splits
+    def separations(self) -> List[Tuple[Identifier, Identifier]]:
+        """The separations the store holds (recorded by `split` or `separate`), as identifier pairs."""
+        return sorted(tuple(key_identifier(k) for k in json.loads(item))
+                      for item in self._governance_items(SEPARATION))
+
+    def separate(self, pairs: Iterable[Tuple[Identifier, Identifier]], cause: str, ts: int) -> SplitOutcome:
+        """Keeps each pair of identifiers apart from now on, splitting any profile that holds both.
+
+        For separations recorded elsewhere (the warehouse's, by `cdpflow identity split`) that a
+        store kept across runs has not applied yet. A pair the store holds already changes nothing.
+        """
+        items = sorted({separation_item(a, b) for a, b in pairs})
+
+        def work():
+            self._changed = set()
+            self._sync_governance()
+            new = [i for i in items if i not in self._held[0]]
+            profiles = self._apply_separations(new, cause, ts)
+            epoch, moves = self._close_epoch(True)
+            return SplitOutcome(epoch, moves, [], [tuple(key_identifier(k) for k in json.loads(i)) for i in new],
+                                profiles)
+
+        try:
+            return self._atomically(work)
+        finally:
+            self._changed = set()
+
+    def split(self, reference, command_id: str, ts: int, merge: Optional[str] = None) -> SplitOutcome:
+        """Undoes the merges that made a profile, as `cdpflow identity split` does, on the live graph.
+
+        Each merge into the profile (or only the one that absorbed `merge`) becomes a separation
+        of the two founders' identifiers, held by the store and so honoured by every worker's
+        next batch; the profile is re-derived with them in force (`split_profile`). Idempotent by
+        `command_id`: the stream and the loader both apply a split read from `cdp.control`, and
+        whichever comes second gets the first one's moves back in `replayed`.
+
+        Args:
+          reference: a profile id (founder or survivor), or an identifier (type, normalised value).
+          command_id: the command's id (`cdpflow.core.control.command_id`).
+          ts: when the split is made (UTC µs).
+          merge: undo only the merge that absorbed this profile id.
+        """
+        def work():
+            self._changed = set()
+            self._sync_governance()
+            done = self._meta("command:" + command_id)
+            if done is not None:
+                replayed = [(done, k, p) for k, p in self._moves_of(done)] if done else []
+                return SplitOutcome(self._meta("epoch") or 0, {}, replayed, [], [])
+            root = self._reference_root(reference)
+            pairs = []
+            if root is not None:
+                founders = self._pids_of_root(root)
+                founder_key = {}
+                for pid in founders:
+                    for key in self._keys_of_owner(pid):
+                        if profile_id_for(key_identifier(key)) == pid:
+                            founder_key[pid] = key
+                for _, survivor, absorbed in self._open_merges_by_survivors(founders):
+                    if merge in (None, absorbed) and survivor in founder_key and absorbed in founder_key:
+                        pairs.append((key_identifier(founder_key[survivor]), key_identifier(founder_key[absorbed])))
+            items = sorted({separation_item(a, b) for a, b in pairs})
+            new = [i for i in items if i not in self._held[0]]
+            profiles = self._apply_separations(new, f"split {command_id}", ts)
+            epoch, moves = self._close_epoch(True)
+            self._set_meta("command:" + command_id, epoch if moves else 0)
+            return SplitOutcome(epoch, moves, [], [tuple(key_identifier(k) for k in json.loads(i)) for i in new],
+                                profiles)
+
+        try:
+            outcome = self._atomically(work)
+        finally:
+            self._changed = set()
+        self.replayed_moves = outcome.replayed
+        return outcome
+
+    def _reference_root(self, reference) -> Optional[str]:
+        if isinstance(reference, str):
+            root = self._profile_root(reference)
+            if root is None:
+                # an absorbed profile's id names its survivor, as in the warehouse
+                for row in self._all_merges():  # (survivor, absorbed, ..., undone_at, undone_by)
+                    if row[1] == reference and row[5] is None:
+                        root = self._profile_root(row[0])
+            return root
+        return self._root_if_known(tuple(reference))
+
+    def _apply_separations(self, items: Sequence[str], cause: str, ts: int) -> List[str]:
+        """Inside a batch: records new separations and splits each profile that holds both of a pair."""
+        for item in items:
+            self._add_governance_item(SEPARATION, item)
+        if not items:
+            return []
+        self._sync_governance()
+        profiles: Set[str] = set()
+        for item in items:
+            left, right = json.loads(item)
+            if self._get_node(left) is None or self._get_node(right) is None:
+                continue
+            root = self._root(left)
+            if root == self._root(right):  # (an earlier pair's split may have parted them already)
+                parts = self.split_profile(root, cause, ts, "manual split", record_refusals=True)
+                profiles.difference_update({root})
+                profiles.update(parts)
+        return sorted(profiles)
+
     # ---------------------------------------------------------------- governance
-    def forget(self, identifiers: Iterable[Identifier]) -> int:
+    def forget(self, identifiers: Iterable[Identifier], hashes: Iterable[str] = ()) -> int:
         """Removes every trace of the profiles holding these identifiers; returns the identifiers removed.
 
         Nodes, founders, counts, link sets, decisions of the events attributed to them, merges,
         conflicts, fan-out rows and recorded moves all go, in one transaction. Their events, if
-        replayed, meet the suppression check (the caller records the hashes) and are not attributed.
+        replayed, meet the suppression check and are not attributed: the caller records the
+        hashes in the warehouse, and `hashes` (the same keyed hashes) are kept by the store too,
+        so every worker resolving against it refuses the person from its next batch on.
         """
         wanted = [node_key(tuple(i)) for i in identifiers]
+        hashes = sorted(set(hashes))
 
         def work():
+            for digest in hashes:
+                self._add_governance_item(SUPPRESSION, digest)
             roots = {self._root(k) for k in wanted if self._get_node(k) is not None}
             pids = [pid for root in sorted(roots) for pid in self._pids_of_root(root)]
             keys = set(wanted)

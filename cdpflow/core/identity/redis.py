@@ -29,6 +29,7 @@ Layout (every key under a prefix, `cdpflow:identity` by default; `?prefix=` in t
   {p}:decided_in           hash     messageId -> epoch
   {p}:fanout:{key}         hash     account -> [first_ts, last_ts]
   {p}:fanout_of:{account}  set      nodes whose fan-out rows name this account
+  {p}:gov:{kind}           set      separations (JSON node-key pairs) and suppressed hashes the store holds
 """
 from __future__ import annotations
 
@@ -483,6 +484,13 @@ class RedisIdentityStore(IdentityStore):
         for epoch in self._view().smembers(self.k("moved_keys", key)):
             self.batch.hdel(self.k("moved", epoch), key)
         self.batch.delete(self.k("moved_keys", key))
+
+    # governance ------------------------------------------------------------------------
+    def _governance_items(self, kind):
+        return set(self._view().smembers(self.k("gov", kind)))
+
+    def _add_governance_item(self, kind, item):
+        self.batch.sadd(self.k("gov", kind), item)
 
     # fan-out ---------------------------------------------------------------------------
     def _fanout_upsert(self, rows):

@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS conflict(seq INTEGER PRIMARY KEY AUTOINCREMENT, type 
 CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS moved(epoch INTEGER NOT NULL, key TEXT NOT NULL, profile TEXT NOT NULL, PRIMARY KEY(epoch, key)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS decided_in(message_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS governance(kind TEXT NOT NULL, item TEXT NOT NULL, PRIMARY KEY(kind, item)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS fanout(key TEXT NOT NULL, account TEXT NOT NULL, first_ts INTEGER NOT NULL,
     last_ts INTEGER NOT NULL, PRIMARY KEY(key, account)) WITHOUT ROWID;
 """
@@ -295,6 +296,13 @@ class SQLiteIdentityStore(IdentityStore):
 
     def _delete_moves_of_key(self, key):
         self.db.execute("DELETE FROM moved WHERE key = ?", (key,))
+
+    # governance ----------------------------------------------------------------------
+    def _governance_items(self, kind):
+        return {r[0] for r in self.db.execute("SELECT item FROM governance WHERE kind = ?", (kind,))}
+
+    def _add_governance_item(self, kind, item):
+        self.db.execute("INSERT OR IGNORE INTO governance(kind, item) VALUES (?, ?)", (kind, item))
 
     # fan-out -------------------------------------------------------------------------
     def _fanout_upsert(self, rows):
