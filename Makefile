@@ -17,8 +17,11 @@ SEED ?= 7
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 KAFKA_LIBS := .cache/kafka/libs
+# Flink runs cdpflow's own PyFlink job from a venv of its own (PyFlink pins an older Beam).
+FLINK_VENV := .cache/flink-venv
+FLINK_JARS := .cache/flink/jars
 
-.PHONY: venv run test test-fast bench prism redis-server java mvn kafka stack stack-down clean
+.PHONY: venv run test test-fast bench prism redis-server java mvn kafka flink stack stack-down clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PY) -m venv $(VENV)
@@ -37,10 +40,10 @@ run: venv
 	CDPFLOW_DEMO=1 $(BIN)/cdpflow run --input $(SAMPLE)/events --catalog $(SAMPLE)/catalog.csv --rates $(SAMPLE)/rates.csv \
 		--warehouse $(WAREHOUSE)
 
-test: venv prism redis-server kafka
+test: venv prism redis-server kafka flink
 	$(BIN)/python -m pytest tests
 
-test-fast: venv prism redis-server kafka
+test-fast: venv prism redis-server kafka flink
 	$(BIN)/python -m pytest -m "not e2e" tests
 
 bench: venv prism redis-server kafka
@@ -79,8 +82,26 @@ $(KAFKA_LIBS)/.fetched: cdpflow/stack/kafka-pom.xml | mvn
 		-DoutputDirectory=$(CURDIR)/$(KAFKA_LIBS)
 	touch $@
 
+# Flink: the session cluster's files come from PyPI's apache-flink (bin/, conf/) and
+# apache-flink-libraries (lib/, opt/, plugins/), installed into the job's own venv with cdpflow
+# (--no-deps: the core needs no Beam), built once; the Kafka connector jar from Maven Central.
+flink: java $(FLINK_VENV)/.installed $(FLINK_JARS)/.fetched
+$(FLINK_VENV)/.installed: deploy/flink/requirements.txt setup.py
+	rm -rf $(FLINK_VENV)
+	$(PY) -m venv $(FLINK_VENV)
+	$(FLINK_VENV)/bin/pip install --quiet --upgrade pip
+	$(FLINK_VENV)/bin/pip install --quiet -r deploy/flink/requirements.txt
+	$(FLINK_VENV)/bin/pip install --quiet --no-deps -e .
+	touch $@
+
+$(FLINK_JARS)/.fetched: cdpflow/stack/flink-pom.xml | mvn
+	rm -rf $(FLINK_JARS)
+	mvn -B -q -f cdpflow/stack/flink-pom.xml dependency:copy-dependencies -DincludeScope=runtime \
+		-DexcludeTransitive=true -DoutputDirectory=$(CURDIR)/$(FLINK_JARS)
+	touch $@
+
 # The local services on 127.0.0.1 (default set: redis, kafka), data under .stack/; see README "Local services".
-stack: venv redis-server kafka
+stack: venv redis-server kafka flink
 	$(BIN)/cdpflow stack up
 
 stack-down: venv

@@ -147,6 +147,30 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka brokers HOST:PORT (default 127.0.0.1:9092)")
     serve.add_argument("--config", help="YAML configuration merged over the defaults (its collector section)")
 
+    flink = sub.add_parser("flink", help="the stream as a native PyFlink job: submit, list, cancel, savepoint")
+    flink_sub = flink.add_subparsers(dest="flink_command", required=True)
+    fsub = flink_sub.add_parser("submit", help="submit the job to a Flink cluster")
+    fsub.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka brokers HOST:PORT (default 127.0.0.1:9092)")
+    fsub.add_argument("--warehouse", required=True, help="the warehouse whose governance the job starts with")
+    fsub.add_argument("--identity-store", default="redis://127.0.0.1:6379/0",
+                      help="redis://HOST:PORT/DB every TaskManager reaches (default redis://127.0.0.1:6379/0)")
+    fsub.add_argument("--parallelism", type=int, default=2, help="the job's parallelism (default 2)")
+    fsub.add_argument("--from-savepoint", help="restore the job's state from this savepoint (or checkpoint) path")
+    fsub.add_argument("--checkpoint-ms", type=int, default=5000, help="checkpoint interval (default 5000 ms)")
+    fsub.add_argument("--spec-out", help="where to keep the job's spec (default: .stack/flink/specs/<time>.json)")
+    fsub.add_argument("--config", help="YAML configuration merged over the defaults")
+    for name, text in (("list", "the cluster's jobs"), ("cancel", "cancel a job"),
+                       ("savepoint", "take a savepoint of a job (--stop: stop-with-savepoint)")):
+        action = flink_sub.add_parser(name, help=text)
+        if name != "list":
+            action.add_argument("job_id", help="the job's id (`cdpflow flink list`)")
+        if name == "savepoint":
+            action.add_argument("--stop", action="store_true", help="stop the job with the savepoint")
+            action.add_argument("--dir", help="target directory URI (default: the cluster's savepoint directory)")
+    for action in flink_sub.choices.values():
+        action.add_argument("--jobmanager", default="127.0.0.1:8081", help="the JobManager's REST address "
+                                                                           "(default 127.0.0.1:8081)")
+
     from cdpflow.stack import COMPONENTS, DEFAULT_COMPONENTS
     stack = sub.add_parser("stack", help="start, stop or check the local services (data under .stack/)")
     stack.add_argument("action", choices=("up", "down", "status"))
@@ -605,13 +629,48 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_flink(args) -> int:
+    from cdpflow import flink
+    if args.flink_command == "submit":
+        import time
+
+        from cdpflow.config import load_config
+        from cdpflow.stack import stack_dir
+        config = load_config(args.config)
+        spec = flink.job_spec(args.bootstrap, args.warehouse, config, args.identity_store, args.parallelism,
+                              args.checkpoint_ms)
+        spec_path = args.spec_out or str(stack_dir() / "flink" / "specs" / f"job-{int(time.time() * 1000)}.json")
+        job_id = flink.submit(spec, spec_path, args.jobmanager, args.from_savepoint)
+        console.print(f"submitted {job_id} to {args.jobmanager} (spec {spec_path}); "
+                      f"dashboard: http://{args.jobmanager}/#/job/running/{job_id}/overview")
+        print(job_id)
+    elif args.flink_command == "list":
+        table = Table(title=f"Flink jobs at {args.jobmanager}")
+        # the id whole, whatever the terminal's width: it is what cancel and savepoint take
+        table.add_column("job id", no_wrap=True, min_width=32)
+        for column in ("name", "state", "started"):
+            table.add_column(column, overflow="fold")
+        from cdpflow.core.timeutil import format_ts
+        for job in flink.list_jobs(args.jobmanager):
+            table.add_row(job["jid"], job["name"], job["state"], format_ts(job["start-time"] * 1000))
+        console.print(table)
+    elif args.flink_command == "cancel":
+        flink.cancel(args.job_id, args.jobmanager)
+        console.print(f"cancelled {args.job_id}")
+    else:
+        location = flink.savepoint(args.job_id, args.jobmanager, args.dir, stop=args.stop)
+        console.print(f"savepoint of {args.job_id}{' (job stopped)' if args.stop else ''}:")
+        print(location)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=os.environ.get("CDPFLOW_LOG", "WARNING"))
     args = _parser().parse_args(argv)
     handlers = {"generate": cmd_generate, "run": cmd_run, "replay": cmd_replay, "export": cmd_export,
                 "profile": cmd_profile, "identity": cmd_identity, "forget": cmd_forget, "publish": cmd_publish,
                 "stack": cmd_stack, "serve": cmd_serve, "import": cmd_import, "send": cmd_send,
-                "stream": cmd_stream, "load": cmd_load}
+                "stream": cmd_stream, "load": cmd_load, "flink": cmd_flink}
     from cdpflow.core.governance import GovernanceError
     from cdpflow.errors import BadInput
     from cdpflow.stack import StackError

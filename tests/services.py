@@ -57,3 +57,16 @@ def kafka_bootstrap(tmp_path_factory):
         yield kafka.bootstrap_servers()
     finally:
         kafka.down()
+
+
+@pytest.fixture(scope="session")
+def flink_cluster(tmp_path_factory):
+    """A Flink session cluster (a JobManager, two TaskManagers) on free ports, for the session."""
+    from cdpflow.stack.flink import Flink, distribution
+    distribution()  # a missing `make flink` fails here, with what to run
+    flink = Flink(tmp_path_factory.mktemp("stack"), port=free_port(), rpc_port=free_port())
+    flink.up()
+    try:
+        yield flink
+    finally:
+        flink.down()

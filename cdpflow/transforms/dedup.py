@@ -17,21 +17,12 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Timestamp
 
-from cdpflow.core.dedup import split_copies
-from cdpflow.core.timeutil import US_PER_SECOND, format_ts
-from cdpflow.schemas.records import DeadLetter, NormalizedEvent
+from cdpflow.core.dedup import DUPLICATE, FIRST, classify_copy, repeat_too_late as _repeat_too_late, split_copies
+from cdpflow.core.timeutil import US_PER_SECOND
+from cdpflow.schemas.records import NormalizedEvent
 from cdpflow.transforms import DEAD_LETTERS
 
 UNIQUE = "unique"
-
-
-def _repeat_too_late(event: NormalizedEvent, first_received_at: int, horizon_us: int) -> DeadLetter:
-    """The dead letter for a copy received more than the horizon after the first one (batch and stream)."""
-    return DeadLetter(
-        event.raw, "dedup",
-        f"messageId {event.message_id} was first received at {format_ts(first_received_at)}, "
-        f"more than the dedup horizon ({horizon_us // US_PER_SECOND} s) before this copy",
-        event.schema_version, event.received_at)
 
 
 class _PickFirstFn(beam.DoFn):
@@ -93,13 +84,14 @@ class _FirstCopyFn(beam.DoFn):
         _, event = element
         self.received.inc()
         seen = first.read()
-        if seen is None:
+        decision = classify_copy(seen, event, self.horizon_us)
+        if decision == FIRST:
             first.write(event.received_at)
             # Forget the messageId once no copy within the horizon can still arrive in time.
             expiry.set(Timestamp(micros=event.timestamp + self.keep_us))
             self.succeeded.inc()
             yield event
-        elif event.received_at - seen <= self.horizon_us:
+        elif decision == DUPLICATE:
             self.deduplicated.inc()
         else:  # as in batch: a repeat this late cannot be told from a replay bug
             self.dead_lettered.inc()

@@ -13,15 +13,12 @@ import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
+from cdpflow.core.ingest import time_refusal
 from cdpflow.core.timeutil import US_PER_SECOND
-from cdpflow.schemas.records import DeadLetter, NormalizedEvent
+from cdpflow.schemas.records import NormalizedEvent
 from cdpflow.transforms import DEAD_LETTERS
 
 ON_TIME = "on_time"
-
-
-def _hours(us: int) -> str:
-    return f"{us / (3600 * US_PER_SECOND):.1f} h"
 
 
 class _CheckLatenessFn(beam.DoFn):
@@ -34,20 +31,10 @@ class _CheckLatenessFn(beam.DoFn):
 
     def process(self, event: NormalizedEvent):
         self.received.inc()
-        lateness = event.received_at - event.timestamp
-        if -lateness > self.future_us:
+        refused = time_refusal(event, self.allowed_us, self.future_us)
+        if refused is not None:
             self.dead_lettered.inc()
-            yield pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter(
-                event.raw, "future",
-                f"event time is {_hours(-lateness)} after its receivedAt; at most {_hours(self.future_us)} is allowed "
-                "(features.max_future_skew_hours)", event.schema_version, event.received_at))
-            return
-        if lateness > self.allowed_us:
-            self.dead_lettered.inc()
-            yield pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter(
-                event.raw, "lateness",
-                f"received {_hours(lateness)} after its event time; the allowed lateness is {_hours(self.allowed_us)}",
-                event.schema_version, event.received_at))
+            yield pvalue.TaggedOutput(DEAD_LETTERS, refused)
             return
         self.succeeded.inc()
         yield event

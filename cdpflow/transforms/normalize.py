@@ -9,10 +9,9 @@ import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
-from cdpflow.core.normalize import NormalizationError, normalize_event
+from cdpflow.core.ingest import ParsedEvent, normalize
 from cdpflow.schemas.records import DeadLetter
 from cdpflow.transforms import DEAD_LETTERS
-from cdpflow.transforms.validate import ParsedEvent, received_at_of
 
 NORMALIZED = "normalized"
 
@@ -26,12 +25,10 @@ class _NormalizeFn(beam.DoFn):
 
     def process(self, parsed: ParsedEvent):
         self.received.inc()
-        try:
-            event = normalize_event(parsed.event, parsed.raw, parsed.schema_version, self.default_region)
-        except NormalizationError as err:
+        event = normalize(parsed, self.default_region)
+        if isinstance(event, DeadLetter):
             self.dead_lettered.inc()
-            yield pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter(
-                parsed.raw, "normalize", str(err), parsed.schema_version, received_at_of(parsed.event)))
+            yield pvalue.TaggedOutput(DEAD_LETTERS, event)
             return
         self.succeeded.inc()
         yield event

@@ -5,36 +5,17 @@ records (stage `parse` for lines that are not JSON, `validate` for schema violat
 """
 from __future__ import annotations
 
-import time
-from typing import Any, Dict, NamedTuple
-
 import apache_beam as beam
-import orjson
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
-from cdpflow.core.timeutil import parse_ts
-from cdpflow.schemas import EventValidator, SchemaViolation
+# ParsedEvent and received_at_of are the core's; imported here too, where callers found them.
+from cdpflow.core.ingest import ParsedEvent, parse_line, received_at_of  # noqa: F401
+from cdpflow.schemas import EventValidator
 from cdpflow.schemas.records import DeadLetter
 from cdpflow.transforms import DEAD_LETTERS
 
 VALID = "valid"
-
-
-class ParsedEvent(NamedTuple):
-    event: Dict[str, Any]
-    raw: str
-    schema_version: str
-
-
-def received_at_of(event: Any) -> int:
-    """receivedAt of a (possibly broken) event in microseconds, else now."""
-    if isinstance(event, dict) and isinstance(event.get("receivedAt"), str):
-        try:
-            return parse_ts(event["receivedAt"])
-        except ValueError:
-            pass
-    return int(time.time() * 1_000_000)
 
 
 class _ParseAndValidateFn(beam.DoFn):
@@ -50,32 +31,13 @@ class _ParseAndValidateFn(beam.DoFn):
 
     def process(self, line):
         self.received.inc()
-        if isinstance(line, bytes):
-            try:
-                line = line.decode("utf-8")
-            except UnicodeDecodeError as err:
-                self.dead_lettered.inc()
-                yield pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter(
-                    line.decode("utf-8", "backslashreplace").strip(), "parse", f"not UTF-8: {err}", None,
-                    received_at_of(None)))
-                return
-        raw = line.strip()
-        try:
-            event = orjson.loads(raw)
-        except orjson.JSONDecodeError as err:
+        parsed = parse_line(line, self.validator)
+        if isinstance(parsed, DeadLetter):
             self.dead_lettered.inc()
-            yield pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter(
-                raw, "parse", f"not valid JSON: {err}", None, received_at_of(None)))
-            return
-        try:
-            version = self.validator.validate(event)
-        except SchemaViolation as err:
-            self.dead_lettered.inc()
-            yield pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter(
-                raw, "validate", str(err), err.schema_version, received_at_of(event)))
+            yield pvalue.TaggedOutput(DEAD_LETTERS, parsed)
             return
         self.succeeded.inc()
-        yield ParsedEvent(event, raw, version)
+        yield parsed
 
 
 class ParseAndValidate(beam.PTransform):

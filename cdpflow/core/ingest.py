@@ -1,0 +1,84 @@
+"""The per-record steps before identity, engine-free: parse and validate, normalise, time checks.
+
+Each function takes one record and returns the next stage's value or a `DeadLetter` (with the
+raw payload, the stage, the error and the schema version), never raising for bad input. The
+Beam DoFns (`cdpflow.transforms.validate`, `.normalize`, `.lateness`) and the Flink job's
+functions (`cdpflow.flink.job`) are thin adapters over them, so both engines refuse the same
+records with the same words.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, NamedTuple, Optional, Union
+
+import orjson
+
+from cdpflow.core.normalize import NormalizationError, normalize_event
+from cdpflow.core.timeutil import US_PER_SECOND, parse_ts
+from cdpflow.schemas import EventValidator, SchemaViolation
+from cdpflow.schemas.records import DeadLetter, NormalizedEvent
+
+
+class ParsedEvent(NamedTuple):
+    """A schema-valid event: the decoded object, its raw line and the schema version it matched."""
+
+    event: Dict[str, Any]
+    raw: str
+    schema_version: str
+
+
+def received_at_of(event: Any) -> int:
+    """receivedAt of a (possibly broken) event in microseconds, else now."""
+    if isinstance(event, dict) and isinstance(event.get("receivedAt"), str):
+        try:
+            return parse_ts(event["receivedAt"])
+        except ValueError:
+            pass
+    return int(time.time() * 1_000_000)
+
+
+def parse_line(line: Union[bytes, str], validator: EventValidator) -> Union[ParsedEvent, DeadLetter]:
+    """One raw line: UTF-8, JSON, and the JSON Schema of its kind (stages `parse`, `validate`)."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            return DeadLetter(line.decode("utf-8", "backslashreplace").strip(), "parse", f"not UTF-8: {err}", None,
+                              received_at_of(None))
+    raw = line.strip()
+    try:
+        event = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        return DeadLetter(raw, "parse", f"not valid JSON: {err}", None, received_at_of(None))
+    try:
+        version = validator.validate(event)
+    except SchemaViolation as err:
+        return DeadLetter(raw, "validate", str(err), err.schema_version, received_at_of(event))
+    return ParsedEvent(event, raw, version)
+
+
+def normalize(parsed: ParsedEvent, default_region: str) -> Union[NormalizedEvent, DeadLetter]:
+    """Identifiers, UTC skew-corrected times and money (stage `normalize`)."""
+    try:
+        return normalize_event(parsed.event, parsed.raw, parsed.schema_version, default_region)
+    except NormalizationError as err:
+        return DeadLetter(parsed.raw, "normalize", str(err), parsed.schema_version, received_at_of(parsed.event))
+
+
+def _hours(us: int) -> str:
+    return f"{us / (3600 * US_PER_SECOND):.1f} h"
+
+
+def time_refusal(event: NormalizedEvent, allowed_us: int, future_us: int) -> Optional[DeadLetter]:
+    """The dead letter of an event too far ahead of its receivedAt (`future`) or too late
+    (`lateness`: receivedAt minus event time over the allowed lateness), else None."""
+    lateness = event.received_at - event.timestamp
+    if -lateness > future_us:
+        return DeadLetter(event.raw, "future",
+                          f"event time is {_hours(-lateness)} after its receivedAt; at most {_hours(future_us)} is "
+                          "allowed (features.max_future_skew_hours)", event.schema_version, event.received_at)
+    if lateness > allowed_us:
+        return DeadLetter(event.raw, "lateness",
+                          f"received {_hours(lateness)} after its event time; the allowed lateness is "
+                          f"{_hours(allowed_us)}", event.schema_version, event.received_at)
+    return None
