@@ -46,12 +46,13 @@ test: venv prism redis-server kafka flink
 test-fast: venv prism redis-server kafka flink
 	$(BIN)/python -m pytest -m "not e2e" tests
 
-bench: venv prism redis-server kafka
+bench: venv prism redis-server kafka flink
 	$(BIN)/python benchmarks/pipeline_vs_reference.py
 	$(BIN)/python benchmarks/features.py
 	$(BIN)/python benchmarks/identity_store.py
 	$(BIN)/python benchmarks/collector.py
 	$(BIN)/python benchmarks/live.py --rates 10 25 50 --seconds 30
+	$(BIN)/python benchmarks/flink.py
 
 # Prism, Beam's portable local runner, built from the Go module proxy (used by --runner prism).
 prism: .cache/bin/prism

@@ -1,0 +1,128 @@
+"""Benchmark: the PyFlink job's sustained throughput (ingest, dedup, identity; exactly-once out).
+
+    .venv/bin/python benchmarks/flink.py [--customers 600] [--days 30] [--parallelism 2]
+
+Starts Kafka, Redis and a Flink session cluster (a JobManager, two TaskManagers) through
+`cdpflow stack`'s code on free ports in a temporary folder, loads a generated backlog into
+`cdp.events.raw` first (produced directly, with each event's receivedAt as the record time),
+submits the job with `cdpflow flink submit`, and measures how fast accepted events appear on
+`cdp.warehouse.rows` to a read_committed reader: events/s between the first and the last
+committed row, so the job's start-up (Python workers, the first checkpoint) is left out and
+reported apart. With exactly-once sinks a row is visible at the checkpoint after it is written
+(the interval is reported). Results go to benchmarks/results/flink.json.
+
+What it covers is what the job does so far: parse, validate, normalise, time checks, dedup with
+keyed state, and identity resolution in batches against Redis. Features and segments are not in
+the Flink job yet.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+from cdpflow import flink  # noqa: E402
+from cdpflow.config import load_config  # noqa: E402
+from cdpflow.core.timeutil import parse_ts  # noqa: E402
+from cdpflow.pipelines.replay import arrival_order  # noqa: E402
+from cdpflow.schemas.topics import RAW_EVENTS, WAREHOUSE_ROWS  # noqa: E402
+from cdpflow.stack.base import free_port  # noqa: E402
+from cdpflow.stack.flink import Flink  # noqa: E402
+from cdpflow.stack.kafka import Kafka  # noqa: E402
+from cdpflow.stack.redis import Redis  # noqa: E402
+from cdpflow.synthetic import generate  # noqa: E402
+
+
+def produce_backlog(bootstrap: str, sample: Path) -> int:
+    """The sample's events on cdp.events.raw, as a collector would have left them; returns how many."""
+    from cdpflow.io.kafka_producer import producer
+    client = producer(bootstrap)
+    sent = 0
+    for _, line in arrival_order([str(sample / "events")]):
+        try:
+            event = orjson.loads(line)
+            received = parse_ts(event["receivedAt"])
+            key = (event.get("userId") or event.get("anonymousId") or "").encode() or None
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            received, key = int(time.time() * 1_000_000), None
+        client.send(RAW_EVENTS.name, key=key, value=line.rstrip(b"\n"), timestamp_ms=received // 1000)
+        sent += 1
+    client.flush()
+    client.close()
+    return sent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--customers", type=int, default=600)
+    parser.add_argument("--days", type=int, default=30)
+    parser.add_argument("--parallelism", type=int, default=2)
+    parser.add_argument("--checkpoint-ms", type=int, default=2000)
+    parser.add_argument("--timeout", type=float, default=900)
+    args = parser.parse_args()
+    from kafka import KafkaConsumer, TopicPartition
+    os.environ.setdefault("CDPFLOW_DEMO", "1")
+    with tempfile.TemporaryDirectory(prefix="cdpflow-bench-flink-") as folder:
+        root = Path(folder)
+        kafka = Kafka(root / "stack", port=free_port(), controller_port=free_port())
+        redis = Redis(root / "stack", port=free_port())
+        cluster = Flink(root / "stack", port=free_port(), rpc_port=free_port())
+        started = time.monotonic()
+        for component in (kafka, redis, cluster):
+            component.up()
+        stack_s = time.monotonic() - started
+        try:
+            generate(root / "sample", customers=args.customers, days=args.days, seed=5)
+            events = produce_backlog(kafka.bootstrap_servers(), root / "sample")
+            spec = flink.job_spec(kafka.bootstrap_servers(), str(root / "w.duckdb"), load_config(None),
+                                  redis.url(), args.parallelism, args.checkpoint_ms)
+            submitted = time.monotonic()
+            job_id = flink.submit(spec, str(root / "spec.json"), cluster.address)
+            consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers(), isolation_level="read_committed",
+                                     enable_auto_commit=False)
+            tps = [TopicPartition(WAREHOUSE_ROWS.name, p) for p in consumer.partitions_for_topic(WAREHOUSE_ROWS.name)]
+            consumer.assign(tps)
+            consumer.seek_to_beginning(*tps)
+            rows, first, last, quiet_since = 0, None, None, None
+            deadline = time.monotonic() + args.timeout
+            while time.monotonic() < deadline:
+                polled = consumer.poll(timeout_ms=1000)
+                got = sum(len(r) for r in polled.values())
+                now = time.monotonic()
+                if got:
+                    rows += got
+                    first = first or now
+                    last, quiet_since = now, None
+                elif first is not None:
+                    quiet_since = quiet_since or now
+                    # three checkpoint intervals and more with nothing new: the backlog is through
+                    if now - quiet_since > max(10.0, 3 * args.checkpoint_ms / 1000):
+                        break
+            consumer.close()
+            flink.cancel(job_id, cluster.address)
+        finally:
+            for component in (cluster, redis, kafka):
+                component.down()
+    span = (last - first) if first and last and last > first else float("nan")
+    results = {
+        "machine": common.machine(), "events_in": events, "rows_out": rows, "parallelism": args.parallelism,
+        "checkpoint_ms": args.checkpoint_ms, "stack_start_s": round(stack_s, 1),
+        "first_row_after_submit_s": round(first - submitted, 1) if first else None,
+        "events_per_s": round(rows / span, 1) if span == span else None,
+        "covers": "ingest, dedup, identity (Redis) and exactly-once Kafka sinks; no features or segments yet",
+    }
+    print(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode())
+    print("results:", common.save_results("flink", results))
+
+
+if __name__ == "__main__":
+    main()
