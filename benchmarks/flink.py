@@ -61,6 +61,11 @@ def produce_backlog(bootstrap: str, sample: Path) -> int:
     return sent
 
 
+def read_to_end(group, ends) -> bool:
+    """Whether the job's source has committed offsets (at a checkpoint) at the end of the backlog."""
+    return all((group.committed(tp) or 0) >= end for tp, end in ends.items())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--customers", type=int, default=600)
@@ -89,6 +94,11 @@ def main() -> None:
             job_id = flink.submit(spec, str(root / "spec.json"), cluster.address)
             consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers(), isolation_level="read_committed",
                                      enable_auto_commit=False)
+            # the job's source group (never joined here: only its committed offsets are read)
+            group = KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers(), group_id="cdpflow-flink",
+                                  enable_auto_commit=False)
+            raw_tps = [TopicPartition(RAW_EVENTS.name, p) for p in group.partitions_for_topic(RAW_EVENTS.name)]
+            raw_ends = group.end_offsets(raw_tps)
             tps = [TopicPartition(WAREHOUSE_ROWS.name, p) for p in consumer.partitions_for_topic(WAREHOUSE_ROWS.name)]
             consumer.assign(tps)
             consumer.seek_to_beginning(*tps)
@@ -104,10 +114,12 @@ def main() -> None:
                     last, quiet_since = now, None
                 elif first is not None:
                     quiet_since = quiet_since or now
-                    # three checkpoint intervals and more with nothing new: the backlog is through
-                    if now - quiet_since > max(10.0, 3 * args.checkpoint_ms / 1000):
+                    # the source has checkpointed the end of the backlog and nothing new came for
+                    # three checkpoint intervals: every row it made has been committed
+                    if now - quiet_since > max(10.0, 3 * args.checkpoint_ms / 1000) and read_to_end(group, raw_ends):
                         break
             consumer.close()
+            group.close()
             flink.cancel(job_id, cluster.address)
         finally:
             for component in (cluster, redis, kafka):

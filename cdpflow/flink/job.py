@@ -16,7 +16,7 @@ venv); it can also be run by hand:
 Every function is a thin adapter over `cdpflow.core` (the Beam stream's DoFns use the same
 functions), so both engines accept, refuse and attribute the same records. The warehouse is
 written by `cdpflow load` only, never by the job's workers. The features, segments and change
-topics of the Beam stream follow on the same core state machines (issue in progress).
+topics of the Beam stream are still to come here, on the same core state machines.
 
 State and restarts: dedup state is keyed by messageId with a TTL of the dedup horizon plus the
 allowed lateness; the identity stage buffers events in keyed list state until a batch is full
