@@ -88,8 +88,11 @@ class _Process:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
         except OSError:
             return None
-        # a pid the kernel gave to another process since counts as gone
-        return pid if any(m in cmdline for m in self.markers) and state != "Z" else None
+        if state == "Z":
+            return None
+        # A pid the kernel gave to another process since counts as gone. An empty command line
+        # is a process in the middle of an exec (script -> script -> JVM): still ours.
+        return pid if not cmdline or any(m in cmdline for m in self.markers) else None
 
     def start(self, script: Path, arguments: List[str], env: Dict[str, str]) -> int:
         with open(self.logfile, "ab") as log:
@@ -169,10 +172,12 @@ class Flink(Component):
             # fits beside Kafka and Redis on 2 cores and 24 GiB
             "jobmanager.memory.process.size": "1024m", "taskmanager.memory.process.size": "2048m",
             "taskmanager.numberOfTaskSlots": 1, "parallelism.default": TASKMANAGERS,
-            # a failed task restarts its region from the last checkpoint, a few times
+            # a failed task restarts its region from the last checkpoint, a few times; the attempts
+            # span more than the heartbeat timeout, so a killed TaskManager is declared lost (and
+            # its replacement's slot used) before they run out
             "jobmanager.execution.failover-strategy": "region",
-            "restart-strategy.type": "fixed-delay", "restart-strategy.fixed-delay.attempts": 5,
-            "restart-strategy.fixed-delay.delay": "2 s",
+            "restart-strategy.type": "fixed-delay", "restart-strategy.fixed-delay.attempts": 10,
+            "restart-strategy.fixed-delay.delay": "5 s",
             "execution.checkpointing.dir": (self.folder / "checkpoints").as_uri(),
             "execution.checkpointing.savepoint-dir": (self.folder / "savepoints").as_uri(),
             # a TaskManager killed is noticed in seconds, not the default 50 s
@@ -293,6 +298,9 @@ class Flink(Component):
             if self.healthy():
                 return
             dead = [p for p in [self.jobmanager, *self.taskmanagers] if p.pid() is None]
+            if dead:
+                time.sleep(1.0)  # asked again: a start script between two execs can look gone
+                dead = [p for p in dead if p.pid() is None]
             if dead:
                 raise StackError(f"flink: {dead[0].name} exited while starting; the end of {dead[0].logfile}:\n"
                                  + _tail(dead[0].logfile))
