@@ -167,3 +167,60 @@ def test_the_flink_job_equals_the_batch_run_exactly_once_across_a_taskmanager_ki
 def test_an_unreachable_cluster_is_said_in_words(capsys):
     assert main(["flink", "list", "--jobmanager", f"127.0.0.1:{free_port()}"]) == 2
     assert "no Flink JobManager" in capsys.readouterr().err
+
+
+def test_the_flink_job_keeps_forgotten_people_out_whether_forgotten_before_or_while_it_runs(
+        tmp_path, broker, flink_cluster, redis_url):
+    # Forgotten before the submit: in the warehouse's governance, which the job's rules start
+    # from. Forgotten while it runs: written to the identity store (as the loader's forget does),
+    # which every worker reads at each batch. Neither person's events reach the output topics.
+    from collections import Counter
+
+    import orjson
+    from kafka import KafkaConsumer, TopicPartition
+
+    from cdpflow.config import load_config
+    from cdpflow.core import governance
+    from cdpflow.core.identity import open_identity_store
+    from cdpflow.core.timeutil import format_ts
+    from cdpflow.schemas.topics import WAREHOUSE_ROWS
+    from cdpflow.warehouse import open_warehouse
+    jobmanager = flink_cluster.address
+    warehouse = tmp_path / "live.duckdb"
+    store_uri = f"{redis_url}?prefix=flink:{uuid.uuid4().hex}"
+    before, during = ("email", "forgotten.before@family.org"), ("email", "forgotten.during@family.org")
+    with open_warehouse(str(warehouse)) as wh:
+        key = governance.suppression_key(load_config(None), wh.demo_key_file())
+        wh.suppress([before], int(time.time() * 1_000_000), key)
+
+    def events(tag, who):
+        now = int(time.time() * 1_000_000)
+        path = tmp_path / f"{tag}.jsonl"
+        path.write_bytes(b"".join(orjson.dumps(
+            {"type": "identify", "messageId": f"{tag}-{i}", "anonymousId": f"{tag}-device",
+             "traits": {"email": email}, "timestamp": format_ts(now - (3 - i) * 1_000_000)}) + b"\n"
+            for i, email in enumerate(who)))
+        send_live(None, broker, [(path, 5000)])
+
+    events("first", [before[1], "kept.one@family.org", before[1]])
+    job_id = _submit(broker, warehouse, store_uri, jobmanager, tmp_path)
+    flink.wait_for(job_id, ("RUNNING",), jobmanager)
+    _wait_read_to_end(broker, "cdpflow-flink")
+    store = open_identity_store(store_uri)
+    try:
+        store.forget([during], hashes=[key.hash(during)])
+    finally:
+        store.close()
+    events("second", [during[1], "kept.two@family.org"])
+    _wait_read_to_end(broker, "cdpflow-flink")
+    flink.savepoint(job_id, jobmanager, stop=True)
+    flink.wait_for(job_id, ("FINISHED",), jobmanager)
+    consumer = KafkaConsumer(bootstrap_servers=broker, isolation_level="read_committed", consumer_timeout_ms=5000)
+    tps = [TopicPartition(WAREHOUSE_ROWS.name, p) for p in consumer.partitions_for_topic(WAREHOUSE_ROWS.name)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    rows = [orjson.loads(r.value)["row"] for r in consumer]
+    consumer.close()
+    assert Counter(r["message_id"] for r in rows) == {"first-1": 1, "second-1": 1}, rows
+    text = b"".join(orjson.dumps(r) for r in rows)
+    assert before[1].encode() not in text and during[1].encode() not in text
