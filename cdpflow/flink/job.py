@@ -38,6 +38,18 @@ import os
 import zlib
 from typing import Any, Dict
 
+import orjson
+
+# Imported once per process (the functions below run per record on the workers): the core only,
+# never Beam or PyFlink, which `build` imports for the client.
+from cdpflow.core.dedup import DUPLICATE, FIRST, classify_copy, repeat_too_late
+from cdpflow.core.governance import identifiers_of_raw
+from cdpflow.core.identity import OK, SUPPRESSED
+from cdpflow.core.ingest import normalize, parse_line, time_refusal
+from cdpflow.core.normalize import event_time
+from cdpflow.core.rows import dead_letter_row, event_row, to_json_line
+from cdpflow.schemas.records import DeadLetter
+
 BUCKETS = 16  # keys of the identity stage: batches form per key, spread over the subtasks
 DEAD_LETTER_TAG_NAME = "dead-letters"
 
@@ -78,9 +90,6 @@ def build(env, spec: Dict[str, Any]):
         """The event's own time (skew-corrected as normalising does), else its Kafka timestamp."""
 
         def extract_timestamp(self, value, record_timestamp):
-            import orjson
-
-            from cdpflow.core.normalize import event_time
             try:
                 return event_time(orjson.loads(value))[0] // 1000
             except Exception:  # noqa: BLE001 (a broken record: Ingest dead-letters it)
@@ -95,10 +104,6 @@ def build(env, spec: Dict[str, Any]):
                 metrics.counter("received"), metrics.counter("succeeded"), metrics.counter("dead_lettered"))
 
         def process_element(self, value, ctx):
-            from cdpflow.core.ingest import normalize, parse_line, time_refusal
-            from cdpflow.core.rows import dead_letter_row, to_json_line
-            from cdpflow.core.governance import identifiers_of_raw
-            from cdpflow.schemas.records import DeadLetter
             self.received.inc()
             result = parse_line(value, self.validator)
             if not isinstance(result, DeadLetter):
@@ -125,8 +130,6 @@ def build(env, spec: Dict[str, Any]):
                 metrics.counter("dead_lettered"))
 
         def process_element(self, event, ctx):
-            from cdpflow.core.dedup import DUPLICATE, FIRST, classify_copy, repeat_too_late
-            from cdpflow.core.rows import dead_letter_row, to_json_line
             self.received.inc()
             seen = self.first.value()
             decision = classify_copy(seen, event, horizon_us)
@@ -178,9 +181,6 @@ def build(env, spec: Dict[str, Any]):
             yield from self._flush()
 
         def _flush(self):
-            from cdpflow.core.identity import OK, SUPPRESSED
-            from cdpflow.core.rows import dead_letter_row, event_row, to_json_line
-            from cdpflow.schemas.records import DeadLetter
             events = sorted(self.pending.get() or [], key=lambda e: (e.timestamp, e.message_id))
             self.pending.clear()
             self.count.clear()

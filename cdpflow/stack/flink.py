@@ -206,10 +206,7 @@ class Flink(Component):
         (conf / "config.yaml").write_text(self.config())
         for folder in ("checkpoints", "savepoints", "log"):
             (self.folder / folder).mkdir(exist_ok=True)
-        env = dict(os.environ, FLINK_HOME=str(self.home), FLINK_CONF_DIR=str(conf),
-                   FLINK_LOG_DIR=str(self.folder / "log"), FLINK_PID_DIR=str(self.folder))
-        env.pop("PYTHONPATH", None)
-        return env
+        return self._env()
 
     # ------------------------------------------------------------------------------ lifecycle
     def up(self, timeout: Optional[float] = None) -> bool:
@@ -248,6 +245,7 @@ class Flink(Component):
         return pid
 
     def _env(self) -> Dict[str, str]:
+        """The environment Flink's scripts run in: this cluster's home, configuration and folders."""
         env = dict(os.environ, FLINK_HOME=str(self.home), FLINK_CONF_DIR=str(self.folder / "conf"),
                    FLINK_LOG_DIR=str(self.folder / "log"), FLINK_PID_DIR=str(self.folder))
         env.pop("PYTHONPATH", None)

@@ -677,11 +677,7 @@ class IdentityStore(abc.ABC):
         def work():
             self._changed = set()
             self._sync_governance()
-            new = [i for i in items if i not in self._held[0]]
-            profiles = self._apply_separations(new, cause, ts)
-            epoch, moves = self._close_epoch(True)
-            return SplitOutcome(epoch, moves, [], [tuple(key_identifier(k) for k in json.loads(i)) for i in new],
-                                profiles)
+            return self._separate_now(items, cause, ts)
 
         try:
             return self._atomically(work)
@@ -722,13 +718,9 @@ class IdentityStore(abc.ABC):
                 for _, survivor, absorbed in self._open_merges_by_survivors(founders):
                     if merge in (None, absorbed) and survivor in founder_key and absorbed in founder_key:
                         pairs.append((key_identifier(founder_key[survivor]), key_identifier(founder_key[absorbed])))
-            items = sorted({separation_item(a, b) for a, b in pairs})
-            new = [i for i in items if i not in self._held[0]]
-            profiles = self._apply_separations(new, f"split {command_id}", ts)
-            epoch, moves = self._close_epoch(True)
-            self._set_meta("command:" + command_id, epoch if moves else 0)
-            return SplitOutcome(epoch, moves, [], [tuple(key_identifier(k) for k in json.loads(i)) for i in new],
-                                profiles)
+            outcome = self._separate_now(sorted({separation_item(a, b) for a, b in pairs}), f"split {command_id}", ts)
+            self._set_meta("command:" + command_id, outcome.epoch if outcome.moves else 0)
+            return outcome
 
         try:
             outcome = self._atomically(work)
@@ -736,6 +728,14 @@ class IdentityStore(abc.ABC):
             self._changed = set()
         self.replayed_moves = outcome.replayed
         return outcome
+
+    def _separate_now(self, items: Sequence[str], cause: str, ts: int) -> SplitOutcome:
+        """Inside a batch (governance synced): applies the separations the store does not hold yet
+        and closes the epoch; what `separate` and `split` share."""
+        new = [i for i in items if i not in self._held[0]]
+        profiles = self._apply_separations(new, cause, ts)
+        epoch, moves = self._close_epoch(True)
+        return SplitOutcome(epoch, moves, [], [tuple(key_identifier(k) for k in json.loads(i)) for i in new], profiles)
 
     def _reference_root(self, reference) -> Optional[str]:
         if isinstance(reference, str):
