@@ -224,7 +224,9 @@ class ProcessComponent(Component):
         deadline = time.monotonic() + timeout
         while not self.healthy():
             recorded = self._recorded_pid()
-            if recorded is not None and not self._alive(recorded):
+            # Whether it still exists, not whether it is ours by its command line: the process was
+            # started just now, and between its fork and its exec it still shows this Python's.
+            if recorded is not None and not self._exists(recorded):
                 # It wrote its pidfile and then died (it refused its data, say): no use waiting on.
                 failure = "exited while starting"
                 break
