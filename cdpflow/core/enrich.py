@@ -132,3 +132,27 @@ def products(properties: Mapping[str, Any], catalog: Mapping[str, CatalogEntry])
             "brand": (entry or {}).get("brand") or item.get("brand"),
         })
     return found
+
+
+def enrich_event(event, catalog: Mapping[str, CatalogEntry], rates: Rates):
+    """An event with its `enrichment` and `revenue_reporting` set; (event, products not in the
+    catalog, whether its revenue had no rate). Engine-free: the Beam DoFns and the Flink job call it.
+
+    A revenue without a rate is kept, not refused: the order is real, only its conversion is unknown.
+    """
+    enrichment: Dict[str, Any] = {}
+    user_agent = event.context.get("userAgent")
+    if isinstance(user_agent, str) and user_agent:
+        enrichment["user_agent"] = parse_user_agent(user_agent)
+    utm = campaign(event.context)
+    if utm:
+        enrichment["campaign"] = utm
+    unknown = 0
+    if event.type == "track":
+        items = products(event.properties, catalog)
+        if items:
+            enrichment["products"] = items
+            unknown = sum(1 for i in items if i["product_id"] not in catalog)
+    reporting = rates.convert(event.revenue, event.currency, event.timestamp) if event.revenue is not None else None
+    no_rate = event.revenue is not None and reporting is None
+    return event.replace(enrichment=enrichment, revenue_reporting=reporting), unknown, no_rate

@@ -186,3 +186,31 @@ def score(model: Mapping[str, object], histories) -> Dict[str, np.ndarray]:
             "probability_alive": bg.probability_alive(x, t_x, T),
             "expected_order_value": spend,
             "clv_90d": in_90 * spend}
+
+
+SCORED_COLUMNS = ("expected_purchases_30d", "expected_purchases_90d", "probability_alive", "expected_order_value",
+                  "clv_90d")
+
+
+def score_rows(model: Mapping[str, object], rows) -> Tuple[list, int]:
+    """Profile rows with the model's predictions, scored as one batch; (rows, how many were scored).
+
+    A row's `_history` (from `history_from_days`; None without orders) is what is scored; rows
+    without one, or a model that is not fitted, get null predictions and no `clv_model_id`.
+    Engine-free: the Beam stream's and the Flink job's scoring stages both call it per batch.
+    """
+    rows = list(rows)
+    with_history = [r for r in rows if r.get("_history") is not None]
+    fitted = model.get("status") == "fitted"
+    predictions = score(model, [r["_history"] for r in with_history]) if with_history and fitted else None
+    scored = {}
+    if predictions is not None:
+        for i, row in enumerate(with_history):
+            scored[id(row)] = {c: round(float(predictions[c][i]), 6) for c in SCORED_COLUMNS}
+    out = []
+    for row in rows:
+        values = scored.get(id(row))
+        done = dict(row, **(values or {c: None for c in SCORED_COLUMNS}))
+        done["clv_model_id"] = model.get("model_id") if values else None
+        out.append(done)
+    return out, len(scored)

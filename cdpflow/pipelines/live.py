@@ -49,6 +49,8 @@ import apache_beam as beam
 
 from cdpflow.core.governance import WarehouseGovernance
 from cdpflow.core.identity import open_identity_store, sqlite_path
+from cdpflow.core.rows import dead_letter_record, event_record as core_event_record, profile_record, segment_record, \
+    transition_record
 from cdpflow.core.segments import held_from_memberships
 from cdpflow.errors import BadInput
 from cdpflow.io.kafka_sink import WriteToKafka
@@ -56,13 +58,12 @@ from cdpflow.io.kafka_source import ReadKafkaTopic
 from cdpflow.pipelines.replay import read_start, rebuild_identity_store
 from cdpflow.pipelines.stream import build_stream
 from cdpflow.runners.direct import streaming_pipeline
-from cdpflow.schemas.topics import CONTROL, DEAD_LETTERS as DEAD_LETTER_TOPIC, PROFILE_CHANGES, RAW_EVENTS, \
-    SEGMENT_CHANGES, WAREHOUSE_ROWS
+from cdpflow.schemas.topics import CONTROL, RAW_EVENTS
 from cdpflow.transforms import DEAD_LETTERS
 from cdpflow.transforms.features import PROFILES, TRANSITIONS
 from cdpflow.transforms.identity import ROUTED
 from cdpflow.transforms.segments import AssignSegmentsStream
-from cdpflow.transforms.sinks import DeadLetterRows, event_row, to_json_line
+from cdpflow.transforms.sinks import DeadLetterRows
 from cdpflow.warehouse import open_warehouse, warehouse_path
 
 log = logging.getLogger(__name__)
@@ -78,43 +79,9 @@ def stream_identity_store(warehouse: str) -> str:
     return "sqlite://" + os.path.abspath(os.path.splitext(local)[0] + ".stream-identity.sqlite")
 
 
-def _public(row: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: v for k, v in row.items() if not k.startswith("_")}
-
-
-def _json(value) -> bytes:
-    return to_json_line(value).encode("utf-8")
-
-
-def profile_record(row: Dict[str, Any]):
-    """A profile row as a `cdp.profiles.changes` record: a tombstone (no value) for a deletion.
-
-    Every record carries the row's as_of and emission time in headers, so a reader keeps the
-    newest per profile even when two of a profile's records overtake each other on the way.
-    """
-    key = row["profile_id"].encode("utf-8")
-    headers = [("as_of", str(row.get("as_of") or 0).encode()), ("updated_at", str(row.get("updated_at") or 0).encode())]
-    return (PROFILE_CHANGES.name, key, None if row.get("deleted") else _json(_public(row)), headers)
-
-
-def segment_record(change: Dict[str, Any]):
-    return (SEGMENT_CHANGES.name, change["profile_id"].encode("utf-8"), _json(change),
-            [("idempotency_key", change["idempotency_key"].encode())])
-
-
-def dead_letter_record(row: Dict[str, Any]):
-    return (DEAD_LETTER_TOPIC.name, row["dead_letter_id"].encode("utf-8"), _json(row))
-
-
 def event_record(routed):
     _, (event, _) = routed
-    return (WAREHOUSE_ROWS.name, f"events:{event.message_id}".encode("utf-8"),
-            _json({"table": "events", "row": event_row(event)}))
-
-
-def transition_record(row: Dict[str, Any]):
-    return (WAREHOUSE_ROWS.name, f"lifecycle_transitions:{row['profile_id']}".encode("utf-8"),
-            _json({"table": "lifecycle_transitions", "row": row}))
+    return core_event_record(event)
 
 
 def _lines(record):

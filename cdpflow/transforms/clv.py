@@ -18,10 +18,9 @@ import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
-from cdpflow.models.clv import fit_models, score
+from cdpflow.models.clv import SCORED_COLUMNS as COLUMNS, fit_models, score_rows
 
 PROFILES, MODELS = "profiles", "clv_models"
-COLUMNS = ("expected_purchases_30d", "expected_purchases_90d", "probability_alive", "expected_order_value", "clv_90d")
 
 
 def _describe(model, as_of):
@@ -42,18 +41,9 @@ class _ScoreFn(beam.DoFn):
     def process(self, rows, model=None):
         model = self.model if model is None else model
         self.batch.update(len(rows))
-        with_history = [r for r in rows if r.get("_history") is not None]
-        predictions = score(model, [r["_history"] for r in with_history]) if with_history and model["status"] == "fitted" else None
-        scored = {}
-        if predictions is not None:
-            self.scored.inc(len(with_history))
-            for i, row in enumerate(with_history):
-                scored[id(row)] = {c: round(float(predictions[c][i]), 6) for c in COLUMNS}
-        for row in rows:
-            values = scored.get(id(row))
-            out = dict(row, **(values or {c: None for c in COLUMNS}))
-            out["clv_model_id"] = model["model_id"] if values else None
-            yield out
+        out, scored = score_rows(model, rows)
+        self.scored.inc(scored)
+        yield from out
 
 
 class PredictCustomerValue(beam.PTransform):

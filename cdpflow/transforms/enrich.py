@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from cdpflow.core.enrich import Rates, campaign, load_catalog, parse_user_agent, products
+from cdpflow.core.enrich import Rates, enrich_event, load_catalog
 from cdpflow.schemas.records import NormalizedEvent
 
 
@@ -37,26 +37,12 @@ class _EnrichFn(beam.DoFn):
 
     def process(self, event: NormalizedEvent, catalog, rates: Rates):
         self.received.inc()
-        enrichment = {}
-        user_agent = event.context.get("userAgent")
-        if isinstance(user_agent, str) and user_agent:
-            enrichment["user_agent"] = parse_user_agent(user_agent)
-        utm = campaign(event.context)
-        if utm:
-            enrichment["campaign"] = utm
-        if event.type == "track":
-            items = products(event.properties, catalog)
-            if items:
-                enrichment["products"] = items
-                self.unknown_products.inc(sum(1 for i in items if i["product_id"] not in catalog))
-        reporting = None
-        if event.revenue is not None:
-            reporting = rates.convert(event.revenue, event.currency, event.timestamp)
-            if reporting is None:
-                # Kept, not refused: the order is real, only its conversion is unknown.
-                self.no_rate.inc()
+        enriched, unknown, no_rate = enrich_event(event, catalog, rates)
+        self.unknown_products.inc(unknown)
+        if no_rate:
+            self.no_rate.inc()
         self.succeeded.inc()
-        yield event.replace(enrichment=enrichment, revenue_reporting=reporting)
+        yield enriched
 
 
 class Enrich(beam.PTransform):
