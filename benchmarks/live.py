@@ -1,9 +1,15 @@
 """Benchmark: from the collector's 200 to the change on `cdp.segments.changes`, at sustained rates.
 
-    .venv/bin/python benchmarks/live.py [--rates 10 25 50 100] [--seconds 30]
+    .venv/bin/python benchmarks/live.py [--engine beam|flink] [--rates 10 25 50 100] [--seconds 30]
 
 Starts a Kafka broker (free ports, a temporary folder), the collector as its own process and
-`cdpflow stream` (Prism, its loader in-process) as another, on a new warehouse. For each rate
+the stream: `--engine beam` runs `cdpflow stream` (Prism, its loader in-process) as another
+process on a new warehouse; `--engine flink` starts Redis and a Flink session cluster (a
+JobManager, two TaskManagers) and submits the PyFlink job at parallelism 2 with `cdpflow flink
+submit`'s code (its output is exactly once: a change is visible to the read_committed reader
+at the checkpoint after it is written, so `--checkpoint-ms` bounds the latency from below, as
+does the job's 5 s bounded out-of-orderness: a profile row is emitted when the watermark passes
+its event). For each rate
 it sends generated events live (times moved to the moment they are sent; new messageIds), 5 a
 request, paced to the rate, and notes when the collector answered 200 for each. A consumer of
 `cdp.segments.changes` notes when each change reached Kafka (its record time) and the
@@ -11,7 +17,8 @@ messageId that caused it; latency is the change's record time minus the 200 of i
 After each rate it waits for the stream to catch up (marker events sent after the rate's
 events come out on `cdp.warehouse.rows`). A rate is sustained when that takes at most 15 s and
 the p99 from 200 to change stays within 10 s (beyond, the feature stages fall behind). Reports p50/p99 per
-rate and the highest sustained rate; results go to benchmarks/results/live.json.
+rate and the highest sustained rate; results go to benchmarks/results/live.json (Beam) or
+benchmarks/results/live-flink.json.
 """
 from __future__ import annotations
 
@@ -110,6 +117,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rates", type=float, nargs="+", default=[10, 25, 50, 100])
     parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--engine", choices=("beam", "flink"), default="beam")
+    parser.add_argument("--checkpoint-ms", type=int, default=1000, help="the Flink job's checkpoint interval")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="cdpflow-live-bench-"))
     pool = events_for(root, int(sum(args.rates) * args.seconds) + 500)
@@ -118,21 +127,41 @@ def main(argv=None):
     bootstrap = broker.bootstrap_servers()
     collector, url = common.start_collector(bootstrap, root, KEY)
     env = dict(os.environ, CDPFLOW_DEMO="1", CDPFLOW_PRISM=os.path.abspath(".cache/bin/prism"))
-    stream = subprocess.Popen([sys.executable, "-m", "cdpflow.cli", "stream", "--bootstrap", bootstrap,
-                               "--warehouse", str(root / "live.duckdb")], env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=open(root / "stream.log", "wb"))
+    stream, services, job = None, [], None
+    if args.engine == "beam":
+        stream = subprocess.Popen([sys.executable, "-m", "cdpflow.cli", "stream", "--bootstrap", bootstrap,
+                                   "--warehouse", str(root / "live.duckdb")], env=env, start_new_session=True,
+                                  stdout=subprocess.DEVNULL, stderr=open(root / "stream.log", "wb"))
+    else:
+        from cdpflow import flink
+        from cdpflow.config import load_config
+        from cdpflow.stack.flink import Flink
+        from cdpflow.stack.redis import Redis
+        os.environ.setdefault("CDPFLOW_DEMO", "1")
+        redis = Redis(root / "stack", port=free_port())
+        cluster = Flink(root / "stack", port=free_port(), rpc_port=free_port())
+        services = [redis, cluster]
+        for service in services:
+            service.up()
+        spec = flink.job_spec(bootstrap, str(root / "live.duckdb"), load_config(None), redis.url(), 2,
+                              args.checkpoint_ms)
+        job = (flink, cluster.address, flink.submit(spec, str(root / "spec.json"), cluster.address))
+    results_name = "live" if args.engine == "beam" else "live-flink"
     changes, rows = Watch(bootstrap, SEGMENT_CHANGES.name), Watch(bootstrap, WAREHOUSE_ROWS.name)
     changes.start()
     rows.start()
-    results = {"machine": common.machine(), "per_request": PER_REQUEST, "seconds_per_rate": args.seconds, "rates": []}
+    results = {"machine": common.machine(), "engine": args.engine, "per_request": PER_REQUEST,
+               "seconds_per_rate": args.seconds, "rates": []}
+    if args.engine == "flink":
+        results["checkpoint_ms"] = args.checkpoint_ms
     try:
         # warm up: the stream is running once a first event's row is out
         answered: dict = {}
         send_at(url, pool[:20], 20, answered)
         deadline = time.monotonic() + 180
         while not rows.records:
-            if stream.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the stream did not start; see {root / 'stream.log'}")
+            if (stream is not None and stream.poll() is not None) or time.monotonic() > deadline:
+                raise RuntimeError(f"the stream did not start; see {root / 'stream.log'} or the Flink logs")
             time.sleep(0.5)
         offset = 20
         for rate in args.rates:
@@ -175,7 +204,12 @@ def main(argv=None):
     finally:
         changes.stopped.set()
         rows.stopped.set()
-        if stream.poll() is None:
+        if job is not None:
+            module, address, job_id = job
+            module.cancel(job_id, address)
+        for service in reversed(services):
+            service.down()
+        if stream is not None and stream.poll() is None:
             os.killpg(stream.pid, signal.SIGTERM)
             try:
                 stream.wait(30)
@@ -187,7 +221,7 @@ def main(argv=None):
     sustained = [r["rate"] for r in results["rates"] if r["sustained"]]
     results["highest_sustained_rate"] = max(sustained) if sustained else None
     print(f"highest sustained rate on this machine: {results['highest_sustained_rate']} events/s")
-    common.save_results("live", results)
+    common.save_results(results_name, results)
     return results
 
 

@@ -157,6 +157,11 @@ def _parser() -> argparse.ArgumentParser:
     fsub.add_argument("--parallelism", type=int, default=2, help="the job's parallelism (default 2)")
     fsub.add_argument("--from-savepoint", help="restore the job's state from this savepoint (or checkpoint) path")
     fsub.add_argument("--checkpoint-ms", type=int, default=5000, help="checkpoint interval (default 5000 ms)")
+    fsub.add_argument("--catalog", help="catalog.csv for enrichment (sent to the workers in the job's spec)")
+    fsub.add_argument("--rates", help="rates.csv for revenue in the reporting currency (sent in the spec)")
+    fsub.add_argument("--until", help="ISO-8601 time: no profile row after it, and a last row as of it for every "
+                                      "profile once the watermark passes it (a replay's or a test's end)")
+    fsub.add_argument("--bounded", action="store_true", help="read the topic as it is now to its end, then finish")
     fsub.add_argument("--spec-out", help="where to keep the job's spec (default: .stack/flink/specs/<time>.json)")
     fsub.add_argument("--config", help="YAML configuration merged over the defaults")
     for name, text in (("list", "the cluster's jobs"), ("cancel", "cancel a job"),
@@ -635,10 +640,17 @@ def cmd_flink(args) -> int:
         import time
 
         from cdpflow.config import load_config
+        from cdpflow.core.timeutil import parse_ts
+        from cdpflow.errors import BadInput
+        from cdpflow.pipelines.batch import reference_overrides
         from cdpflow.stack import stack_dir
-        config = load_config(args.config)
+        config = load_config(args.config, enrichment=reference_overrides(args.catalog, args.rates))
+        try:
+            until = parse_ts(args.until) if args.until else None
+        except ValueError as err:
+            raise BadInput(f"--until {args.until!r}: {err}") from None
         spec = flink.job_spec(args.bootstrap, args.warehouse, config, args.identity_store, args.parallelism,
-                              args.checkpoint_ms)
+                              args.checkpoint_ms, until, args.bounded)
         spec_path = args.spec_out or str(stack_dir() / "flink" / "specs" / f"job-{int(time.time() * 1000)}.json")
         job_id = flink.submit(spec, spec_path, args.jobmanager, args.from_savepoint)
         console.print(f"submitted {job_id} to {args.jobmanager} (spec {spec_path}); "

@@ -72,14 +72,17 @@ def cancel(job_id: str, jobmanager: str = DEFAULT_JOBMANAGER) -> None:
 
 
 def savepoint(job_id: str, jobmanager: str = DEFAULT_JOBMANAGER, directory: Optional[str] = None,
-              stop: bool = False, timeout: float = 120.0) -> str:
+              stop: bool = False, timeout: float = 120.0, drain: bool = False) -> str:
     """Takes a savepoint (with `stop`, stop-with-savepoint) and waits for it; returns its location.
+
+    `drain` (with `stop`): the watermark goes to the end of time before the last savepoint, so
+    every event-time timer fires (a job stopped for good, not one to resume).
 
     Raises:
       FlinkError: the cluster refused it, it failed, or it did not complete in `timeout` seconds.
     """
     if stop:
-        body: Dict[str, Any] = {"drain": False}
+        body: Dict[str, Any] = {"drain": drain}
         if directory:
             body["targetDirectory"] = directory
         trigger = rest(jobmanager, f"/jobs/{job_id}/stop", method="POST", body=body)["request-id"]
@@ -88,25 +91,51 @@ def savepoint(job_id: str, jobmanager: str = DEFAULT_JOBMANAGER, directory: Opti
         if directory:
             body["target-directory"] = directory
         trigger = rest(jobmanager, f"/jobs/{job_id}/savepoints", method="POST", body=body)["request-id"]
+    return _completed(jobmanager, f"/jobs/{job_id}/savepoints/{trigger}", f"savepoint of {job_id}",
+                      timeout)["location"]
+
+
+def checkpoint(job_id: str, jobmanager: str = DEFAULT_JOBMANAGER, timeout: float = 120.0) -> int:
+    """Triggers a checkpoint now (besides the periodic ones) and waits for it; returns its id.
+
+    Raises:
+      FlinkError: the cluster refused it, it failed, or it did not complete in `timeout` seconds.
+    """
+    trigger = rest(jobmanager, f"/jobs/{job_id}/checkpoints", method="POST", body={})["request-id"]
+    return int(_completed(jobmanager, f"/jobs/{job_id}/checkpoints/{trigger}", f"checkpoint of {job_id}",
+                          timeout)["checkpointId"])
+
+
+def _completed(jobmanager: str, path: str, what: str, timeout: float) -> Dict[str, Any]:
+    """Polls an asynchronous operation (a savepoint, a checkpoint) until it completes; its result.
+
+    Raises:
+      FlinkError: it failed (with the cluster's cause), or did not complete in `timeout` seconds.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        answer = rest(jobmanager, f"/jobs/{job_id}/savepoints/{trigger}")
+        answer = rest(jobmanager, path)
         if answer["status"]["id"] == "COMPLETED":
             operation = answer.get("operation") or {}
             if "failure-cause" in operation:
-                raise FlinkError(f"savepoint of {job_id} failed: {operation['failure-cause'].get('class')}: "
+                raise FlinkError(f"{what} failed: {operation['failure-cause'].get('class')}: "
                                  f"{str(operation['failure-cause'].get('stack-trace', ''))[:1500]}")
-            return operation["location"]
-        time.sleep(0.5)
-    raise FlinkError(f"savepoint of {job_id} did not complete within {timeout:g} s")
+            return operation
+        time.sleep(0.3)
+    raise FlinkError(f"{what} did not complete within {timeout:g} s")
 
 
 def job_spec(bootstrap: str, warehouse: str, config: Dict[str, Any], identity_store: str, parallelism: int = 2,
-             checkpoint_ms: int = 5000) -> Dict[str, Any]:
-    """What the job runs with, read now from the warehouse and the configuration."""
+             checkpoint_ms: int = 5000, until: Optional[int] = None, bounded: bool = False) -> Dict[str, Any]:
+    """What the job runs with, read now from the warehouse and the configuration.
+
+    `until` (UTC µs): no profile row after it, and a last row as of it for every profile once the
+    watermark passes it (as `cdpflow stream --until`). `bounded`: the job reads the topic as it is
+    at submit time and then finishes (every timer fires at the end of input).
+    """
     from cdpflow.core import governance
     from cdpflow.core.identity import sqlite_path
-    from cdpflow.schemas.topics import DEAD_LETTERS, RAW_EVENTS, WAREHOUSE_ROWS
+    from cdpflow.schemas.topics import DEAD_LETTERS, PROFILE_CHANGES, RAW_EVENTS, SEGMENT_CHANGES, WAREHOUSE_ROWS
     from cdpflow.stack.flink import connector_jars, flink_venv
     from cdpflow.warehouse import open_warehouse
     if sqlite_path(identity_store) is not None:
@@ -116,9 +145,21 @@ def job_spec(bootstrap: str, warehouse: str, config: Dict[str, Any], identity_st
         key = governance.suppression_key(config, wh.demo_key_file())
         state = wh.governance()
         governance.identity_rules(config, state, key)  # refuses hashes of a key it cannot match, now
+        model = wh.latest_clv_model()
+    enrichment = config.get("enrichment") or {}
+    reference = {}
+    for name in ("catalog", "rates"):
+        path = enrichment.get(name)
+        try:
+            reference[name] = Path(path).read_text(encoding="utf-8") if path else None
+        except OSError as err:
+            raise BadInput(f"enrichment {name} {path}: {err.strerror}") from None
     return {
         "name": "cdpflow-stream", "bootstrap": bootstrap, "raw_topic": RAW_EVENTS.name,
         "rows_topic": WAREHOUSE_ROWS.name, "dead_letter_topic": DEAD_LETTERS.name,
+        "profiles_topic": PROFILE_CHANGES.name, "segments_topic": SEGMENT_CHANGES.name,
+        "clv_model": json.loads(json.dumps(model, default=str)) if model else None, "until": until, "bounded": bounded,
+        "reference": reference,
         "identity_store": identity_store, "config": config, "parallelism": parallelism,
         "checkpoint_ms": checkpoint_ms,
         "governance": {"suppressed": sorted(state.suppressed), "separations": sorted(state.separations)},
@@ -156,7 +197,7 @@ def submit(spec: Dict[str, Any], spec_path: str, jobmanager: str = DEFAULT_JOBMA
 
 
 def wait_for(job_id: str, states: Sequence[str], jobmanager: str = DEFAULT_JOBMANAGER, timeout: float = 120.0) -> str:
-    """Waits until the job is in one of `states`; returns the state.
+    """Waits until the job is in one of `states` (RUNNING: with every task running); returns the state.
 
     Raises:
       FlinkError: it ended in another terminal state, or the time ran out.
@@ -164,8 +205,11 @@ def wait_for(job_id: str, states: Sequence[str], jobmanager: str = DEFAULT_JOBMA
     deadline = time.monotonic() + timeout
     state = "?"
     while time.monotonic() < deadline:
-        state = rest(jobmanager, f"/jobs/{job_id}")["state"]
-        if state in states:
+        job = rest(jobmanager, f"/jobs/{job_id}")
+        state = job["state"]
+        # RUNNING counts once every task runs (after a restart the job is RUNNING before its tasks
+        # are, and a savepoint asked for then is refused)
+        if state in states and (state != "RUNNING" or all(v["status"] == "RUNNING" for v in job["vertices"])):
             return state
         if state in ("FAILED", "CANCELED", "FINISHED"):
             exceptions = rest(jobmanager, f"/jobs/{job_id}/exceptions")
