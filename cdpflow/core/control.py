@@ -82,3 +82,41 @@ def reference(target: str, default_region: str = "US") -> Union[str, Tuple[str, 
     id_type, value = id_type.strip().lower(), value.strip()
     normalised = {"email": normalize_email, "phone": lambda v: normalize_phone(v, default_region)}.get(id_type)
     return id_type, (normalised(value) if normalised else None) or value
+
+
+SPLIT, LEFT, REFUSED = "split", "left", "refused"
+
+
+class Applied(NamedTuple):
+    """What a stream did with one `cdp.control` record.
+
+    `outcome`: SPLIT (applied to the identity store; `moves` are the (node key, (profile, epoch))
+    its feature state must follow, the repeat of an earlier application included), LEFT (a
+    forget: the loader applies it, with the warehouse; the store's held hashes reach the workers)
+    or REFUSED (not a command: `error` says why; nothing was applied).
+    """
+
+    outcome: str
+    moves: list
+    error: Optional[str]
+
+
+def apply_for_stream(store, value: bytes, default_region: str, at_us: int) -> Applied:
+    """Applies one `cdp.control` record (bytes) to a stream's identity store, at event time `at_us`.
+
+    The stream's part of a command: a split re-derives the profile in the store (idempotent by
+    the command's id, so the loader's application and a re-read of the topic change nothing)
+    and gives back the moves the features must make. Engine-free: the Beam stream's
+    `ApplyControl` and the Flink job's both call it.
+    """
+    try:
+        command = parse_command(orjson.loads(value))
+        target = reference(command.target, default_region) if command.name == "split" else None
+    except (orjson.JSONDecodeError, ControlError) as err:
+        return Applied(REFUSED, [], str(err))
+    if command.name != "split":
+        return Applied(LEFT, [], None)
+    outcome = store.split(target, command.id, at_us, merge=command.merge)
+    moves = [(key, (profile_id, epoch)) for epoch, key, profile_id in outcome.replayed]
+    moves += [(key, (profile_id, outcome.epoch)) for key, profile_id in sorted(outcome.moves.items())]
+    return Applied(SPLIT, moves, None)

@@ -23,14 +23,12 @@ import logging
 import time
 from typing import Iterable, List, Tuple
 
-import orjson
-
 import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from cdpflow.core.control import ControlError, parse_command, reference
+from cdpflow.core.control import LEFT, REFUSED, apply_for_stream
 from cdpflow.core.identity import BLOCKED, OK, SUPPRESSED, IdentityRules, open_identity_store
 from cdpflow.schemas.records import DeadLetter, Identifier, NormalizedEvent
 from cdpflow.transforms import DEAD_LETTERS
@@ -288,21 +286,15 @@ class _ApplyControlFn(_StoreFn):
 
     def process(self, value: bytes, timestamp=beam.DoFn.TimestampParam):
         self.received.inc()
-        try:
-            command = parse_command(orjson.loads(value))
-            target = reference(command.target, self.default_region) if command.name == "split" else None
-        except (orjson.JSONDecodeError, ControlError) as err:
+        applied = apply_for_stream(self.store, value, self.default_region, timestamp.micros)
+        if applied.outcome == REFUSED:
             self.refused.inc()
-            log.error("cdp.control record refused by the stream: %s: %r", err, value[:200])
-            return
-        if command.name != "split":
+            log.error("cdp.control record refused by the stream: %s: %r", applied.error, value[:200])
+        elif applied.outcome == LEFT:
             self.left.inc()
-            return
-        outcome = self.store.split(target, command.id, timestamp.micros, merge=command.merge)
-        self.applied.inc()
-        moves = [(key, (profile_id, epoch)) for epoch, key, profile_id in outcome.replayed]
-        moves += [(key, (profile_id, outcome.epoch)) for key, profile_id in sorted(outcome.moves.items())]
-        for move in moves:
+        else:
+            self.applied.inc()
+        for move in applied.moves:
             self.moved.inc()
             yield move
 

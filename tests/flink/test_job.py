@@ -284,6 +284,101 @@ def test_a_bounded_flink_run_computes_the_profiles_and_segments_of_a_batch_run(
     _assert_changes_net_to_memberships(changes_on_topic(broker), ours)
 
 
+def test_a_split_on_the_control_topic_moves_the_flink_jobs_feature_state(tmp_path, broker, flink_cluster, redis_url):
+    # Ann and Bob share a family computer: the job merges them. While it runs a split arrives on
+    # cdp.control; then the computer joins them again and Bob buys once more. The job parts them
+    # in the identity store at once and moves each part's feature state (as a merge's); the
+    # loader records the separation; the warehouse equals a batch run over the raw topic with the
+    # separation from the start: both people's identifier sets, every profile column, their
+    # open segments, everyone else as in the other tests; the change topic nets to the warehouse.
+    from cdpflow.core.identity import open_identity_store
+    from cdpflow.io.kafka_producer import producer, send_all
+    from cdpflow.schemas.topics import CONTROL
+    from cdpflow.warehouse import open_warehouse
+    from tests.stream.test_live import (MODEL_SEGMENTS, NOT_COMPARED, _crafted, _order, _send_events,
+                                        family_before_the_computer)
+    jobmanager = flink_cluster.address
+    traffic = tmp_path / "sample"
+    generate(traffic, customers=6, days=10, seed=21)
+    send_live(traffic, broker)
+    now = int(time.time() * 1_000_000)
+    ann, bob = "ann.split@family.org", "bob.split@family.org"
+    _send_events(broker, tmp_path / "before.jsonl", family_before_the_computer(now, ann, bob))
+    warehouse = tmp_path / "live.duckdb"
+    store = f"{redis_url}?prefix=flink:{uuid.uuid4().hex}"
+    until = (int(time.time()) + 600) * 1_000_000
+    job_id = _submit(broker, warehouse, store, jobmanager, tmp_path, "--until", format_ts(until),
+                     "--catalog", str(traffic / "catalog.csv"), "--rates", str(traffic / "rates.csv"))
+    flink.wait_for(job_id, ("RUNNING",), jobmanager)
+    # Ann and Bob are two profiles before the family computer joins them, so that join is a merge
+    # (the identity stage resolves each bucket's batch in event-time order but two buckets'
+    # batches in the order they flush: sent together, the bridge could be resolved first, and
+    # Ann's email would join Bob's profile with no merge to undo)
+    _wait_decided(store, {"ann-1", "ann-2", "bob-1", "bob-2", "bob-3"})
+    _send_events(broker, tmp_path / "bridge.jsonl", [
+        _crafted(now, 200, "bridge-1", "page", "bob-phone", ann, name="Newsletter"),  # the family computer
+        _order(now, 100, "ann-3", "ann-laptop", ann, "A-2", 60.0),
+    ])
+    graph = open_identity_store(store)
+    try:
+        deadline = time.monotonic() + 120
+        while graph.profile_of(("email", ann)) is None or graph.profile_of(("email", ann)) != graph.profile_of(
+                ("email", bob)):
+            assert time.monotonic() < deadline, "the job did not merge Ann and Bob"
+            time.sleep(0.2)
+        client = producer(broker)
+        send_all(client, [(CONTROL.name, graph.profile_of(("email", ann)).encode(), orjson.dumps(
+            {"command": "split", "profile": f"email:{ann.upper()}", "reason": "family computer"}))])
+        client.close()
+        deadline = time.monotonic() + 60
+        while graph.profile_of(("email", ann)) == graph.profile_of(("email", bob)):
+            if time.monotonic() > deadline:
+                vertex = _vertex(jobmanager, job_id, "ApplyControl")
+                found = {sub: [(i, _metric(jobmanager, job_id, vertex, sub, i)) for i in
+                               _metric_ids(jobmanager, job_id, vertex, sub) if "cdpflow" in i] for sub in (0, 1)}
+                raise AssertionError(f"the job did not apply the split: {found}")
+            time.sleep(0.2)
+    finally:
+        graph.close()
+    later = int(time.time() * 1_000_000)
+    _send_events(broker, tmp_path / "after.jsonl", [
+        _crafted(later, 0.2, "bridge-2", "page", "bob-phone", ann, name="Newsletter"),
+        _order(later, 0.1, "bob-4", "bob-phone", bob, "B-3", 45.0),
+    ])
+    events = raw_events(broker, tmp_path / "raw.jsonl")
+    assert {"bridge-2", "bob-4"} <= {e.get("messageId") for e in events}
+    (tmp_path / "accepted").mkdir()
+    accepted = tables(run_reference(tmp_path / "accepted", traffic, tmp_path / "raw.jsonl", until))["events"]
+    _wait_decided(store, accepted)  # the job has read everything before its last stop
+    batch_path = tmp_path / "batch.duckdb"
+    flink.savepoint(job_id, jobmanager, stop=True, drain=True)
+    flink.wait_for(job_id, ("FINISHED",), jobmanager)
+    assert main(["load", "--bootstrap", broker, "--warehouse", str(warehouse), "--identity-store", store,
+                 "--until-caught-up"]) == 0
+    ours = tables(warehouse)
+    ann_ids = next(ids for ids in ours["ids"].values() if ("email", ann) in ids)
+    bob_ids = next(ids for ids in ours["ids"].values() if ("email", bob) in ids)
+    assert ann_ids == {("email", ann), ("anonymous_id", "ann-laptop")}
+    assert bob_ids == {("email", bob), ("anonymous_id", "bob-phone")}
+    with open_warehouse(str(warehouse), read_only=True) as wh:
+        separations = wh.query("SELECT left_type, left_value, right_type, right_value FROM identity_separations")
+    assert len(separations) == 1
+    with open_warehouse(str(batch_path)) as wh:
+        wh.add_separations([((r["left_type"], r["left_value"]), (r["right_type"], r["right_value"]))
+                            for r in separations], now, "family computer")
+    assert main(["run", "--input", str(tmp_path / "raw.jsonl"), "--warehouse", str(batch_path), "--as-of",
+                 format_ts(until), "--catalog", str(traffic / "catalog.csv"), "--rates", str(traffic / "rates.csv")]) == 0
+    batch = tables(batch_path)
+    assert_same_as_batch(ours, batch, conflicted_on_purpose=2)
+    for ids in (frozenset(ann_ids), frozenset(bob_ids)):
+        mine, theirs = ours["profiles"][ids], batch["profiles"][ids]
+        different = {k: (mine[k], theirs[k]) for k in theirs if k not in NOT_COMPARED and mine.get(k) != theirs[k]}
+        assert not different, f"profile {sorted(ids)}: {different}"
+        assert ours["open"][ids] - MODEL_SEGMENTS == batch["open"][ids] - MODEL_SEGMENTS, sorted(ids)
+    assert ours["profiles"][frozenset(bob_ids)]["orders_total"] == 3
+    _assert_changes_net_to_memberships(changes_on_topic(broker), ours)
+
+
 def test_an_unreachable_cluster_is_said_in_words(capsys):
     assert main(["flink", "list", "--jobmanager", f"127.0.0.1:{free_port()}"]) == 2
     assert "no Flink JobManager" in capsys.readouterr().err

@@ -527,6 +527,17 @@ def _order(now_us, minutes_ago, message_id, anonymous_id, email, order_id, reven
                                               "category": "outdoor"}]})
 
 
+def family_before_the_computer(now_us, ann, bob):
+    """Ann and Bob, each on a device of their own, with orders: two profiles."""
+    return [
+        _crafted(now_us, 300, "ann-1", "identify", "ann-laptop", traits={"email": ann, "first_name": "Ann"}),
+        _order(now_us, 290, "ann-2", "ann-laptop", ann, "A-1", 120.0),
+        _crafted(now_us, 280, "bob-1", "identify", "bob-phone", traits={"email": bob, "first_name": "Bob"}),
+        _order(now_us, 270, "bob-2", "bob-phone", bob, "B-1", 80.0),
+        _order(now_us, 260, "bob-3", "bob-phone", bob, "B-2", 35.0),
+    ]
+
+
 def _send_events(bootstrap, path, events):
     path.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events))
     send_live(None, bootstrap, [(path, 5000)])
@@ -548,12 +559,7 @@ def test_a_split_on_the_control_topic_reaches_the_running_stream_the_warehouse_a
     send_live(traffic, broker)
     now = int(time.time() * 1_000_000)
     ann, bob = "ann.split@family.org", "bob.split@family.org"
-    _send_events(broker, tmp_path / "before.jsonl", [
-        _crafted(now, 300, "ann-1", "identify", "ann-laptop", traits={"email": ann, "first_name": "Ann"}),
-        _order(now, 290, "ann-2", "ann-laptop", ann, "A-1", 120.0),
-        _crafted(now, 280, "bob-1", "identify", "bob-phone", traits={"email": bob, "first_name": "Bob"}),
-        _order(now, 270, "bob-2", "bob-phone", bob, "B-1", 80.0),
-        _order(now, 260, "bob-3", "bob-phone", bob, "B-2", 35.0),
+    _send_events(broker, tmp_path / "before.jsonl", family_before_the_computer(now, ann, bob) + [
         _crafted(now, 200, "bridge-1", "page", "bob-phone", ann, name="Newsletter"),  # the family computer
         _order(now, 100, "ann-3", "ann-laptop", ann, "A-2", 60.0),
     ])
