@@ -135,8 +135,7 @@ def job_spec(bootstrap: str, warehouse: str, config: Dict[str, Any], identity_st
     """
     from cdpflow.core import governance
     from cdpflow.core.identity import sqlite_path
-    from cdpflow.schemas.topics import CONTROL, DEAD_LETTERS, PROFILE_CHANGES, RAW_EVENTS, SEGMENT_CHANGES, \
-        WAREHOUSE_ROWS
+    from cdpflow.schemas.topics import DEAD_LETTERS, PROFILE_CHANGES, RAW_EVENTS, SEGMENT_CHANGES, WAREHOUSE_ROWS
     from cdpflow.stack.flink import connector_jars, flink_venv
     from cdpflow.warehouse import open_warehouse
     if sqlite_path(identity_store) is not None:
@@ -158,7 +157,7 @@ def job_spec(bootstrap: str, warehouse: str, config: Dict[str, Any], identity_st
     return {
         "name": "cdpflow-stream", "bootstrap": bootstrap, "raw_topic": RAW_EVENTS.name,
         "rows_topic": WAREHOUSE_ROWS.name, "dead_letter_topic": DEAD_LETTERS.name,
-        "profiles_topic": PROFILE_CHANGES.name, "segments_topic": SEGMENT_CHANGES.name, "control_topic": CONTROL.name,
+        "profiles_topic": PROFILE_CHANGES.name, "segments_topic": SEGMENT_CHANGES.name,
         "clv_model": json.loads(json.dumps(model, default=str)) if model else None, "until": until, "bounded": bounded,
         "reference": reference,
         "identity_store": identity_store, "config": config, "parallelism": parallelism,

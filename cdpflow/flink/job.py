@@ -12,7 +12,6 @@ venv); it can also be run by hand:
       -> Enrich        catalog, currency, user agent, campaign                  (cdpflow.core.enrich)
       -> key by bucket -> ResolveIdentity   batched against the shared identity store (Redis)
       -> key by node key -> IdentifierState   an identifier's events, handed over on merges
-         (and on splits: KafkaSource(cdp.control) -> ApplyControl, whose moves join here)
       -> key by profile -> ProfileFeatures    rows on event-time timers    (cdpflow.core.stream_state)
       -> key by bucket -> PredictCustomerValue   the CLV model, scored in batches (cdpflow.models.clv)
       -> key by profile -> AssignSegments   enters and exits               (cdpflow.core.segments)
@@ -46,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import zlib
 from typing import Any, Dict
@@ -68,7 +66,6 @@ from cdpflow.schemas.records import DeadLetter
 
 BUCKETS = 16  # keys of the batching stages: batches form per key, spread over the subtasks
 DEAD_LETTER_TAG_NAME, TRANSITIONS_TAG_NAME = "dead-letters", "transitions"
-END_OF_TIME_MS = 2 ** 63 - 1  # Flink's watermark at the end of input or of a drain
 TRANSACTION_TIMEOUT_MS = 10 * 60 * 1000  # no longer than the broker's transaction.max.timeout.ms (15 min)
 
 
@@ -248,16 +245,14 @@ def build(env, spec: Dict[str, Any]):
             self.pending.add(element)
             count = (self.count.value() or 0) + 1
             self.count.update(count)
-            timers = ctx.timer_service()
             if count == 1:
                 # after wait_ms, or once the watermark passes the element (which is also what
                 # flushes it when a bounded input ends: Flink drops processing-time timers then
                 # and fires every event-time timer)
+                timers = ctx.timer_service()
                 timers.register_processing_time_timer(timers.current_processing_time() + self.wait_ms)
                 timers.register_event_time_timer(max(ctx.timestamp() or 0, 0))
-            # At the end of input (or a drain) the watermark is already at its end: no timer fires
-            # after that, so what comes then (the rows of the last timers) is handled at once.
-            if count >= self.batch_size or timers.current_watermark() >= END_OF_TIME_MS:
+            if count >= self.batch_size:
                 yield from self._flush()
 
         def on_timer(self, timestamp, ctx):
@@ -317,37 +312,6 @@ def build(env, spec: Dict[str, Any]):
             repeated += [(key, profile_id, epoch) for key, profile_id in sorted(moves.items())]
             for key, profile_id, at_epoch in repeated:
                 yield "move", key, (profile_id, at_epoch), latest
-
-    class ApplyControl(ProcessFunction):
-        """`cdp.control`: a split re-derives the profile in the identity store and its moves go to
-        the features like a merge's (`cdpflow.core.control.apply_for_stream`, as on Beam); a forget
-        is the loader's (the store's held hashes reach the identity stage at its next batch)."""
-
-        def open(self, runtime_context):
-            from cdpflow.core.identity import open_identity_store
-            self.store = open_identity_store(spec["identity_store"], _rules(spec))
-            self.counts = _Counts(runtime_context, "received", "splits", "left_to_the_loader", "refused", "moves")
-
-        def close(self):
-            self.store.close()
-
-        def process_element(self, value, ctx):
-            from cdpflow.core.control import LEFT, REFUSED, apply_for_stream
-            self.counts.inc("received")
-            at_us = (ctx.timestamp() or 0) * 1000
-            applied = apply_for_stream(self.store, value.encode("utf-8"), region, at_us)
-            if applied.outcome == REFUSED:
-                self.counts.inc("refused")
-                # in the TaskManager's log, beside the count in the dashboard
-                logging.getLogger("cdpflow.flink").error("cdp.control record refused by the Flink job: %s: %r",
-                                                         applied.error, value[:200])
-            elif applied.outcome == LEFT:
-                self.counts.inc("left_to_the_loader")
-            else:
-                self.counts.inc("splits")
-            for key, move in applied.moves:
-                self.counts.inc("moves")
-                yield "move", key, move, at_us
 
     class IdentifierState(KeyedProcessFunction):
         """Keyed by node key: `cdpflow.core.stream_state.IdentifierMachine` over Flink state."""
@@ -509,13 +473,7 @@ def build(env, spec: Dict[str, Any]):
     resolved = (enriched.key_by(lambda e: zlib.crc32(e.message_id.encode()) % BUCKETS, key_type=Types.INT())
                 .process(ResolveIdentity(spec["identity_store"]), output_type=PICKLED)
                 .uid("resolve-identity").name("ResolveIdentity"))
-    # Commands from the start of the topic on every fresh start (each applies once, by its id in
-    # the identity store); an idle control topic does not hold the job's watermark back.
-    commands = env.from_source(kafka_source(spec["control_topic"]),
-                               WatermarkStrategy.for_monotonous_timestamps().with_idleness(
-                                   Duration.of_seconds(spec.get("idle_s", 10))), "ReadControl").uid("read-control")
-    split_moves = commands.process(ApplyControl(), output_type=PICKLED).uid("apply-control").name("ApplyControl")
-    to_profiles = (resolved.union(split_moves).key_by(lambda m: m[1], key_type=Types.STRING())
+    to_profiles = (resolved.key_by(lambda m: m[1], key_type=Types.STRING())
                    .process(IdentifierState(), output_type=PICKLED).uid("identifier-state").name("IdentifierState"))
     features = (to_profiles.key_by(lambda m: m[0], key_type=Types.STRING())
                 .process(ProfileFeatures(), output_type=PICKLED).uid("profile-features").name("ProfileFeatures"))

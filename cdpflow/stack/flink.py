@@ -120,6 +120,12 @@ class _Process:
                     time.sleep(0.1)
         except ProcessLookupError:
             pass
+        # Started in a session of its own, the JVM leads a process group with the Python workers
+        # it forked: they go with it (a killed TaskManager's workers would live on as orphans).
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         self.pidfile.unlink(missing_ok=True)
         return True
 
