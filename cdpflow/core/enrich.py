@@ -11,7 +11,7 @@ import csv
 import functools
 from datetime import date
 from decimal import Decimal
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from ua_parser import parse as parse_ua
 
@@ -25,13 +25,18 @@ def load_catalog(path: Optional[str]) -> Dict[str, CatalogEntry]:
     """Reads catalog.csv into {product_id: {category, brand, name}}; no path gives an empty catalog."""
     if not path:
         return {}
-    catalog = {}
     with open(path, newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            entry = {k: row.get(k) or None for k in ("category", "brand", "name")}
-            for key in (row.get("product_id"), row.get("sku")):
-                if key:
-                    catalog[key] = entry
+        return read_catalog(handle)
+
+
+def read_catalog(lines: Iterable[str]) -> Dict[str, CatalogEntry]:
+    """A catalog from the lines of a catalog.csv (a file, or its text split into lines)."""
+    catalog = {}
+    for row in csv.DictReader(lines):
+        entry = {k: row.get(k) or None for k in ("category", "brand", "name")}
+        for key in (row.get("product_id"), row.get("sku")):
+            if key:
+                catalog[key] = entry
     return catalog
 
 
@@ -45,16 +50,22 @@ class Rates:
 
     @classmethod
     def load(cls, path: Optional[str], reporting_currency: str = "USD") -> "Rates":
+        if not path:
+            return cls.read((), reporting_currency)
+        with open(path, newline="", encoding="utf-8") as handle:
+            return cls.read(handle, reporting_currency, path)
+
+    @classmethod
+    def read(cls, lines: Iterable[str], reporting_currency: str = "USD", source: str = "rates.csv") -> "Rates":
+        """Rates from the lines of a rates.csv (a file, or its text split into lines)."""
         table: Dict[str, List[Tuple[int, Decimal]]] = {}
-        if path:
-            with open(path, newline="", encoding="utf-8") as handle:
-                for line, row in enumerate(csv.DictReader(handle), start=2):
-                    try:
-                        day = (date.fromisoformat(row["date"]) - date(1970, 1, 1)).days
-                        table.setdefault(row["currency"].upper(), []).append((day, Decimal(row["rate"])))
-                    except (KeyError, AttributeError, ValueError, ArithmeticError) as err:
-                        raise BadInput(f"{path}:{line}: expected date,currency,rate with an ISO date and a "
-                                         f"decimal rate ({type(err).__name__}: {err})") from None
+        for line, row in enumerate(csv.DictReader(lines), start=2):
+            try:
+                day = (date.fromisoformat(row["date"]) - date(1970, 1, 1)).days
+                table.setdefault(row["currency"].upper(), []).append((day, Decimal(row["rate"])))
+            except (KeyError, AttributeError, ValueError, ArithmeticError) as err:
+                raise BadInput(f"{source}:{line}: expected date,currency,rate with an ISO date and a "
+                               f"decimal rate ({type(err).__name__}: {err})") from None
         for rows in table.values():
             rows.sort()
         return cls(reporting_currency.upper(), table)

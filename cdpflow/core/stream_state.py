@@ -113,6 +113,12 @@ def decode_state(data: bytes) -> Any:
     return _from_json(document["state"])
 
 
+def timer_ms(micros: int) -> int:
+    """The millisecond an engine's timer is set to for a moment in µs: rounded up, so a timer never
+    fires before its moment (firing early would find nothing changed and set the same timer again)."""
+    return -(-micros // 1000)
+
+
 # ------------------------------------------------------------------------- identifier stage
 class IdentifierMachine:
     """One identifier's state: its events folded, and which profile owns it.

@@ -44,8 +44,10 @@ preloads the warehouse's history; here state comes from checkpoints and savepoin
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import time
 import zlib
 from typing import Any, Dict
 
@@ -54,24 +56,20 @@ import orjson
 # Imported once per process (the functions below run per record on the workers): the core only,
 # never Beam or PyFlink, which `build` imports for the client.
 from cdpflow.core.dedup import DUPLICATE, FIRST, classify_copy, repeat_too_late
+from cdpflow.core.enrich import Rates, enrich_event, read_catalog
 from cdpflow.core.governance import identifiers_of_raw
 from cdpflow.core.identity import OK, SUPPRESSED
 from cdpflow.core.ingest import normalize, parse_line, time_refusal
 from cdpflow.core.normalize import event_time
 from cdpflow.core.rows import (dead_letter_record, dead_letter_row, event_record, profile_record, segment_record,
                                transition_record)
-from cdpflow.core.stream_state import IdentifierMachine, ProfileMachine, decode_state, encode_state
+from cdpflow.core.stream_state import IdentifierMachine, ProfileMachine, decode_state, encode_state, timer_ms
 from cdpflow.models.clv import score_rows
 from cdpflow.schemas.records import DeadLetter
 
 BUCKETS = 16  # keys of the batching stages: batches form per key, spread over the subtasks
 DEAD_LETTER_TAG_NAME, TRANSITIONS_TAG_NAME = "dead-letters", "transitions"
 TRANSACTION_TIMEOUT_MS = 10 * 60 * 1000  # no longer than the broker's transaction.max.timeout.ms (15 min)
-
-
-def _timer_ms(micros: int) -> int:
-    # Timers are in milliseconds: rounded up, so a timer never fires before its moment (as on Beam).
-    return -(-micros // 1000)
 
 
 def _decoded(state):
@@ -99,13 +97,6 @@ class _Counts:
 
     def set(self, name: str, value: int) -> None:
         self.values[name] = value
-
-
-def _kafka_row(record):
-    """A (topic, key, value, headers) record as the Row the Kafka table sink takes."""
-    from pyflink.common import Row
-    topic, key, value, headers = record
-    return Row(topic, key, value, dict(headers) if headers else None)
 
 
 def _rules(spec: Dict[str, Any]):
@@ -203,24 +194,12 @@ def build(env, spec: Dict[str, Any]):
         """
 
         def open(self, runtime_context):
-            import tempfile
-
-            from cdpflow.core.enrich import Rates, load_catalog
             reference = spec.get("reference") or {}
-            with tempfile.TemporaryDirectory() as folder:
-                def written(name):
-                    if reference.get(name) is None:
-                        return None
-                    path = os.path.join(folder, f"{name}.csv")
-                    with open(path, "w", encoding="utf-8") as handle:
-                        handle.write(reference[name])
-                    return path
-                self.catalog = load_catalog(written("catalog"))
-                self.rates = Rates.load(written("rates"), config["reporting_currency"])
+            self.catalog = read_catalog(io.StringIO(reference.get("catalog") or ""))
+            self.rates = Rates.read(io.StringIO(reference.get("rates") or ""), config["reporting_currency"])
             self.counts = _Counts(runtime_context, "revenue_without_rate", "products_not_in_catalog")
 
         def process_element(self, event, ctx):
-            from cdpflow.core.enrich import enrich_event
             enriched, unknown, no_rate = enrich_event(event, self.catalog, self.rates)
             self.counts.inc("products_not_in_catalog", unknown)
             self.counts.inc("revenue_without_rate", int(no_rate))
@@ -374,17 +353,12 @@ def build(env, spec: Dict[str, Any]):
                 return
             self.counts.inc("updates")
             self.members.update(encode_state(held))
-            at = _timer_ms(when)
+            at = timer_ms(when)
             timers = ctx.timer_service()
             if at <= timers.current_watermark():
                 yield from self._fire(profile_id, at, timers)
-                return
-            due = self.pending.value()
-            if due is None or at < due:
-                if due is not None:
-                    timers.delete_event_time_timer(due)
-                timers.register_event_time_timer(at)
-                self.pending.update(at)
+            else:
+                self._schedule(at, timers)
 
         def on_timer(self, timestamp, ctx):
             if timestamp != self.pending.value():
@@ -392,8 +366,16 @@ def build(env, spec: Dict[str, Any]):
             self.pending.clear()
             yield from self._fire(ctx.get_current_key(), timestamp, ctx.timer_service())
 
+        def _schedule(self, at, timers):
+            """The one timer of the profile at `at` (ms), unless it is set sooner already."""
+            due = self.pending.value()
+            if due is None or at < due:
+                if due is not None:
+                    timers.delete_event_time_timer(due)
+                timers.register_event_time_timer(at)
+                self.pending.update(at)
+
         def _fire(self, profile_id, at_ms, timers):
-            import time
             count = self.store.identifier_count(profile_id)
             row, transitions, now_emitted, following = self.machine.on_timer(
                 profile_id, at_ms * 1000, _decoded(self.members), _decoded(self.emitted),
@@ -409,13 +391,7 @@ def build(env, spec: Dict[str, Any]):
                     self.counts.inc("retracted_transitions")
                 yield transitions_tag, transition
             if following is not None:
-                due = self.pending.value()
-                at = _timer_ms(following)
-                if due is None or at < due:
-                    if due is not None:
-                        timers.delete_event_time_timer(due)
-                    timers.register_event_time_timer(at)
-                    self.pending.update(at)
+                self._schedule(timer_ms(following), timers)
 
     class ScoreRows(Batching):
         """Profile rows scored with the CLV model in batches."""
@@ -485,15 +461,22 @@ def build(env, spec: Dict[str, Any]):
     dead = checked.get_side_output(dead_tag).union(unique.get_side_output(dead_tag),
                                                    resolved.get_side_output(dead_tag))
 
+    from pyflink.common import Row
+
+    def kafka_row(record):
+        """A (topic, key, value, headers) record as the Row the Kafka table sink takes."""
+        topic, key, value, headers = record
+        return Row(topic, key, value, dict(headers) if headers else None)
+
     record = Types.ROW_NAMED(["topic", "k", "v", "headers"],
                              [Types.STRING(), BYTES, BYTES, Types.MAP(Types.STRING(), BYTES)])
-    records = (resolved.filter(lambda m: m[0] == "event").map(lambda m: _kafka_row(event_record(m[2])),
+    records = (resolved.filter(lambda m: m[0] == "event").map(lambda m: kafka_row(event_record(m[2])),
                                                                  output_type=record).name("EventRecords")
-               .union(profiles.map(lambda r: _kafka_row(profile_record(r)), output_type=record).name("ProfileRecords"),
-                      changes.map(lambda c: _kafka_row(segment_record(c)), output_type=record).name("SegmentRecords"),
-                      features.get_side_output(transitions_tag).map(lambda t: _kafka_row(transition_record(t)),
+               .union(profiles.map(lambda r: kafka_row(profile_record(r)), output_type=record).name("ProfileRecords"),
+                      changes.map(lambda c: kafka_row(segment_record(c)), output_type=record).name("SegmentRecords"),
+                      features.get_side_output(transitions_tag).map(lambda t: kafka_row(transition_record(t)),
                                                                     output_type=record).name("TransitionRecords"),
-                      dead.map(lambda d: _kafka_row(dead_letter_record(d)), output_type=record)
+                      dead.map(lambda d: kafka_row(dead_letter_record(d)), output_type=record)
                       .name("DeadLetterRecords")))
     write_to_kafka(env, records, bootstrap, f"{spec.get('transactional_prefix', 'cdpflow')}-out",
                    [spec["rows_topic"], spec["dead_letter_topic"], spec["profiles_topic"], spec["segments_topic"]])

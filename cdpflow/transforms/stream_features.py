@@ -47,7 +47,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from cdpflow.core.features import FeatureSettings
 from cdpflow.core.identity import open_identity_store
-from cdpflow.core.stream_state import IdentifierMachine, ProfileMachine, decode_state, encode_state
+from cdpflow.core.stream_state import IdentifierMachine, ProfileMachine, decode_state, encode_state, timer_ms
 from cdpflow.transforms.clv import _ScoreFn
 from cdpflow.transforms.features import PROFILES, TRANSITIONS, _settings
 
@@ -70,9 +70,8 @@ def _micros(ts: Timestamp) -> int:
 
 
 def _timer_time(micros: int) -> Timestamp:
-    # Runners keep timers in milliseconds: round up, so a timer never fires before its moment
-    # (firing early would find nothing changed and set the same timer again).
-    return Timestamp(micros=-(-micros // 1000) * 1000)
+    # Runners keep timers in milliseconds.
+    return Timestamp(micros=timer_ms(micros) * 1000)
 
 
 class _IdentifierStateFn(beam.DoFn):
