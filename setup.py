@@ -38,7 +38,7 @@ EXTRAS_REQUIRE = {
     "serve": [],  # in the base install now (the collector); the extra stays so `.[serve]` still resolves
     "ml": ["scikit-learn>=1.4", "joblib>=1.3"],
     # pandas: the features test oracle; segment-analytics-python: a real SDK for the collector tests
-    "dev": ["pytest>=8", "hypothesis>=6.100", "pandas>=2.2", "segment-analytics-python>=2.3", "requests>=2.31"],
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "pandas>=2.2", "segment-analytics-python>=2.3", "requests>=2.31"],
 }
 
 # The JSON Schemas sit in data-only folders, one per event kind (cdpflow/schemas/events/<kind>/),

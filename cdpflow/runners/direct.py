@@ -20,6 +20,7 @@ from typing import List, Sequence, Tuple
 from cdpflow.errors import BadInput
 
 LOCAL_RUNNERS = ("direct", "multiprocess", "prism")
+PRISM_JOB_SERVICE_TIMEOUT_S = 10 * 365 * 86_400  # ten years: gRPC takes it, a stream outlives 300 s
 
 
 def prism_binary() -> str:
@@ -51,6 +52,12 @@ def runner_for(name: str, pipeline_args: List[str]) -> Tuple[object, List[str]]:
         # A stream lost part of a profile's events that way (docs/versions.md). Runner-initiated
         # splits are off; sources still checkpoint themselves (`defer_remainder`).
         args.append("--experiments=prism_disable_sdf_split")
+        # Beam opens the job's state and message streams with `--job_server_timeout` (300 s by
+        # default) as their gRPC deadline: a job running longer (a stream, a big batch run) ends
+        # with DEADLINE_EXCEEDED while Prism still runs it. The job service is our own child
+        # process, so its calls get no practical deadline unless the user sets one.
+        if not any(a.startswith(("--job_server_timeout", "--job-server-timeout")) for a in args):
+            args.append(f"--job_server_timeout={PRISM_JOB_SERVICE_TIMEOUT_S}")
         return PrismRunner(), args
     return name, submission_args(name, args)
 
