@@ -140,12 +140,24 @@ def _parser() -> argparse.ArgumentParser:
     snd.add_argument("--batch-size", type=int, default=100, help="events per request (default 100)")
     snd.add_argument("--live", action="store_true", help="move each event's times to the moment it is sent")
 
-    serve = sub.add_parser("serve", help="run a service: the tracking-API collector")
-    serve.add_argument("service", choices=("collector",))
+    serve = sub.add_parser("serve", help="run a service: the tracking-API collector, the activation sidecar")
+    serve.add_argument("service", choices=("collector", "sidecar"))
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8088, help="port (default 8088)")
     serve.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka brokers HOST:PORT (default 127.0.0.1:9092)")
-    serve.add_argument("--config", help="YAML configuration merged over the defaults (its collector section)")
+    serve.add_argument("--config", help="YAML configuration merged over the defaults (collector, activation sections)")
+    _activation_arguments(serve)
+    serve.add_argument("--destination", action="append", default=[], metavar="NAME",
+                       help="sidecar: deliver to this configured destination only (repeatable; default all)")
+    serve.add_argument("--until-idle", type=float, metavar="SECONDS",
+                       help="sidecar: stop once nothing new has come for this long (a catch-up run; default: run until stopped)")
+
+    dest = sub.add_parser("destinations", help="the activation destinations: list them, replay their dead letters")
+    dest.add_argument("action", choices=("list", "replay"))
+    dest.add_argument("name", nargs="?", help="replay: the destination whose dead letters to resend")
+    dest.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka brokers HOST:PORT (default 127.0.0.1:9092)")
+    dest.add_argument("--config", help="YAML configuration merged over the defaults (its activation section)")
+    _activation_arguments(dest)
 
     flink = sub.add_parser("flink", help="the stream as a native PyFlink job: submit, list, cancel, savepoint")
     flink_sub = flink.add_subparsers(dest="flink_command", required=True)
@@ -619,11 +631,60 @@ def cmd_send(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    import uvicorn
-    from cdpflow.collector.app import create_app
+def _activation_arguments(parser) -> None:
+    parser.add_argument("--profile-store", default="redis://127.0.0.1:6379/0",
+                        help="sidecar: the Redis profile store (redis://HOST:PORT/DB[?prefix=P]; default the stack's)")
+    parser.add_argument("--identity-store", help="sidecar: the identity store whose forgets it honours while it runs")
+    parser.add_argument("--warehouse", help="sidecar: the warehouse whose governance (forgotten identifiers) it starts from")
+
+
+def cmd_destinations(args) -> int:
+    from cdpflow.activation.destinations import destinations_from_config
     from cdpflow.config import load_config
     config = load_config(args.config)
+    if args.action == "list":
+        table = Table(title="destinations")
+        for column in ("name", "type", "segments", "fields"):
+            table.add_column(column)
+        for name, destination in destinations_from_config(config).items():
+            policy = destination.policy
+            fields = ", ".join([*sorted(policy.identifiers - policy.hashed), *(f"{h} (hashed)" for h in sorted(policy.hashed)),
+                                *(f"traits.{t}" for t in sorted(policy.traits))]) or "profile id only"
+            table.add_row(name, type(destination).__name__, ", ".join(sorted(destination.segments or ())) or "all", fields)
+        console.print(table)
+        return 0
+    if not args.name:
+        from cdpflow.errors import BadInput
+        raise BadInput("destinations replay: name the destination whose dead letters to resend")
+    from cdpflow.activation.service import replay
+    counts = replay(config, args.name, args.bootstrap, args.profile_store, args.identity_store, args.warehouse)
+    console.print(_counts_table(f"replayed dead letters of {args.name}", counts))
+    return 0
+
+
+def _counts_table(title, counts):
+    table = Table(title=title)
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for key, value in counts.items():
+        table.add_row(key.replace("_", " "), str(value))
+    return table
+
+
+def cmd_serve(args) -> int:
+    from cdpflow.config import load_config
+    config = load_config(args.config)
+    if args.service == "sidecar":
+        from cdpflow.activation.service import serve_sidecar
+        results = serve_sidecar(config, args.bootstrap, args.profile_store, args.identity_store, args.warehouse,
+                                args.destination, args.until_idle,
+                                on_start=lambda d: err_console.print(
+                                    f"sidecar: {', '.join(d)} <- Kafka {args.bootstrap} (Ctrl-C stops it)"))
+        for name, counts in results.items():
+            console.print(_counts_table(f"sidecar: {name}", counts))
+        return 0
+    import uvicorn
+    from cdpflow.collector.app import create_app
     collector = collector_from_config(config, args.bootstrap)
     app = create_app(collector, (config.get("collector") or {}).get("cors_origins") or ())
     err_console.print(f"collector on http://{args.host}:{args.port} -> Kafka {args.bootstrap}")
@@ -682,7 +743,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     handlers = {"generate": cmd_generate, "run": cmd_run, "replay": cmd_replay, "export": cmd_export,
                 "profile": cmd_profile, "identity": cmd_identity, "forget": cmd_forget, "publish": cmd_publish,
                 "stack": cmd_stack, "serve": cmd_serve, "import": cmd_import, "send": cmd_send,
-                "stream": cmd_stream, "load": cmd_load, "flink": cmd_flink}
+                "stream": cmd_stream, "load": cmd_load, "flink": cmd_flink,
+                "destinations": cmd_destinations}
     from cdpflow.core.governance import GovernanceError
     from cdpflow.errors import BadInput
     from cdpflow.stack import StackError

@@ -78,9 +78,18 @@ WAREHOUSE_ROWS = Topic(
     retention="7 days (the loader commits what it read to the warehouse with the offsets)",
     configs=_deleted_after(days=7),
 )
+DESTINATION_DEAD_LETTERS = Topic(
+    "cdp.destinations.deadletter",
+    key="the profile id: one profile's failed deliveries keep their order (`cdpflow destinations replay` resends them)",
+    value="`{\"destination\", \"change\", \"error\", \"attempts\", \"dead_lettered_at\", \"source\"}`: a segment change "
+          "a destination refused or never answered, or one held behind such a change of the same profile",
+    retention="30 days, time to fix the receiver and replay",
+    configs=_deleted_after(days=30),
+)
 
 # In the order `cdpflow stack up` creates them.
-TOPICS: Tuple[Topic, ...] = (RAW_EVENTS, DEAD_LETTERS, SEGMENT_CHANGES, PROFILE_CHANGES, CONTROL, WAREHOUSE_ROWS)
+TOPICS: Tuple[Topic, ...] = (RAW_EVENTS, DEAD_LETTERS, SEGMENT_CHANGES, PROFILE_CHANGES, CONTROL, WAREHOUSE_ROWS,
+                             DESTINATION_DEAD_LETTERS)
 BY_NAME: Dict[str, Topic] = {topic.name: topic for topic in TOPICS}
 
 

@@ -813,6 +813,12 @@ class IdentityStore(abc.ABC):
         hit = [key_identifier(k) for k, _ in self._all_nodes() if rules.is_suppressed([key_identifier(k)])]
         return self.forget(hit) if hit else 0
 
+    def governed_rules(self) -> IdentityRules:
+        """The store's rules with the separations and forgotten hashes it holds now (for readers
+        outside a batch, such as the sidecar, that must honour a forget made while they run)."""
+        held = (frozenset(self._governance_items(SEPARATION)), frozenset(self._governance_items(SUPPRESSION)))
+        return _with_held(self._given_rules, held)
+
     def warehouse_version(self) -> Optional[int]:
         """The warehouse version this store was last made to agree with (None: never stamped)."""
         return self._meta("warehouse_version")
