@@ -15,6 +15,7 @@ fails the tests that need it rather than skipping them.
 from __future__ import annotations
 
 import shutil
+import time
 
 import pytest
 
@@ -60,8 +61,7 @@ def kafka_bootstrap(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def flink_cluster(tmp_path_factory):
-    """A Flink session cluster (a JobManager, two TaskManagers) on free ports, for the session."""
+def _flink_session(tmp_path_factory):
     from cdpflow.stack.flink import Flink, distribution
     distribution()  # a missing `make flink` fails here, with what to run
     flink = Flink(tmp_path_factory.mktemp("stack"), port=free_port(), rpc_port=free_port())
@@ -70,3 +70,27 @@ def flink_cluster(tmp_path_factory):
         yield flink
     finally:
         flink.down()
+
+
+@pytest.fixture
+def flink_cluster(_flink_session):
+    """A Flink session cluster (a JobManager, two TaskManagers) on free ports, shared by the session.
+
+    Each test gets it with no job running and both TaskManagers up, and leaves it so: a test that
+    fails half-way would otherwise leave its job holding both slots (the next tests' jobs would
+    then fail for want of slots, and their failures hide the first one).
+    """
+    from cdpflow import flink as client
+    flink = _flink_session
+    yield flink
+    for job in client.list_jobs(flink.address):
+        if job["state"] not in ("FINISHED", "CANCELED", "FAILED"):
+            client.cancel(job["jid"], flink.address)
+            client.wait_for(job["jid"], ("CANCELED", "FAILED", "FINISHED"), flink.address)
+    for index, taskmanager in enumerate(flink.taskmanagers, start=1):
+        if taskmanager.pid() is None:
+            flink.start_taskmanager(index)
+    deadline = time.monotonic() + 60
+    while not flink.healthy():
+        assert time.monotonic() < deadline, "the Flink cluster did not get its two TaskManagers back"
+        time.sleep(0.5)

@@ -13,7 +13,7 @@ venv); it can also be run by hand:
       -> key by bucket -> ResolveIdentity   batched against the shared identity store (Redis)
       -> key by node key -> IdentifierState   an identifier's events, handed over on merges
       -> key by profile -> ProfileFeatures    rows on event-time timers    (cdpflow.core.stream_state)
-      -> key by bucket -> PredictCustomerValue   the CLV model, scored in batches (cdpflow.models.clv)
+      -> PredictCustomerValue   the CLV model, each row as it comes            (cdpflow.models.clv)
       -> key by profile -> AssignSegments   enters and exits               (cdpflow.core.segments)
       -> one exactly-once Kafka sink: cdp.warehouse.rows (events with their profile, lifecycle
          transitions), cdp.profiles.changes (keyed by profile; a tombstone for a profile that is
@@ -25,9 +25,13 @@ functions and write the same records), so both engines accept, refuse, attribute
 segment alike. The warehouse is written by `cdpflow load` only, never by the job's workers.
 
 State and restarts: dedup state is keyed by messageId with a TTL of the dedup horizon plus the
-allowed lateness; the batching stages buffer in keyed list state until a batch is full or a
-processing-time timer fires, so a batch restored from a checkpoint is resolved again, and the
-identity store gives back the decisions (and the moves) its first attempt recorded by messageId.
+allowed lateness; the identity stage buffers in keyed list state until a batch is full, a
+processing-time timer fires or the watermark passes it (or, should its timers be lost with a
+restore, until the next element finds the batch overdue), so a batch restored from a checkpoint
+is resolved again, and the identity store gives back the decisions (and the moves) its first
+attempt recorded by messageId. Profile rows are scored one by one as they come: nothing after
+the features stage waits in a buffer (a drain drops processing-time timers, and rows the
+features stage has recorded as sent would never be sent again).
 Feature and membership state is the core's versioned encoding (`encode_state`), not pickle.
 Operator uids are fixed (savepoints find state by them). The state backend is RocksDB: state
 lives on local disk, so it is not bounded by the TaskManager's heap and checkpoints are
@@ -217,6 +221,7 @@ def build(env, spec: Dict[str, Any]):
             self.pending = runtime_context.get_list_state(ListStateDescriptor(self.state_name,
                                                                               Types.PICKLED_BYTE_ARRAY()))
             self.count = runtime_context.get_state(ValueStateDescriptor(f"{self.state_name}_count", Types.INT()))
+            self.since = runtime_context.get_state(ValueStateDescriptor(f"{self.state_name}_since", Types.LONG()))
             self.counts = _Counts(runtime_context, "received", *counted, "batches", "last_batch_size")
 
         def process_element(self, element, ctx):
@@ -224,7 +229,14 @@ def build(env, spec: Dict[str, Any]):
             self.pending.add(element)
             count = (self.count.value() or 0) + 1
             self.count.update(count)
+            now = ctx.timer_service().current_processing_time()
+            if count > 1 and now - (self.since.value() or now) > 2 * self.wait_ms:
+                # The batch should have been handled by its timer already (a timer can be lost
+                # with a restore or a drain): handled now, with this element, rather than never.
+                yield from self._flush()
+                return
             if count == 1:
+                self.since.update(now)
                 # after wait_ms, or once the watermark passes the element (which is also what
                 # flushes it when a bounded input ends: Flink drops processing-time timers then
                 # and fires every event-time timer)
@@ -241,6 +253,7 @@ def build(env, spec: Dict[str, Any]):
             items = list(self.pending.get() or [])
             self.pending.clear()
             self.count.clear()
+            self.since.clear()
             if items:
                 self.counts.inc("batches")
                 self.counts.set("last_batch_size", len(items))
@@ -331,6 +344,12 @@ def build(env, spec: Dict[str, Any]):
         One event-time timer at a time (a sooner one replaces it), as on Beam. A message behind
         the watermark is applied at once (Flink fires a timer set behind the watermark only when
         the watermark next moves, and an idle stream's does not).
+
+        The timer the state says is due (`pending`) is a floor, not an identity: PyFlink can lose
+        the timer operations a worker sent just before a stop-with-savepoint while the state it
+        wrote with them is kept (seen: the replaced timer fired after the resume, the new one
+        never did). So any timer at or after the due time fires the profile, and a message that
+        finds the due time already behind the watermark fires it first.
         """
 
         def open(self, runtime_context):
@@ -340,7 +359,8 @@ def build(env, spec: Dict[str, Any]):
             self.members = runtime_context.get_state(ValueStateDescriptor("members", BYTES))
             self.emitted = runtime_context.get_state(ValueStateDescriptor("emitted", BYTES))
             self.pending = runtime_context.get_state(ValueStateDescriptor("pending", Types.LONG()))
-            self.counts = _Counts(runtime_context, "updates", "rows", "stale_messages", "retracted_transitions")
+            self.counts = _Counts(runtime_context, "updates", "rows", "stale_messages", "retracted_transitions",
+                                  "overdue_timers")
 
         def close(self):
             self.store.close()
@@ -352,17 +372,24 @@ def build(env, spec: Dict[str, Any]):
                 self.counts.inc("stale_messages")
                 return
             self.counts.inc("updates")
+            timers = ctx.timer_service()
+            due, watermark = self.pending.value(), timers.current_watermark()
+            if due is not None and watermark is not None and due <= watermark:
+                # its timer should have fired before this message: lost (see the class docstring)
+                self.counts.inc("overdue_timers")
+                self.pending.clear()
+                yield from self._fire(profile_id, due, timers)
             self.members.update(encode_state(held))
             at = timer_ms(when)
-            timers = ctx.timer_service()
-            if at <= timers.current_watermark():
+            if watermark is not None and at <= watermark:
                 yield from self._fire(profile_id, at, timers)
             else:
                 self._schedule(at, timers)
 
         def on_timer(self, timestamp, ctx):
-            if timestamp != self.pending.value():
-                return  # a replaced timer restored from an older checkpoint
+            due = self.pending.value()
+            if due is None or timestamp < due:
+                return  # a replaced timer, or one left from before a later one was set
             self.pending.clear()
             yield from self._fire(ctx.get_current_key(), timestamp, ctx.timer_service())
 
@@ -393,22 +420,28 @@ def build(env, spec: Dict[str, Any]):
             if following is not None:
                 self._schedule(timer_ms(following), timers)
 
-    class ScoreRows(Batching):
-        """Profile rows scored with the CLV model in batches."""
+    class ScoreRows(ProcessFunction):
+        """Each profile row scored with the CLV model as it comes (`cdpflow.models.clv.score_rows`).
+
+        Not buffered: a buffer of rows waiting for a timer lost its rows when the job was drained
+        (stop-with-savepoint --drain drops processing-time timers) or after a restore, and the
+        features stage has already recorded them as emitted, so nothing would send them again.
+        """
 
         def __init__(self, model):
-            super().__init__("rows")
             self.model = model
 
         def open(self, runtime_context):
-            self.open_buffer(runtime_context, "scored")
+            self.counts = _Counts(runtime_context, "rows", "scored")
 
-        def handle(self, rows):
-            out, scored = score_rows(self.model, [r for r in rows if not r.get("deleted")])
+        def process_element(self, row, ctx):
+            self.counts.inc("rows")
+            if row.get("deleted"):
+                yield row
+                return
+            (out,), scored = score_rows(self.model, [row])
             self.counts.inc("scored", scored)
-            scored_rows = iter(out)
-            for row in rows:  # in the order they came: one profile's rows keep theirs
-                yield row if row.get("deleted") else next(scored_rows)
+            yield out
 
     class Memberships(KeyedProcessFunction):
         """Keyed by profile: `cdpflow.core.segments.MembershipMachine` over Flink state."""
@@ -453,9 +486,8 @@ def build(env, spec: Dict[str, Any]):
                    .process(IdentifierState(), output_type=PICKLED).uid("identifier-state").name("IdentifierState"))
     features = (to_profiles.key_by(lambda m: m[0], key_type=Types.STRING())
                 .process(ProfileFeatures(), output_type=PICKLED).uid("profile-features").name("ProfileFeatures"))
-    profiles = (features.key_by(lambda r: zlib.crc32(r["profile_id"].encode()) % BUCKETS, key_type=Types.INT())
-                .process(ScoreRows(spec.get("clv_model") or {"status": "no model", "model_id": None}),
-                         output_type=PICKLED).uid("score-clv").name("PredictCustomerValue"))
+    profiles = (features.process(ScoreRows(spec.get("clv_model") or {"status": "no model", "model_id": None}),
+                                 output_type=PICKLED).uid("score-clv").name("PredictCustomerValue"))
     changes = (profiles.key_by(lambda r: r["profile_id"], key_type=Types.STRING())
                .process(Memberships(), output_type=PICKLED).uid("segments").name("AssignSegments"))
     dead = checked.get_side_output(dead_tag).union(unique.get_side_output(dead_tag),

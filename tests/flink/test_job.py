@@ -95,18 +95,27 @@ def _wait_decided(store_uri, message_ids, timeout=180):
         store.close()
 
 
-def _merge_events(path, now_us, tag):
-    """Two visitors browse anonymously, then sign in to one account: the sign-in resolved second merges."""
-    lines = []
+def _merge_events(folder, now_us, tag):
+    """Two visitors browse anonymously, then sign in to one account: the sign-in resolved second merges.
+
+    Two files: the visits, then the sign-ins, to be sent once the visits are decided. Sent
+    together, a sign-in (keyed by the user id, so on another partition and in another of the
+    identity stage's buckets) could be resolved before its visitor's pages: its anonymous id then
+    joins the account's profile, and no merge is made (the profiles are the same either way).
+    """
+    visits, signins = [], []
     for i, anonymous in enumerate((f"{tag}-a", f"{tag}-b")):
         for j in range(3):
-            lines.append({"type": "page", "name": "Home", "messageId": f"{anonymous}-page-{j}",
-                          "anonymousId": anonymous, "timestamp": format_ts(now_us - (60 - 10 * i - j) * 1_000_000)})
-        lines.append({"type": "identify", "messageId": f"{anonymous}-signin", "anonymousId": anonymous,
-                      "userId": f"usr_{tag}", "timestamp": format_ts(now_us - (40 - 10 * i) * 1_000_000)})
-    path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
-    # whichever sign-in the job resolves second merges (the identity stage's batches form per bucket)
-    return {f"{tag}-a-signin", f"{tag}-b-signin"}
+            visits.append({"type": "page", "name": "Home", "messageId": f"{anonymous}-page-{j}",
+                           "anonymousId": anonymous, "timestamp": format_ts(now_us - (60 - 10 * i - j) * 1_000_000)})
+        signins.append({"type": "identify", "messageId": f"{anonymous}-signin", "anonymousId": anonymous,
+                        "userId": f"usr_{tag}", "timestamp": format_ts(now_us - (40 - 10 * i) * 1_000_000)})
+    files = []
+    for name, lines in (("visits", visits), ("signins", signins)):
+        path = folder / f"{tag}-{name}.jsonl"
+        path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+        files.append((path, {line["messageId"] for line in lines}))
+    return files
 
 
 def _read_committed(broker, *topics):
@@ -188,9 +197,11 @@ def test_the_flink_job_equals_the_batch_run_exactly_once_across_a_taskmanager_ki
     graph = open_identity_store(store)
     try:
         for attempt in range(3):
-            merge_file = tmp_path / f"merge-{attempt}.jsonl"
-            merging = _merge_events(merge_file, int(time.time() * 1_000_000), f"kill-test-{attempt}")
-            send_live(None, broker, [(merge_file, 5000)])
+            (visits, visited), (signins, merging) = _merge_events(
+                tmp_path, int(time.time() * 1_000_000), f"kill-test-{attempt}")
+            send_live(None, broker, [(visits, 5000)])
+            _wait_decided(store, visited)
+            send_live(None, broker, [(signins, 5000)])
             deadline = time.monotonic() + 120
             while not any(m["cause_message_id"] in merging for m in graph.merges()):
                 assert time.monotonic() < deadline, "the job made no merge of the two visitors"
