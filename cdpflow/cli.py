@@ -675,11 +675,16 @@ def cmd_serve(args) -> int:
     from cdpflow.config import load_config
     config = load_config(args.config)
     if args.service == "sidecar":
-        from cdpflow.activation.service import serve_sidecar
-        results = serve_sidecar(config, args.bootstrap, args.profile_store, args.identity_store, args.warehouse,
-                                args.destination, args.until_idle,
-                                on_start=lambda d: err_console.print(
-                                    f"sidecar: {', '.join(d)} <- Kafka {args.bootstrap} (Ctrl-C stops it)"))
+        from cdpflow.activation.service import SidecarFailed, serve_sidecar
+        try:
+            results = serve_sidecar(config, args.bootstrap, args.profile_store, args.identity_store, args.warehouse,
+                                    args.destination, args.until_idle,
+                                    on_start=lambda d: err_console.print(
+                                        f"sidecar: {', '.join(d)} <- Kafka {args.bootstrap} (Ctrl-C stops it)"))
+        except SidecarFailed as err:
+            err_console.print(f"[red]cdpflow serve sidecar stopped: {err} (its batch in flight is delivered again "
+                              "on restart)[/red]")
+            return 1
         for name, counts in results.items():
             console.print(_counts_table(f"sidecar: {name}", counts))
         return 0

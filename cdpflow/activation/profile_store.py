@@ -117,6 +117,9 @@ class RedisProfileStore:
         import redis
         url, self.prefix = _uri_parts(uri)
         self.client = redis.Redis.from_url(url)
+        kwargs = self.client.connection_pool.connection_kwargs
+        # names this store among others (the updater's consumer group): server, database, prefix
+        self.identity = f"{kwargs.get('host', kwargs.get('path', ''))}:{kwargs.get('port', '')}/{kwargs.get('db', 0)}/{self.prefix}"
         self._profile = self.client.register_script(_APPLY_PROFILE)
         self._change = self.client.register_script(_APPLY_CHANGE)
         self._forget = self.client.register_script(_FORGET)
@@ -225,20 +228,26 @@ class ProfileStoreUpdater:
 
     GROUP = "cdpflow-profile-store"
 
-    def __init__(self, bootstrap: str, store: RedisProfileStore, group: str = GROUP):
+    def __init__(self, bootstrap: str, store: RedisProfileStore, group: Optional[str] = None):
         import threading
 
         from kafka import KafkaConsumer, TopicPartition
 
         from cdpflow.schemas.topics import PROFILE_CHANGES, SEGMENT_CHANGES
         self.store = store
+        # one group per store: two stores (another Redis, another prefix) each read the topics whole
+        group = group or f"{self.GROUP}.{store.identity}"
         self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
                                       isolation_level="read_committed")
+        # a store that lost its data (a new Redis, a flush) reads the topics again from the start,
+        # whatever offsets its group committed before
+        self.marker = f"{store.prefix}:updater_started"
+        fresh = not store.client.exists(self.marker)
         self.partitions = [TopicPartition(topic, p) for topic in (PROFILE_CHANGES.name, SEGMENT_CHANGES.name)
                            for p in sorted(self.consumer.partitions_for_topic(topic) or ())]
         self.consumer.assign(self.partitions)
         for tp in self.partitions:
-            committed = self.consumer.committed(tp)
+            committed = None if fresh else self.consumer.committed(tp)
             if committed is None:
                 self.consumer.seek_to_beginning(tp)
             else:
@@ -262,6 +271,7 @@ class ProfileStoreUpdater:
                 records = [r for batch in polled.values() for r in batch]
                 applied += apply_records(self.store, records)
             self.consumer.commit({tp: OffsetAndMetadata(self.consumer.position(tp), "", -1) for tp in self.partitions})
+            self.store.client.set(self.marker, int(time.time()))
             self.applied += applied
             return applied
 

@@ -11,6 +11,7 @@ identifiers, hashed with the deployment's suppression key) and follows the ident
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from typing import Any, Dict, Mapping, Optional, Sequence
@@ -35,6 +36,25 @@ def governance_view(config: Mapping[str, Any], warehouse: Optional[str], identit
     return GovernanceView(identity_store, rules)
 
 
+class SidecarFailed(RuntimeError):
+    """A destination's worker stopped on an error; its batch in flight was not committed."""
+
+
+@contextlib.contextmanager
+def _services_said_in_words(bootstrap: str, profile_store: str):
+    """Kafka or Redis not answering is a clear error (exit 2), not a traceback."""
+    from kafka.errors import KafkaError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    try:
+        yield
+    except KafkaError as err:
+        raise BadInput(f"no Kafka broker answers at {bootstrap} ({type(err).__name__}): start one with "
+                       "`cdpflow stack up kafka` or give --bootstrap") from None
+    except RedisConnectionError as err:
+        raise BadInput(f"the profile store {profile_store} does not answer ({err}): start Redis with "
+                       "`cdpflow stack up redis` or give --profile-store") from None
+
+
 def serve_sidecar(config: Mapping[str, Any], bootstrap: str, profile_store: str, identity_store: Optional[str],
                   warehouse: Optional[str], names: Sequence[str] = (), until_idle_s: Optional[float] = None,
                   on_start=None) -> Dict[str, Dict[str, int]]:
@@ -44,7 +64,9 @@ def serve_sidecar(config: Mapping[str, Any], bootstrap: str, profile_store: str,
         raise BadInput("no destinations configured (activation.destinations): nothing to deliver to")
     store = open_profile_store(profile_store)
     gov = governance_view(config, warehouse, identity_store)
-    updater = ProfileStoreUpdater(bootstrap, store)
+    with _services_said_in_words(bootstrap, profile_store):
+        store.client.ping()
+        updater = ProfileStoreUpdater(bootstrap, store)
     workers = [DestinationWorker(bootstrap, d, store, gov, before_batch=updater.catch_up) for d in destinations.values()]
     results: Dict[str, Dict[str, int]] = {}
 
@@ -57,10 +79,18 @@ def serve_sidecar(config: Mapping[str, Any], bootstrap: str, profile_store: str,
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, stop)
     try:
-        threads = []
+        threads, failures = [], {}
+
+        def work(worker):
+            try:
+                results[worker.destination.name] = worker.run(until_idle_s)
+            except Exception as err:  # noqa: BLE001 - said below, and the other workers stop
+                failures[worker.destination.name] = err
+                stop()
+
         for worker in workers:
-            thread = threading.Thread(target=lambda w=worker: results.__setitem__(w.destination.name, w.run(until_idle_s)),
-                                      name=f"sidecar-{worker.destination.name}", daemon=True)
+            thread = threading.Thread(target=work, args=(worker,), name=f"sidecar-{worker.destination.name}",
+                                      daemon=True)
             thread.start()
             threads.append(thread)
         if on_start is not None:
@@ -68,6 +98,9 @@ def serve_sidecar(config: Mapping[str, Any], bootstrap: str, profile_store: str,
         while any(t.is_alive() for t in threads):
             for thread in threads:
                 thread.join(timeout=0.5)
+        if failures:
+            # nothing of the failed batch was committed: a restart delivers it again
+            raise SidecarFailed("; ".join(f"{name}: {type(err).__name__}: {err}" for name, err in failures.items()))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -85,7 +118,9 @@ def replay(config: Mapping[str, Any], name: str, bootstrap: str, profile_store: 
     store = open_profile_store(profile_store)
     gov = governance_view(config, warehouse, identity_store)
     try:
-        return replay_dead_letters(bootstrap, destination, store, gov)
+        with _services_said_in_words(bootstrap, profile_store):
+            store.client.ping()
+            return replay_dead_letters(bootstrap, destination, store, gov)
     finally:
         gov.close()
         store.close()

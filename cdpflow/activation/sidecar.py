@@ -222,7 +222,9 @@ class DestinationWorker:
                 self.governance.refresh()
                 self.consent_sweep()  # also when no change comes: an unsubscribe moves no segment
                 if not records:
-                    if until_idle_s is not None and time.monotonic() - idle_since >= until_idle_s:
+                    if not consumer.assignment():
+                        idle_since = time.monotonic()  # still joining its group: not idle yet
+                    elif until_idle_s is not None and time.monotonic() - idle_since >= until_idle_s:
                         break
                     continue
                 self.handle(records)

@@ -92,3 +92,14 @@ def test_an_email_audience_needs_the_email_in_clear_and_an_api_key(monkeypatch):
 def test_the_consent_rule(profile, consented):
     from cdpflow.activation.consent import email_consent
     assert email_consent(profile) is consented
+
+
+def test_an_unreachable_profile_store_is_said_in_words(tmp_path, monkeypatch, capsys):
+    from cdpflow.cli import main
+    from cdpflow.stack.base import free_port
+    config = tmp_path / "activation.yaml"
+    config.write_text("activation:\n  destinations:\n    crm: {type: webhook, url: 'http://127.0.0.1:9/h', secret: s}\n")
+    monkeypatch.setenv("CDPFLOW_SUPPRESSION_SECRET", "a-secret-for-tests")
+    assert main(["serve", "sidecar", "--config", str(config), "--bootstrap", f"127.0.0.1:{free_port()}",
+                 "--profile-store", f"redis://127.0.0.1:{free_port()}/0"]) == 2
+    assert "does not answer" in capsys.readouterr().err

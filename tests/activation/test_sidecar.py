@@ -375,3 +375,48 @@ def test_an_email_platform_gets_batched_audience_changes_within_its_rate_limit_a
     for when, audience, *_ in throttled:  # ... and no retry of it came sooner than it asked
         later = [t for t, a, *_ in platform.requests if a == audience and t > when]
         assert not later or min(later) - when >= 0.95
+
+
+def test_a_worker_that_fails_stops_the_sidecar_with_its_error(tmp_path, broker, redis_url, seeded, monkeypatch, capsys):
+    # A destination's worker that raises (here: its profile store read fails) ends the sidecar
+    # with exit 1 and the error in words; nothing of its batch was committed.
+    from cdpflow.activation import sidecar
+    warehouse, profiles, changes = seeded
+    _publish(broker, profiles[:2], changes[:3])
+
+    def broken(self, profile_id, items):
+        raise ConnectionError("the profile store went away")
+
+    monkeypatch.setattr(sidecar.DestinationWorker, "_prepare", broken)
+    monkeypatch.setenv("TEST_WEBHOOK_SECRET", SECRET)
+    config = _config(tmp_path, {"crm": {"type": "webhook", "url": "http://127.0.0.1:9/h", "secret_env": "TEST_WEBHOOK_SECRET"}})
+    store = f"{redis_url}?prefix=sidecar-{uuid.uuid4().hex[:8]}"
+    assert main(["serve", "sidecar", "--config", str(config), "--bootstrap", broker, "--profile-store", store,
+                 "--warehouse", str(warehouse), "--until-idle", "5"]) == 1
+    assert "crm: ConnectionError: the profile store went away" in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_each_profile_store_reads_the_topics_whole_and_a_store_that_lost_its_data_is_rebuilt(
+        broker, redis_url, seeded):
+    from cdpflow.activation.profile_store import ProfileStoreUpdater, open_profile_store
+    _, profiles, changes = seeded
+    _publish(broker, profiles, changes)
+    ids = {p["profile_id"] for p in profiles}
+    first, second = (open_profile_store(f"{redis_url}?prefix=ps-{uuid.uuid4().hex[:8]}") for _ in range(2))
+    try:
+        for store in (first, second):
+            updater = ProfileStoreUpdater(broker, store)
+            updater.catch_up()
+            updater.close()
+            assert {pid for pid in ids if store.profile(pid)} == ids
+        for key in first.client.scan_iter(f"{first.prefix}:*"):  # its Redis lost the data
+            first.client.delete(key)
+        updater = ProfileStoreUpdater(broker, first)
+        updater.catch_up()
+        updater.close()
+        assert {pid for pid in ids if first.profile(pid)} == ids
+        flips = {c["profile_id"] for c in changes if c["segment"] == "flip_flop"}
+        assert first.segment_size("flip_flop") == 0 and flips == ids  # every flip ended with an exit
+    finally:
+        first.close()
+        second.close()
