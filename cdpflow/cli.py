@@ -117,6 +117,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="another identity store to forget them in (sqlite:///FILE or redis://HOST:PORT/DB; "
                              "repeatable); the one kept with the warehouse always is")
     forget.add_argument("--changes-out", help="JSON-lines file the segment exits are published to")
+    forget.add_argument("--profile-store", action="append", default=[], metavar="URI",
+                        help="a Redis profile store (the sidecar's) to remove them from, for good (repeatable)")
+    forget.add_argument("--bootstrap", help="Kafka brokers HOST:PORT: also write the profile's tombstone to the "
+                                            "compacted cdp.profiles.changes, so its rows are compacted away")
 
     pub = sub.add_parser("publish", help="deliver segment changes committed but not yet published (after a crash)")
     pub.add_argument("--warehouse", required=True)
@@ -312,7 +316,32 @@ def cmd_forget(args) -> int:
     console.print(f"forgot {done['profile_id'] or args.identifier}: {len(done['identifiers'])} identifier(s) suppressed, "
                   f"deleted {done['deleted']}, {removed} identifier(s) removed from the identity store, "
                   f"{done['exits']} segment exit(s) published to {changes_file} ({published['published']} message(s))")
+    if done["profile_id"]:
+        forget_in_activation(done["profile_id"], args.profile_store, args.bootstrap)
     return 0
+
+
+def forget_in_activation(profile_id: str, profile_stores, bootstrap) -> None:
+    """Removes a forgotten profile from the profile stores named (for good: nothing about it is
+    stored or delivered again) and writes its tombstone to the compacted `cdp.profiles.changes`."""
+    from cdpflow.activation.profile_store import open_profile_store
+    for uri in profile_stores:
+        store = open_profile_store(uri)
+        try:
+            store.forget(profile_id)
+        finally:
+            store.close()
+        console.print(f"removed {profile_id} from the profile store {uri}")
+    if bootstrap:
+        from cdpflow.core.rows import profile_record
+        from cdpflow.io.kafka_producer import producer, send_all
+        now = _now_us()
+        client = producer(bootstrap)
+        try:
+            send_all(client, [profile_record({"profile_id": profile_id, "deleted": True, "as_of": now, "updated_at": now})])
+        finally:
+            client.close()
+        console.print(f"wrote {profile_id}'s tombstone to cdp.profiles.changes")
 
 
 def forget_in_identity_store(uri, identifiers, rules, version: int, key=None) -> int:

@@ -70,3 +70,45 @@ def test_a_forgotten_profile_is_gone_for_good(store):
 def test_only_redis_is_a_profile_store():
     with pytest.raises(BadInput, match="redis://"):
         open_profile_store("sqlite:///tmp/x.sqlite")
+
+
+def test_cdpflow_forget_removes_the_person_from_the_profile_store_and_tombstones_their_rows(
+        sample, tmp_path, redis_url, kafka_bootstrap):
+    # A forget on the warehouse also reaches activation: the profile store drops the profile for
+    # good (nothing of it is stored or delivered again), and the compacted profile topic gets
+    # its tombstone, so a reader of the topic from the start finds no row of theirs.
+    import duckdb
+    from kafka import KafkaConsumer, TopicPartition
+
+    from cdpflow.cli import main
+    from cdpflow.core.rows import profile_record
+    from cdpflow.io.kafka_producer import producer, send_all
+    from cdpflow.schemas.topics import PROFILE_CHANGES
+    warehouse = tmp_path / "cdp.duckdb"
+    assert main(["run", "--input", str(sample / "events"), "--warehouse", str(warehouse),
+                 "--catalog", str(sample / "catalog.csv"), "--rates", str(sample / "rates.csv")]) == 0
+    con = duckdb.connect(str(warehouse), read_only=True)
+    pid, email = con.execute("SELECT profile_id, email FROM profiles WHERE email IS NOT NULL ORDER BY 1 LIMIT 1").fetchone()
+    con.close()
+    uri = f"{redis_url}?prefix=forget-{uuid.uuid4().hex[:8]}"
+    store = open_profile_store(uri)
+    row = {"profile_id": pid, "email": email, "as_of": 10, "updated_at": 10}
+    store.apply_profile(pid, row, 10, 10)
+    store.apply_change(segment_change(pid, "vip", "rule", "enter", "2026-01-01T00:00:00Z", "m"))
+    client = producer(kafka_bootstrap)
+    send_all(client, [profile_record(row)])
+    client.close()
+    assert main(["forget", f"email:{email}", "--warehouse", str(warehouse), "--profile-store", uri,
+                 "--bootstrap", kafka_bootstrap]) == 0
+    assert store.profile(pid) is None and store.is_forgotten(pid) and store.lookup("email", email) is None
+    assert pid not in store.members("vip")
+    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, consumer_timeout_ms=3000)
+    tps = [TopicPartition(PROFILE_CHANGES.name, p) for p in consumer.partitions_for_topic(PROFILE_CHANGES.name)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    last = {}
+    for record in consumer:
+        last[record.key] = record.value
+    consumer.close()
+    assert pid.encode() in last and last[pid.encode()] is None  # the newest record of theirs: a tombstone
+    store.close()
