@@ -37,8 +37,9 @@ EXTRAS_REQUIRE = {
     "kafka": [],  # kafka-python is in the base install now; the extra stays so `.[kafka]` still resolves
     "serve": [],  # in the base install now (the collector); the extra stays so `.[serve]` still resolves
     "ml": ["scikit-learn>=1.4", "joblib>=1.3"],
-    # pandas: the features test oracle; segment-analytics-python: a real SDK for the collector tests
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "pandas>=2.2", "segment-analytics-python>=2.3", "requests>=2.31"],
+    # pandas: the features test oracle; segment-analytics-python: a real SDK for the collector tests;
+    # schemathesis: the profile API against its OpenAPI document; httpx2: Starlette's test client
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "schemathesis>=4.30", "httpx2>=2", "hypothesis>=6.100", "pandas>=2.2", "segment-analytics-python>=2.3", "requests>=2.31"],
 }
 
 # The JSON Schemas sit in data-only folders, one per event kind (cdpflow/schemas/events/<kind>/),

@@ -144,15 +144,18 @@ def _parser() -> argparse.ArgumentParser:
     snd.add_argument("--batch-size", type=int, default=100, help="events per request (default 100)")
     snd.add_argument("--live", action="store_true", help="move each event's times to the moment it is sent")
 
-    serve = sub.add_parser("serve", help="run a service: the tracking-API collector, the activation sidecar")
-    serve.add_argument("service", choices=("collector", "sidecar"))
+    serve = sub.add_parser("serve", help="run a service: the tracking-API collector, the activation sidecar, "
+                                         "the profile API")
+    serve.add_argument("service", choices=("collector", "sidecar", "api"))
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8088, help="port (default 8088)")
+    serve.add_argument("--port", type=int, help="port (default 8088 for the collector, 8090 for the API)")
     serve.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka brokers HOST:PORT (default 127.0.0.1:9092)")
     serve.add_argument("--config", help="YAML configuration merged over the defaults (collector, activation sections)")
     _activation_arguments(serve)
     serve.add_argument("--destination", action="append", default=[], metavar="NAME",
                        help="sidecar: deliver to this configured destination only (repeatable; default all)")
+    serve.add_argument("--send-forgets", action="store_true",
+                       help="api: a DELETE also sends the forget to the pipeline on cdp.control (via --bootstrap)")
     serve.add_argument("--until-idle", type=float, metavar="SECONDS",
                        help="sidecar: stop once nothing new has come for this long (a catch-up run; default: run until stopped)")
 
@@ -718,9 +721,30 @@ def cmd_serve(args) -> int:
             console.print(_counts_table(f"sidecar: {name}", counts))
         return 0
     import uvicorn
+    if args.service == "api":
+        from cdpflow.activation.api import control_sender, create_api, keys_from_config
+        from cdpflow.activation.profile_store import open_profile_store
+        keys = keys_from_config(config)
+        store = open_profile_store(args.profile_store)
+        identity = None
+        if args.identity_store:
+            from cdpflow.core.identity import open_identity_store
+            identity = open_identity_store(args.identity_store)
+        control = control_sender(args.bootstrap) if args.send_forgets else None
+        app = create_api(store, keys, config, identity, control)
+        port = args.port or 8090
+        err_console.print(f"profile API on http://{args.host}:{port} (OpenAPI: /openapi.json) over {args.profile_store}")
+        try:
+            uvicorn.run(app, host=args.host, port=port, log_level="warning")
+        finally:
+            store.close()
+            if identity is not None:
+                identity.close()
+        return 0
     from cdpflow.collector.app import create_app
     collector = collector_from_config(config, args.bootstrap)
     app = create_app(collector, (config.get("collector") or {}).get("cors_origins") or ())
+    args.port = args.port or 8088
     err_console.print(f"collector on http://{args.host}:{args.port} -> Kafka {args.bootstrap}")
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
