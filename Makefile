@@ -54,6 +54,7 @@ bench: venv prism redis-server kafka flink
 	$(BIN)/python benchmarks/live.py --rates 10 25 50 --seconds 30
 	$(BIN)/python benchmarks/flink.py
 	$(BIN)/python benchmarks/sidecar.py
+	$(BIN)/python benchmarks/api.py
 	$(BIN)/python benchmarks/live.py --engine flink --rates 25 50 100 200 400 --seconds 20
 
 # Prism, Beam's portable local runner, built from the Go module proxy (used by --runner prism).

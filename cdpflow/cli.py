@@ -320,17 +320,29 @@ def cmd_forget(args) -> int:
                   f"deleted {done['deleted']}, {removed} identifier(s) removed from the identity store, "
                   f"{done['exits']} segment exit(s) published to {changes_file} ({published['published']} message(s))")
     if done["profile_id"]:
-        forget_in_activation(done["profile_id"], args.profile_store, args.bootstrap)
+        return forget_in_activation(done["profile_id"], args.profile_store, args.bootstrap, config)
     return 0
 
 
-def forget_in_activation(profile_id: str, profile_stores, bootstrap) -> None:
-    """Removes a forgotten profile from the profile stores named (for good: nothing about it is
-    stored or delivered again) and writes its tombstone to the compacted `cdp.profiles.changes`."""
+def forget_in_activation(profile_id: str, profile_stores, bootstrap, config) -> int:
+    """Asks every configured destination to delete a forgotten person (from what the profile
+    store held of them), removes them from the profile stores named (for good: nothing about
+    them is stored or delivered again) and writes their tombstone to `cdp.profiles.changes`.
+    Returns 1 when a destination did not confirm the deletion (the rest is done regardless)."""
+    from cdpflow.activation.destinations import destinations_from_config
     from cdpflow.activation.profile_store import open_profile_store
+    failed = []
     for uri in profile_stores:
         store = open_profile_store(uri)
         try:
+            profile, segments = store.profile(profile_id), store.segments_of(profile_id)
+            if profile is not None:
+                for name, destination in destinations_from_config(config).items():
+                    outcome = destination.delete_member(profile, segments)
+                    if outcome.delivered:
+                        console.print(f"asked {name} to delete {profile_id}")
+                    else:
+                        failed.append(f"{name}: {outcome.error}")
             store.forget(profile_id)
         finally:
             store.close()
@@ -345,6 +357,10 @@ def forget_in_activation(profile_id: str, profile_stores, bootstrap) -> None:
         finally:
             client.close()
         console.print(f"wrote {profile_id}'s tombstone to cdp.profiles.changes")
+    if failed:
+        err_console.print(f"[red]not confirmed by {'; '.join(failed)}: ask them again or delete the member there[/red]")
+        return 1
+    return 0
 
 
 def forget_in_identity_store(uri, identifiers, rules, version: int, key=None) -> int:

@@ -420,3 +420,38 @@ def test_each_profile_store_reads_the_topics_whole_and_a_store_that_lost_its_dat
     finally:
         first.close()
         second.close()
+
+
+def test_a_forget_asks_each_destination_to_delete_the_member(tmp_path, redis_url, seeded, monkeypatch):
+    # `cdpflow forget --profile-store`: before the store drops the person, every configured
+    # destination is asked to delete them: the webhook gets a signed delete_member with what its
+    # policy allows, the email platform loses the member from the audiences of their segments.
+    from tests.activation.email_platform import EmailPlatform
+    from cdpflow.activation.profile_store import open_profile_store
+    warehouse, profiles, _ = seeded
+    person = next(p for p in profiles if p["email"])
+    uri = f"{redis_url}?prefix=forget-{uuid.uuid4().hex[:8]}"
+    store = open_profile_store(uri)
+    store.apply_profile(person["profile_id"], person, person["as_of"], person["updated_at"])
+    for segment in ("vip", "high_value"):
+        store.apply_change(segment_change(person["profile_id"], segment, "rule", "enter", "2026-01-01T00:00:00Z", "m"))
+    monkeypatch.setenv("TEST_WEBHOOK_SECRET", SECRET)
+    monkeypatch.setenv("TEST_EMAIL_KEY", "key-for-tests")
+    with Receiver(SECRET.encode()) as crm, EmailPlatform("key-for-tests") as platform:
+        platform.audiences["aud_high_value"][person["email"]] = {}
+        platform.audiences["vip"][person["email"]] = {}
+        platform.audiences["vip"]["someone.else@example.org"] = {}
+        config = _config(tmp_path, {
+            "crm": {"type": "webhook", "url": crm.url, "secret_env": "TEST_WEBHOOK_SECRET",
+                    "fields": {"hashed": ["email"]}},
+            "email": {"type": "email_audience", "base_url": platform.url, "api_key_env": "TEST_EMAIL_KEY",
+                      "fields": {"identifiers": ["email"]}, "audiences": {"high_value": "aud_high_value"}}})
+        assert main(["forget", f"email:{person['email']}", "--warehouse", str(warehouse), "--config", str(config),
+                     "--profile-store", uri]) == 0
+        assert platform.members() == {"vip": {"someone.else@example.org"}}
+    deletes = [orjson.loads(b) for b in crm.bodies]
+    assert [d["type"] for d in deletes] == ["delete_member"] and crm.bad_signatures == 0
+    assert deletes[0]["profile_id"] == person["profile_id"]
+    assert deletes[0]["profile"] == {"email_sha256": hashlib.sha256(person["email"].encode()).hexdigest()}
+    assert store.profile(person["profile_id"]) is None and store.is_forgotten(person["profile_id"])
+    store.close()

@@ -78,6 +78,12 @@ class Destination(abc.ABC):
     def deliver(self, deliveries: Sequence[Delivery]) -> List[Outcome]:
         """Delivers one profile's changes in order; an outcome per delivery, in the same order."""
 
+    def delete_member(self, profile: Mapping[str, Any], segments: Sequence[str]) -> Outcome:
+        """Asks the destination to delete a forgotten person (`profile`: their row before the
+        forget; `segments`: the segments they were in). Sent by `cdpflow forget` before the profile
+        store drops them."""
+        return Outcome(f"delete:{profile.get('profile_id')}", True, 0, "nothing held to delete")
+
     def deliver_many(self, per_profile: Sequence[Sequence[Delivery]]) -> List[List[Outcome]]:
         """Several profiles' changes (each profile's in order) at once; `batched` destinations
         send them together, others one profile after another."""

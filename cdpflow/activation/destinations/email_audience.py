@@ -134,6 +134,16 @@ class EmailAudienceDestination(Destination):
                         outcomes[key] = Outcome(key, result.delivered, result.attempts, result.error)
         return [[outcomes[d.key] for d in deliveries] for deliveries in per_profile]
 
+    def delete_member(self, profile: Mapping[str, Any], segments: Sequence[str]) -> Outcome:
+        """Removes a forgotten person's email from the audiences of every segment they were in."""
+        email = self.policy.profile_view(profile).get("email")
+        audiences = {self.audience_of(s): [email] for s in segments if self.wants({"segment": s})}
+        key = f"delete:{profile.get('profile_id')}"
+        if not email or not audiences:
+            return Outcome(key, True, 0, "not in any audience")
+        ok = self.remove_everywhere(audiences)
+        return Outcome(key, ok, 1, None if ok else "an audience request failed")
+
     def remove_everywhere(self, emails_by_audience: Mapping[str, Sequence[str]]) -> bool:
         """Removes members from audiences (a consent withdrawal); True when every request succeeded."""
         ok = True

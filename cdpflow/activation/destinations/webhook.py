@@ -25,7 +25,7 @@ import random
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import orjson
 
@@ -124,6 +124,16 @@ class WebhookDestination(Destination):
                 wait = max(wait, min(asked, self.max_retry_after_seconds))
             self._sleep(wait)
         return Outcome(delivery.key, False, self.max_attempts, f"gave up after {self.max_attempts} attempts: {error}")
+
+    def delete_member(self, profile: Mapping[str, Any], segments: Sequence[str]) -> Outcome:
+        """A signed `{"type": "delete_member", ...}` POST, with what the field policy allows of the person."""
+        body: Dict[str, Any] = {"type": "delete_member", "profile_id": profile.get("profile_id"),
+                                "destination": self.name}
+        view = self.policy.profile_view(profile)
+        if view:
+            body["profile"] = view
+        key = hashlib.sha256(f"delete_member\x00{profile.get('profile_id')}".encode()).hexdigest()[:32]
+        return self.deliver_one(Delivery(key, str(profile.get("profile_id")), body))
 
     def deliver(self, deliveries: Sequence[Delivery]) -> List[Outcome]:
         outcomes: List[Outcome] = []
