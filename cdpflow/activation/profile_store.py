@@ -231,27 +231,16 @@ class ProfileStoreUpdater:
     def __init__(self, bootstrap: str, store: RedisProfileStore, group: Optional[str] = None):
         import threading
 
-        from kafka import KafkaConsumer, TopicPartition
-
+        from cdpflow.io.kafka_consumer import assigned
         from cdpflow.schemas.topics import PROFILE_CHANGES, SEGMENT_CHANGES
         self.store = store
-        # one group per store: two stores (another Redis, another prefix) each read the topics whole
-        group = group or f"{self.GROUP}.{store.identity}"
-        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
-                                      isolation_level="read_committed")
         # a store that lost its data (a new Redis, a flush) reads the topics again from the start,
         # whatever offsets its group committed before
         self.marker = f"{store.prefix}:updater_started"
-        fresh = not store.client.exists(self.marker)
-        self.partitions = [TopicPartition(topic, p) for topic in (PROFILE_CHANGES.name, SEGMENT_CHANGES.name)
-                           for p in sorted(self.consumer.partitions_for_topic(topic) or ())]
-        self.consumer.assign(self.partitions)
-        for tp in self.partitions:
-            committed = None if fresh else self.consumer.committed(tp)
-            if committed is None:
-                self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, committed)
+        # one group per store: two stores (another Redis, another prefix) each read the topics whole
+        self.consumer, self.partitions = assigned(bootstrap, group or f"{self.GROUP}.{store.identity}",
+                                                  (PROFILE_CHANGES.name, SEGMENT_CHANGES.name),
+                                                  from_start=not store.client.exists(self.marker))
         self.applied = 0
         self._lock = threading.Lock()
 
@@ -259,7 +248,7 @@ class ProfileStoreUpdater:
         """Applies what the topics hold up to their current ends; returns how many records changed the store."""
         import time
 
-        from kafka import OffsetAndMetadata
+        from cdpflow.io.kafka_consumer import commit_positions
         with self._lock:
             ends = self.consumer.end_offsets(self.partitions)
             deadline = time.monotonic() + timeout_s
@@ -270,7 +259,7 @@ class ProfileStoreUpdater:
                 polled = self.consumer.poll(timeout_ms=200, max_records=2000)
                 records = [r for batch in polled.values() for r in batch]
                 applied += apply_records(self.store, records)
-            self.consumer.commit({tp: OffsetAndMetadata(self.consumer.position(tp), "", -1) for tp in self.partitions})
+            commit_positions(self.consumer, self.partitions)
             self.store.client.set(self.marker, int(time.time()))
             self.applied += applied
             return applied

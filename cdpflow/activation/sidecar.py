@@ -146,10 +146,14 @@ class DestinationWorker:
         self._count("batches", 1)
         return dict(self.counts)
 
+    def gone(self, profile_id: str, profile: Optional[Mapping[str, Any]]) -> bool:
+        """Whether governance keeps the profile's changes from leaving (forgotten in the store or by the rules)."""
+        return self.profiles.is_forgotten(profile_id) or self.governance.suppressed(profile)
+
     def _prepare(self, profile_id: str, items: List[Tuple[Any, Dict[str, Any]]]) -> Optional[List[Delivery]]:
         """The deliveries of one profile's changes, or None when governance or a hold settles them."""
         profile = self.profiles.profile(profile_id)
-        if self.profiles.is_forgotten(profile_id) or self.governance.suppressed(profile):
+        if self.gone(profile_id, profile):
             self._count("suppressed", len(items))
             return None
         if self.profiles.client.hget(self.held_key, profile_id):
@@ -255,25 +259,17 @@ def replay_dead_letters(bootstrap: str, destination: Destination, profiles: Redi
     live again. One that fails again is dead-lettered again (the profile stays held). A
     forgotten person's dead letters are dropped, never resent.
     """
-    from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
+    from kafka import TopicPartition
+
+    from cdpflow.io.kafka_consumer import assigned, commit_positions
     worker = DestinationWorker(bootstrap, destination, profiles, governance)
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=f"cdpflow-replay.{destination.name}",
-                             enable_auto_commit=False, isolation_level="read_committed")
+    consumer, tps = assigned(bootstrap, f"cdpflow-replay.{destination.name}", (DESTINATION_DEAD_LETTERS.name,))
     counts = {"resent": 0, "failed_again": 0, "suppressed": 0, "released": 0}
     failed = set()
     governance.refresh()
     try:
         # what the topic holds now: a dead letter written by this replay is left to the next one
-        tps = [TopicPartition(DESTINATION_DEAD_LETTERS.name, p)
-               for p in sorted(consumer.partitions_for_topic(DESTINATION_DEAD_LETTERS.name) or ())]
-        consumer.assign(tps)
         ends = consumer.end_offsets(tps)
-        for tp in tps:
-            committed = consumer.committed(tp)
-            if committed is None:
-                consumer.seek_to_beginning(tp)
-            else:
-                consumer.seek(tp, committed)
         idle_since = time.monotonic()
         while any(consumer.position(tp) < ends[tp] for tp in tps) and time.monotonic() - idle_since < idle_s:
             polled = consumer.poll(timeout_ms=500)
@@ -289,7 +285,7 @@ def replay_dead_letters(bootstrap: str, destination: Destination, profiles: Redi
                     continue
                 profile_id = change["profile_id"]
                 profile = profiles.profile(profile_id)
-                if profiles.is_forgotten(profile_id) or governance.suppressed(profile):
+                if worker.gone(profile_id, profile):
                     counts["suppressed"] += 1
                     _release(profiles, worker.held_key, profile_id)
                     continue
@@ -308,7 +304,7 @@ def replay_dead_letters(bootstrap: str, destination: Destination, profiles: Redi
                     _release(profiles, worker.held_key, profile_id)
                     worker._dead_letter(record, change, outcome.error or "not delivered", outcome.attempts)
             worker.producer().flush()
-            consumer.commit({tp: OffsetAndMetadata(consumer.position(tp), "", -1) for tp in tps})
+            commit_positions(consumer, tps)
     finally:
         consumer.close()
         worker.close()

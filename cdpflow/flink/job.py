@@ -241,7 +241,7 @@ def build(env, spec: Dict[str, Any]):
                 # flushes it when a bounded input ends: Flink drops processing-time timers then
                 # and fires every event-time timer)
                 timers = ctx.timer_service()
-                timers.register_processing_time_timer(timers.current_processing_time() + self.wait_ms)
+                timers.register_processing_time_timer(now + self.wait_ms)
                 timers.register_event_time_timer(max(ctx.timestamp() or 0, 0))
             if count >= self.batch_size:
                 yield from self._flush()
