@@ -39,6 +39,11 @@ run: venv
 	$(BIN)/cdpflow generate --customers $(CUSTOMERS) --days $(DAYS) --seed $(SEED) --out $(SAMPLE)
 	CDPFLOW_DEMO=1 $(BIN)/cdpflow run --input $(SAMPLE)/events --catalog $(SAMPLE)/catalog.csv --rates $(SAMPLE)/rates.csv \
 		--warehouse $(WAREHOUSE)
+	@echo
+	@echo "Serve these profiles over the profile API (the embedded demo: no Redis, no Kafka):"
+	@echo "  CDPFLOW_DEMO=1 $(BIN)/cdpflow serve api --warehouse $(WAREHOUSE)"
+	@echo "and in another terminal (the demo's API key is kept in $(basename $(WAREHOUSE)).api.key):"
+	@echo "  curl -s -H \"Authorization: Bearer \$$(cat $(basename $(WAREHOUSE)).api.key)\" http://127.0.0.1:8090/v1/segments"
 
 test: venv prism redis-server kafka flink
 	$(BIN)/python -m pytest tests

@@ -290,98 +290,33 @@ def cmd_split(args) -> int:
 
 
 def cmd_forget(args) -> int:
+    from cdpflow.activation.forget import forget_in_activation
     from cdpflow.config import load_config
-    from cdpflow.core import governance
-    from cdpflow.outbox import JsonLinesPublisher, changes_file_for, publish_pending
-    from cdpflow.warehouse import open_warehouse
+    from cdpflow.forget import forget_person
     config = load_config(args.config)
-    now = _now_us()
-    changes_file = args.changes_out or changes_file_for(args.warehouse)
-    with open_warehouse(args.warehouse) as wh:
-        key = governance.suppression_key(config, wh.demo_key_file())
-        governance.identity_rules(config, wh.governance(), key)  # refuses hashes of a key it cannot match
-        done = wh.forget(args.identifier, now, key, expected_version=wh.version())
-        if done is None:
-            err_console.print(f"no profile or dead letter holds {args.identifier!r}")
-            return 2
-        # The identity store kept with the warehouse forgets them too, in every profile holding
-        # one of their identifiers, and then agrees with the warehouse's new version.
-        rules = governance.identity_rules(config, wh.governance(), key)
-        from cdpflow.pipelines.live import stream_identity_store
-        from cdpflow.warehouse import warehouse_path
-        # and so does the live stream's, beside the warehouse, if there is one (a loader purges
-        # any other store it loads from at its next commit)
-        kept = [wh.default_identity_store()] + ([stream_identity_store(args.warehouse)]
-                                                if warehouse_path(args.warehouse) else [])
-        removed = sum(forget_in_identity_store(uri, done["identifiers"], rules, wh.version(), key)
-                      for uri in dict.fromkeys([*kept, *args.identity_store]) if uri)
-        published = publish_pending(wh, JsonLinesPublisher(changes_file))
+    done = forget_person(args.warehouse, args.identifier, config, args.identity_store, args.changes_out)
+    if done is None:
+        err_console.print(f"no profile or dead letter holds {args.identifier!r}")
+        return 2
     console.print(f"forgot {done['profile_id'] or args.identifier}: {len(done['identifiers'])} identifier(s) suppressed, "
-                  f"deleted {done['deleted']}, {removed} identifier(s) removed from the identity store, "
-                  f"{done['exits']} segment exit(s) published to {changes_file} ({published['published']} message(s))")
-    if done["profile_id"]:
-        return forget_in_activation(done["profile_id"], args.profile_store, args.bootstrap, config)
-    return 0
-
-
-def forget_in_activation(profile_id: str, profile_stores, bootstrap, config) -> int:
-    """Asks every configured destination to delete a forgotten person (from what the profile
-    store held of them), removes them from the profile stores named (for good: nothing about
-    them is stored or delivered again) and writes their tombstone to `cdp.profiles.changes`.
-    Returns 1 when a destination did not confirm the deletion (the rest is done regardless)."""
-    from cdpflow.activation.destinations import destinations_from_config
-    from cdpflow.activation.profile_store import open_profile_store
-    failed = []
-    for uri in profile_stores:
-        store = open_profile_store(uri)
-        try:
-            profile, segments = store.profile(profile_id), store.segments_of(profile_id)
-            if profile is not None:
-                for name, destination in destinations_from_config(config).items():
-                    outcome = destination.delete_member(profile, segments)
-                    if outcome.delivered:
-                        console.print(f"asked {name} to delete {profile_id}")
-                    else:
-                        failed.append(f"{name}: {outcome.error}")
-            store.forget(profile_id)
-        finally:
-            store.close()
+                  f"deleted {done['deleted']}, {done['identity_removed']} identifier(s) removed from the identity store, "
+                  f"{done['exits']} segment exit(s) published to {done['changes_file']} ({done['published']} message(s))")
+    if not done["profile_id"]:
+        return 0
+    profile_id = done["profile_id"]
+    gone = forget_in_activation(profile_id, config, args.profile_store, args.bootstrap, done["profile"], done["segments"])
+    for name in gone.asked:
+        console.print(f"asked {name} to delete {profile_id}")
+    for uri in gone.stores:
         console.print(f"removed {profile_id} from the profile store {uri}")
-    if bootstrap:
-        from cdpflow.core.rows import profile_record
-        from cdpflow.io.kafka_producer import producer, send_all
-        now = _now_us()
-        client = producer(bootstrap)
-        try:
-            send_all(client, [profile_record({"profile_id": profile_id, "deleted": True, "as_of": now, "updated_at": now})])
-        finally:
-            client.close()
-        console.print(f"wrote {profile_id}'s tombstone to cdp.profiles.changes")
-    if failed:
-        err_console.print(f"[red]not confirmed by {'; '.join(failed)}: ask them again or delete the member there[/red]")
+    if gone.tombstone:
+        console.print(f"wrote {profile_id}'s tombstone to cdp.profiles.changes and over its "
+                      f"{gone.dead_letters_purged} dead letter(s) on cdp.destinations.deadletter")
+    if gone.unconfirmed:
+        err_console.print(f"[red]not confirmed by {'; '.join(gone.unconfirmed)}: ask them again or delete the member "
+                          "there[/red]")
         return 1
     return 0
-
-
-def forget_in_identity_store(uri, identifiers, rules, version: int, key=None) -> int:
-    """Removes a forgotten person from an identity store (and anything else its rules suppress).
-
-    With the suppression `key`, the store keeps the person's hashes too, so a stream resolving
-    against it refuses them from its next batch on."""
-    from cdpflow.core.identity import open_identity_store, sqlite_path
-    if not uri:
-        return 0
-    path = sqlite_path(uri)
-    if path is not None and not os.path.exists(path):
-        return 0
-    store = open_identity_store(uri, rules)
-    try:
-        hashes = [key.hash(tuple(i)) for i in identifiers] if key is not None else []
-        removed = store.forget(identifiers, hashes=hashes) + store.purge(rules)
-        store.stamp_warehouse_version(version)
-        return removed
-    finally:
-        store.close()
 
 
 def cmd_publish(args) -> int:
@@ -679,11 +614,17 @@ def cmd_send(args) -> int:
     return 0
 
 
+DEFAULT_PROFILE_STORE = "redis://127.0.0.1:6379/0"
+
+
 def _activation_arguments(parser) -> None:
-    parser.add_argument("--profile-store", default="redis://127.0.0.1:6379/0",
-                        help="sidecar: the Redis profile store (redis://HOST:PORT/DB[?prefix=P]; default the stack's)")
-    parser.add_argument("--identity-store", help="sidecar: the identity store whose forgets it honours while it runs")
-    parser.add_argument("--warehouse", help="sidecar: the warehouse whose governance (forgotten identifiers) it starts from")
+    parser.add_argument("--profile-store", help="sidecar, api: the Redis profile store (redis://HOST:PORT/DB[?prefix=P]; "
+                                                 f"default the stack's, {DEFAULT_PROFILE_STORE})")
+    parser.add_argument("--identity-store", help="sidecar: the identity store whose forgets it honours while it runs; "
+                                                 "api: the one answering anonymous_id and loyalty_id lookups")
+    parser.add_argument("--warehouse", help="sidecar: the warehouse whose governance (forgotten identifiers) it starts "
+                                            "from; api without --profile-store: serve this DuckDB warehouse (the "
+                                            "embedded demo, no Redis or Kafka; DELETE runs the forget on it)")
 
 
 def cmd_destinations(args) -> int:
@@ -705,7 +646,8 @@ def cmd_destinations(args) -> int:
         from cdpflow.errors import BadInput
         raise BadInput("destinations replay: name the destination whose dead letters to resend")
     from cdpflow.activation.service import replay
-    counts = replay(config, args.name, args.bootstrap, args.profile_store, args.identity_store, args.warehouse)
+    counts = replay(config, args.name, args.bootstrap, args.profile_store or DEFAULT_PROFILE_STORE, args.identity_store,
+                    args.warehouse)
     console.print(_counts_table(f"replayed dead letters of {args.name}", counts))
     return 0
 
@@ -725,7 +667,8 @@ def cmd_serve(args) -> int:
     if args.service == "sidecar":
         from cdpflow.activation.service import SidecarFailed, serve_sidecar
         try:
-            results = serve_sidecar(config, args.bootstrap, args.profile_store, args.identity_store, args.warehouse,
+            results = serve_sidecar(config, args.bootstrap, args.profile_store or DEFAULT_PROFILE_STORE,
+                                    args.identity_store, args.warehouse,
                                     args.destination, args.until_idle,
                                     on_start=lambda d: err_console.print(
                                         f"sidecar: {', '.join(d)} <- Kafka {args.bootstrap} (Ctrl-C stops it)"))
@@ -738,18 +681,30 @@ def cmd_serve(args) -> int:
         return 0
     import uvicorn
     if args.service == "api":
-        from cdpflow.activation.api import control_sender, create_api, keys_from_config
-        from cdpflow.activation.profile_store import open_profile_store
-        keys = keys_from_config(config)
-        store = open_profile_store(args.profile_store)
+        from cdpflow.activation import api
         identity = None
-        if args.identity_store:
-            from cdpflow.core.identity import open_identity_store
-            identity = open_identity_store(args.identity_store)
-        control = control_sender(args.bootstrap) if args.send_forgets else None
-        app = create_api(store, keys, config, identity, control)
+        if args.warehouse and not args.profile_store:
+            # the embedded demo: the warehouse is the store, and a forget runs `cdpflow forget`'s work
+            from cdpflow.activation.warehouse_store import WarehouseProfileStore
+            keys = api.keys_from_config(config, api.demo_key_file(args.warehouse))
+            store = WarehouseProfileStore(args.warehouse, config)
+            forget = lambda profile_id: store.forget(profile_id)["unconfirmed"]  # noqa: E731
+            over = f"the warehouse {args.warehouse}"
+        else:
+            from cdpflow.activation.profile_store import open_profile_store
+            keys = api.keys_from_config(config)
+            store = open_profile_store(args.profile_store or DEFAULT_PROFILE_STORE)
+            if args.identity_store:
+                from cdpflow.core.identity import open_identity_store
+                identity = open_identity_store(args.identity_store)
+            control = api.control_sender(args.bootstrap) if args.send_forgets else None
+            forget = api.redis_forgetter(store, config, control, args.bootstrap if args.send_forgets else None)
+            over = f"the profile store {args.profile_store or DEFAULT_PROFILE_STORE}"
+        app = api.create_api(store, keys, config, identity, forget)
         port = args.port or 8090
-        err_console.print(f"profile API on http://{args.host}:{port} (OpenAPI: /openapi.json) over {args.profile_store}")
+        err_console.print(f"profile API on http://{args.host}:{port} (OpenAPI: /openapi.json, docs: /docs) over {over}")
+        if any(k.name == "demo" for k in keys):
+            err_console.print(f"demo API key (every scope): {api.demo_key_file(args.warehouse)}")
         try:
             uvicorn.run(app, host=args.host, port=port, log_level="warning")
         finally:

@@ -1,7 +1,8 @@
-"""The real-time profile API: `cdpflow serve api`, over the Redis profile store.
+"""The real-time profile API: `cdpflow serve api`, over the Redis profile store or, in the embedded demo, the warehouse.
 
     cdpflow serve api --profile-store redis://127.0.0.1:6379/0 [--identity-store redis://...]
-                      [--bootstrap HOST:PORT] [--port 8090] --config FILE
+                      [--bootstrap HOST:PORT --send-forgets] [--port 8090] --config FILE
+    CDPFLOW_DEMO=1 cdpflow serve api --warehouse out/cdp.duckdb     (`warehouse_store`)
 
 Endpoints (OpenAPI at /openapi.json, docs at /docs):
 
@@ -13,9 +14,11 @@ Endpoints (OpenAPI at /openapi.json, docs at /docs):
     GET    /v1/segments/{name}/members       members in id order, `?limit=` and `?cursor=` (the next page's)
     POST   /v1/classify                      `{"profile_id"}` or `{"features": {...}}` -> the segments
                                              it belongs to by the configured rules now
-    DELETE /v1/profiles/{id}                 forget: gone from the store for good, its tombstone on
-                                             `cdp.profiles.changes` and a `forget` on `cdp.control`
-                                             (the loader applies it to the warehouse and identity store)
+    DELETE /v1/profiles/{id}                 forget: every destination asked to delete the member, gone
+                                             from the store for good; with Kafka, a `forget` on
+                                             `cdp.control` (the loader applies it to the warehouse and
+                                             identity store), the profile's tombstone and its dead
+                                             letters' tombstones; over the warehouse, `cdpflow forget`
     GET    /health, /metrics                 liveness and Prometheus metrics (no key needed)
 
 - **Keys** (`api.keys` in the configuration: name -> `secret_env` or `secret`, `scopes`,
@@ -31,9 +34,11 @@ from __future__ import annotations
 
 import hmac
 import math
+import os
+import secrets
 import threading
 import time
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -125,6 +130,8 @@ class Forgotten(BaseModel):
     model_config = ConfigDict(extra="forbid")
     profile_id: str
     forgotten: bool
+    unconfirmed: List[str] = Field(description="Destinations that did not confirm deleting the member "
+                                               "(`name: error`); ask them again or delete it there.")
 
 
 class Health(BaseModel):
@@ -163,8 +170,11 @@ class ApiKey:
             return (1 - self.tokens) / self.per_second
 
 
-def keys_from_config(config: Mapping[str, Any]) -> List[ApiKey]:
+def keys_from_config(config: Mapping[str, Any], demo_key_file: Optional[str] = None) -> List[ApiKey]:
+    """The configured keys; with none configured, in the embedded demo (`CDPFLOW_DEMO=1` and
+    `demo_key_file`), one key with every scope, generated once and kept in that file (owner-only)."""
     from cdpflow.activation.destinations import positive_numbers, refuse_unknown, secret_from
+    from cdpflow.core.governance import DEMO_ENV
     keys = ((config.get("api") or {}).get("keys") or {})
     if not isinstance(keys, Mapping):
         raise BadInput("api.keys must map key names to settings")
@@ -178,15 +188,35 @@ def keys_from_config(config: Mapping[str, Any]) -> List[ApiKey]:
             raise BadInput(f"{where}.scopes: a list of {', '.join(SCOPES)}")
         rate = positive_numbers(settings, (("requests_per_second", 50.0, False),), where)["requests_per_second"]
         out.append(ApiKey(name, secret_from(settings, where), scopes, rate))
+    if not out and demo_key_file and os.environ.get(DEMO_ENV) == "1":
+        if not os.path.exists(demo_key_file):
+            fd = os.open(demo_key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(24))
+        with open(demo_key_file, encoding="utf-8") as handle:
+            out.append(ApiKey("demo", handle.read().strip().encode(), list(SCOPES), 50.0))
     if not out:
-        raise BadInput("no API keys configured (api.keys): every endpoint but /health and /metrics needs one")
+        raise BadInput("no API keys configured (api.keys): every endpoint but /health and /metrics needs one "
+                       f"(for the embedded demo, {DEMO_ENV}=1 keeps a generated key beside the warehouse)")
     return out
 
 
+def demo_key_file(warehouse: str) -> str:
+    """Where the embedded demo keeps its generated API key: beside the warehouse."""
+    from cdpflow.warehouse import warehouse_path
+    return os.path.splitext(warehouse_path(warehouse) or warehouse)[0] + ".api.key"
+
+
 # --------------------------------------------------------------------------- the app
-def create_api(store, keys: List[ApiKey], config: Mapping[str, Any], identity_store=None, control=None) -> FastAPI:
-    """The API over a `RedisProfileStore`; `identity_store` answers anonymous-id and loyalty-id
-    lookups; `control(profile_id)` sends a forget to the pipeline (None: the store only)."""
+def create_api(store, keys: List[ApiKey], config: Mapping[str, Any], identity_store=None,
+               forget: Optional[Callable[[str], List[str]]] = None) -> FastAPI:
+    """The API over a profile store (`RedisProfileStore`, or `WarehouseProfileStore` in the
+    embedded demo); `identity_store` answers the lookups the store does not index (anonymous and
+    loyalty ids, for Redis); `forget(profile_id)` forgets a person and returns the destinations
+    that did not confirm the deletion (default: `redis_forgetter` without Kafka)."""
+    if forget is None:
+        forget = redis_forgetter(store, config)
+    indexed = getattr(store, "lookup_kinds", ("email", "phone", "user_id"))
     from cdpflow.core.segments import parse_rules, segments_of
     rules = parse_rules(config["segments"])
     lifecycle = config["lifecycle"]
@@ -272,6 +302,7 @@ def create_api(store, keys: List[ApiKey], config: Mapping[str, Any], identity_st
         (kind, value), = given.items()
         if kind in ("email", "phone", "user_id"):
             needs(key, "pii:read")  # a lookup by a personal identifier confirms it
+        if kind in indexed:
             from cdpflow.core.normalize import normalize_email, normalize_phone
             normal = (normalize_email(value) if kind == "email" else
                       normalize_phone(value, config.get("default_region", "US")) if kind == "phone" else value)
@@ -311,7 +342,7 @@ def create_api(store, keys: List[ApiKey], config: Mapping[str, Any], identity_st
         needs(key, "profiles:read")
         if (request.profile_id is None) == (request.features is None):
             raise ApiError(400, "give a profile_id or features, one of them")
-        row = dict(stored(request.profile_id)) if request.profile_id else dict(request.features or {})
+        row = _money(dict(stored(request.profile_id)) if request.profile_id else dict(request.features or {}))
         lifecycle_known = bool(row.get("lifecycle_stage"))
         row.setdefault("lifecycle_stage", "unknown")
         try:
@@ -322,18 +353,16 @@ def create_api(store, keys: List[ApiKey], config: Mapping[str, Any], identity_st
         return Classification(profile_id=request.profile_id, segments=names, rules_version=rules.version)
 
     @app.delete("/v1/profiles/{profile_id}", response_model=Forgotten, responses={**read, **_errors(404)})
-    def forget(profile_id: str = Path(..., pattern=ID_PATTERN), key: ApiKey = Depends(caller)):
+    def forget_profile(profile_id: str = Path(..., pattern=ID_PATTERN), key: ApiKey = Depends(caller)):
         needs(key, "write")
         stored(profile_id)
-        if control is not None:
-            control(profile_id)  # the pipeline forgets them in the warehouse and identity store
-        store.forget(profile_id)
-        return Forgotten(profile_id=profile_id, forgotten=True)
+        return Forgotten(profile_id=profile_id, forgotten=True, unconfirmed=forget(profile_id))
 
     @app.get("/health", response_model=Health, responses=_errors(503))
     def health():
         try:
-            store.client.ping()
+            if not store.ping():
+                raise ApiError(503, "the profile store does not answer")
         except Exception:  # noqa: BLE001 - said as the answer
             raise ApiError(503, "the profile store does not answer") from None
         return Health(status="ok", profile_store=True)
@@ -344,6 +373,42 @@ def create_api(store, keys: List[ApiKey], config: Mapping[str, Any], identity_st
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _money(row: Dict[str, Any]) -> Dict[str, Any]:
+    """Money columns (NUMERIC in the table contract) as Decimal: rows travel with them as decimal
+    strings, and the rules compare numbers (a string never matches `gte`)."""
+    from decimal import Decimal, InvalidOperation
+
+    from cdpflow.schemas.tables import PROFILES
+    for column in PROFILES.columns:
+        value = row.get(column.name)
+        if column.type == "NUMERIC" and isinstance(value, str):
+            try:
+                row[column.name] = Decimal(value)
+            except InvalidOperation:
+                raise ApiError(400, f"{column.name}: {value!r} is not a number") from None
+    return row
+
+
+def redis_forgetter(store, config: Mapping[str, Any], control: Optional[Callable[[str], None]] = None,
+                    bootstrap: Optional[str] = None) -> Callable[[str], List[str]]:
+    """The API's forget over the Redis profile store: every configured destination is asked to
+    delete the member, `control(profile_id)` sends the forget to the pipeline (the loader applies
+    it to the warehouse and identity store), the store drops the person for good, and with
+    `bootstrap` their dead letters are tombstoned. Returns the destinations that did not confirm."""
+    def forget(profile_id: str) -> List[str]:
+        from cdpflow.activation.forget import ActivationForget, delete_at_destinations
+        done = ActivationForget()
+        delete_at_destinations(config, store.profile(profile_id), store.segments_of(profile_id), done)
+        if control is not None:
+            control(profile_id)
+        store.forget(profile_id)
+        if bootstrap:
+            from cdpflow.activation.sidecar import purge_dead_letters
+            purge_dead_letters(bootstrap, profile_id)
+        return done.unconfirmed
+    return forget
 
 
 def control_sender(bootstrap: str):

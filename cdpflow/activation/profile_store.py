@@ -143,6 +143,9 @@ class RedisProfileStore:
         """Removes the profile, its index entries and memberships, and keeps it out for good."""
         return bool(self._forget(keys=[self.prefix], args=[profile_id]))
 
+    def ping(self) -> bool:
+        return bool(self.client.ping())
+
     # ------------------------------------------------------------------ reads
     def profile(self, profile_id: str) -> Optional[Dict[str, Any]]:
         row = self.client.hget(f"{self.prefix}:profile:{profile_id}", "row")

@@ -206,7 +206,11 @@ class DestinationWorker:
                  "raw": None if change is not None else record.value.decode("utf-8", "replace"),
                  "error": error, "attempts": attempts, "dead_lettered_at": int(time.time() * 1_000_000),
                  "source": {"topic": record.topic, "partition": record.partition, "offset": record.offset}}
-        self.producer().send(DESTINATION_DEAD_LETTERS.name, key=profile_id.encode() or None, value=orjson.dumps(value))
+        producer = self.producer()
+        source = f"{record.topic}:{record.partition}:{record.offset}"
+        key = dead_letter_key(profile_id, self.destination.name, (change or {}).get("idempotency_key") or source)
+        producer.send(DESTINATION_DEAD_LETTERS.name, key=key, value=orjson.dumps(value),
+                      partition=dead_letter_partition(producer, profile_id))
         if profile_id:
             # held until a replay has delivered every dead letter of the profile
             self.profiles.client.hincrby(self.held_key, profile_id, 1)
@@ -279,6 +283,8 @@ def replay_dead_letters(bootstrap: str, destination: Destination, profiles: Redi
                 continue
             idle_since = time.monotonic()
             for record in records:
+                if record.value is None:
+                    continue  # a tombstone: a forget purged that letter
                 letter = orjson.loads(record.value)
                 change = letter.get("change")
                 if letter.get("destination") != destination.name or not change:
@@ -318,3 +324,57 @@ def _release(profiles: RedisProfileStore, held_key: str, profile_id: str) -> int
         profiles.client.hdel(held_key, profile_id)
         return 1
     return 0
+
+
+# --------------------------------------------------------------------------- dead letters by profile
+def dead_letter_key(profile_id: str, destination: str, letter: str) -> bytes:
+    """A dead letter's key: unique per letter, so that the compacted topic keeps every letter and a
+    forget can replace each of a person's letters with a tombstone (`purge_dead_letters`)."""
+    return f"{profile_id}|{destination}|{letter}".encode("utf-8")
+
+
+def dead_letter_partition(producer, profile_id: str) -> Optional[int]:
+    """The partition of a profile's dead letters: by the profile id alone (Kafka's own murmur2
+    hash, as if the profile id were the key), so one profile's letters keep their order."""
+    if not profile_id:
+        return None
+    from kafka.partitioner.default import murmur2
+    partitions = sorted(producer.partitions_for(DESTINATION_DEAD_LETTERS.name))
+    return partitions[(murmur2(profile_id.encode("utf-8")) & 0x7FFFFFFF) % len(partitions)]
+
+
+def purge_dead_letters(bootstrap: str, profile_id: str, timeout_s: float = 30.0) -> int:
+    """Writes a tombstone over every dead letter of a forgotten profile, for every destination.
+
+    Reads the profile's partition of `cdp.destinations.deadletter` up to its end (the topic is
+    compacted, so the letters are removed once compaction passes; a replay skips them at once,
+    and skips any letter of a forgotten profile anyway). Returns how many letters it tombstoned.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+
+    from cdpflow.io.kafka_producer import producer as make_producer
+    producer = make_producer(bootstrap, timeout_s)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed")
+    try:
+        tp = TopicPartition(DESTINATION_DEAD_LETTERS.name, dead_letter_partition(producer, profile_id))
+        consumer.assign([tp])
+        consumer.seek_to_beginning(tp)
+        end = consumer.end_offsets([tp])[tp]
+        prefix = f"{profile_id}|".encode("utf-8")
+        live: Dict[bytes, bool] = {}
+        deadline = time.monotonic() + timeout_s
+        while consumer.position(tp) < end:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {tp.topic} partition {tp.partition} took over {timeout_s:g} s")
+            for record in consumer.poll(timeout_ms=500).get(tp, []):
+                if record.offset < end and record.key and record.key.startswith(prefix):
+                    live[record.key] = record.value is not None
+        futures = [producer.send(tp.topic, key=key, value=None, partition=tp.partition)
+                   for key, alive in live.items() if alive]
+        producer.flush(timeout=timeout_s)
+        for future in futures:
+            future.get(timeout=timeout_s)
+        return len(futures)
+    finally:
+        consumer.close()
+        producer.close()

@@ -80,11 +80,15 @@ WAREHOUSE_ROWS = Topic(
 )
 DESTINATION_DEAD_LETTERS = Topic(
     "cdp.destinations.deadletter",
-    key="the profile id: one profile's failed deliveries keep their order (`cdpflow destinations replay` resends them)",
+    key="`<profile id>|<destination>|<idempotency key>`, one per letter, written to the partition of the profile id "
+        "alone: one profile's failed deliveries keep their order (`cdpflow destinations replay` resends them), and a "
+        "forget replaces each of the person's letters with a tombstone",
     value="`{\"destination\", \"change\", \"error\", \"attempts\", \"dead_lettered_at\", \"source\"}`: a segment change "
           "a destination refused or never answered, or one held behind such a change of the same profile",
-    retention="30 days, time to fix the receiver and replay",
-    configs=_deleted_after(days=30),
+    retention="30 days, time to fix the receiver and replay; compacted too, so a forgotten person's letters go "
+              "within a day",
+    configs={"cleanup.policy": "compact,delete", "retention.ms": str(30 * DAY_MS), "segment.ms": str(DAY_MS),
+             "max.compaction.lag.ms": str(DAY_MS), "delete.retention.ms": str(DAY_MS)},
 )
 
 # In the order `cdpflow stack up` creates them.

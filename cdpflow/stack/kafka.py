@@ -181,7 +181,9 @@ class Kafka(ProcessComponent):
         return started
 
     def ensure_topics(self) -> List[str]:
-        """Creates each topic of `TOPICS` that does not exist; existing ones are left as they are.
+        """Creates each topic of `TOPICS` that does not exist; existing ones keep their partitions
+        but get the configuration `TOPICS` declares where theirs differs (a stack made by an older
+        cdpflow: e.g. the destinations' dead letters became compacted, so a forget can purge them).
 
         Returns:
             The names of the topics created now.
@@ -190,6 +192,7 @@ class Kafka(ProcessComponent):
         """
         with self._admin(timeout_ms=30_000) as admin:
             existing = set(admin.list_topics())
+            self._align_configs(admin, [topic for topic in TOPICS if topic.name in existing])
             missing = {topic.name: {"num_partitions": self.partitions, "replication_factor": 1,
                                     "configs": dict(topic.configs)}
                        for topic in TOPICS if topic.name not in existing}
@@ -206,6 +209,18 @@ class Kafka(ProcessComponent):
             # Producers may write as soon as `up` returns: wait until each partition has its leader.
             admin.wait_for_topics(list(missing))
         return sorted(missing)
+
+    @staticmethod
+    def _align_configs(admin: KafkaAdminClient, topics) -> None:
+        from kafka.admin import ConfigResource, ConfigResourceType
+        if not topics:
+            return
+        found = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t.name) for t in topics],
+                                       config_filter="all")["topic"]
+        stale = [ConfigResource(ConfigResourceType.TOPIC, t.name, configs=dict(t.configs)) for t in topics
+                 if any((found.get(t.name, {}).get(k) or {}).get("value") != v for k, v in t.configs.items())]
+        if stale:
+            admin.alter_configs(stale)
 
     def _admin(self, timeout_ms: int) -> KafkaAdminClient:
         return KafkaAdminClient(bootstrap_servers=self.bootstrap_servers(), client_id="cdpflow-stack",

@@ -85,6 +85,10 @@ class Warehouse(abc.ABC):
         """The segment_memberships rows in staged form (timestamps as microseconds)."""
 
     @abc.abstractmethod
+    def profiles(self) -> List[Dict[str, Any]]:
+        """Every `profiles` row (as the backend returns it: times as datetimes, money as Decimal)."""
+
+    @abc.abstractmethod
     def open_segment_sizes(self) -> Dict[str, int]:
         """Open memberships per segment, by segment name."""
 

@@ -198,6 +198,9 @@ class DuckDBWarehouse(Warehouse):
         keys = ("profile_id", "segment", "source", "entered_at", "exited_at", "model_version")
         return [dict(zip(keys, row)) for row in cur.fetchall()]
 
+    def profiles(self) -> List[Dict[str, Any]]:
+        return self.query("SELECT * FROM profiles ORDER BY profile_id") if self.has_table("profiles") else []
+
     def open_segment_sizes(self) -> Dict[str, int]:
         if not self.has_table("segment_memberships"):
             return {}

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import CHECKS
 
-from cdpflow.activation.api import ApiKey, create_api
+from cdpflow.activation.api import ApiKey, create_api, redis_forgetter
 from cdpflow.activation.profile_store import open_profile_store
 from cdpflow.config import load_config
 from cdpflow.core.identity import open_identity_store
@@ -43,7 +43,9 @@ def _app(seeded_store, per_second=1000.0, sent=None):
     keys = [ApiKey("full", FULL.encode(), ["profiles:read", "pii:read", "write"], per_second),
             ApiKey("read", READ.encode(), ["profiles:read"], per_second),
             ApiKey("writer", WRITE.encode(), ["write"], per_second)]
-    return create_api(store, keys, load_config(None), identity, sent.append if sent is not None else None)
+    config = load_config(None)
+    return create_api(store, keys, config, identity,
+                      redis_forgetter(store, config, control=sent.append if sent is not None else None))
 
 
 def _bearer(key):
@@ -134,7 +136,8 @@ def test_the_forget_takes_the_write_scope_and_the_profile_is_gone(seeded_store):
     person = profiles[-1]
     url = f"/v1/profiles/{person['profile_id']}"
     assert client.delete(url, headers=_bearer(READ)).status_code == 403
-    assert client.delete(url, headers=_bearer(WRITE)).json() == {"profile_id": person["profile_id"], "forgotten": True}
+    assert client.delete(url, headers=_bearer(WRITE)).json() == {"profile_id": person["profile_id"], "forgotten": True,
+                                                                 "unconfirmed": []}
     assert sent == [person["profile_id"]]
     assert client.get(url, headers=_bearer(FULL)).status_code == 404
     assert store.is_forgotten(person["profile_id"])

@@ -121,16 +121,18 @@ def _in_topic_order(changes):
     return dict(order)
 
 
-def _dead_letters(bootstrap):
+def _dead_letters(bootstrap, with_keys=False):
     from kafka import KafkaConsumer, TopicPartition
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed", consumer_timeout_ms=3000)
     tps = [TopicPartition(DESTINATION_DEAD_LETTERS.name, p)
            for p in consumer.partitions_for_topic(DESTINATION_DEAD_LETTERS.name)]
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)
-    letters = [orjson.loads(r.value) for r in consumer]
+    records = list(consumer)
     consumer.close()
-    return letters
+    if with_keys:
+        return [(r.partition, r.key, None if r.value is None else orjson.loads(r.value)) for r in records]
+    return [orjson.loads(r.value) for r in records if r.value is not None]
 
 
 def test_every_change_reaches_a_flaky_receiver_once_in_order_signed_across_a_sidecar_kill(
@@ -301,6 +303,28 @@ def test_a_refused_change_holds_its_profile_until_replayed_and_forgotten_people_
     assert receiver.order[during["profile_id"]] == [c["idempotency_key"] for c in changes
                                                    if c["profile_id"] == during["profile_id"]]
     assert more[1]["idempotency_key"] not in receiver.attempts
+    # The held person is forgotten: each of their dead letters (all in their profile's partition,
+    # keyed one per letter) gets a tombstone; the letters of anyone else stay.
+    extra = segment_change(late["profile_id"], "kept", "rule", "enter", format_ts(int(time.time() * 1e6)), "kept-1")
+    with Receiver(SECRET.encode(), refuse=lambda c: True) as refusing_receiver:
+        config = _config(tmp_path, {"crm": {"type": "webhook", "url": refusing_receiver.url,
+                                            "secret_env": "TEST_WEBHOOK_SECRET", **FAST_RETRIES}})
+        _publish(broker, changes=[extra])
+        done = subprocess.run(_sidecar_command(config, broker, store, warehouse, "--until-idle", "3"), env=_env(),
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert main(["forget", f"email:{held['email']}", "--warehouse", str(warehouse), "--profile-store", store,
+                 "--bootstrap", broker]) == 0
+    newest, partitions = {}, defaultdict(set)
+    for partition, key, letter in _dead_letters(broker, with_keys=True):
+        newest[key] = letter
+        partitions[key.decode().split("|")[0]].add(partition)
+    mine = {k: v for k, v in newest.items() if k.decode().startswith(held["profile_id"] + "|")}
+    assert set(mine) == {f"{held['profile_id']}|crm|{c['idempotency_key']}".encode() for c in held_changes}
+    assert all(letter is None for letter in mine.values())
+    assert len(partitions[held["profile_id"]]) == 1
+    kept = newest[f"{late['profile_id']}|crm|{extra['idempotency_key']}".encode()]
+    assert kept is not None and kept["change"]["idempotency_key"] == extra["idempotency_key"]
 
 
 def _consented(profile):

@@ -23,7 +23,7 @@ from tests.services import free_port, require_kafka
 
 # The names the issue fixed, spelt out rather than read from the module under test.
 TOPIC_NAMES = {"cdp.events.raw", "cdp.events.deadletter", "cdp.segments.changes", "cdp.profiles.changes",
-               "cdp.control"}
+               "cdp.control", "cdp.warehouse.rows", "cdp.destinations.deadletter"}
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,10 @@ def test_the_topics_exist_with_their_partitions_retention_and_compaction(stack):
                                           config_filter="all")["topic"]
     value = {name: {key: entry["value"] for key, entry in found.items()} for name, found in configs.items()}
     assert value["cdp.profiles.changes"]["cleanup.policy"] == "compact"
-    assert {value[name]["cleanup.policy"] for name in TOPIC_NAMES - {"cdp.profiles.changes"}} == {"delete"}
+    assert value["cdp.destinations.deadletter"]["cleanup.policy"] == "compact,delete"
+    assert value["cdp.destinations.deadletter"]["retention.ms"] == str(30 * DAY_MS)
+    assert {value[name]["cleanup.policy"] for name in TOPIC_NAMES - {"cdp.profiles.changes",
+                                                                     "cdp.destinations.deadletter"}} == {"delete"}
     assert value["cdp.events.raw"]["retention.ms"] == str(7 * DAY_MS)
     assert value["cdp.events.deadletter"]["retention.ms"] == str(30 * DAY_MS)
 
@@ -124,6 +127,22 @@ def test_topics_that_exist_are_left_as_they_are(stack):
     assert Kafka(stack.root, partitions=3).ensure_topics() == []
     with admin(stack) as client:
         assert {len(t["partitions"]) for t in client.describe_topics(sorted(TOPIC_NAMES))} == {2}
+
+
+def test_an_existing_topic_gets_the_configuration_declared_now(stack):
+    # a stack made before the destinations' dead letters were compacted
+    assert main(["stack", "up", "kafka"]) == 0
+    name = "cdp.destinations.deadletter"
+    resource = ConfigResource(ConfigResourceType.TOPIC, name, configs={"cleanup.policy": "delete",
+                                                                       "retention.ms": str(30 * DAY_MS)})
+    with admin(stack) as client:
+        client.alter_configs([resource])
+    assert Kafka(stack.root, partitions=3).ensure_topics() == []
+    with admin(stack) as client:
+        found = client.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)])["topic"][name]
+        assert {"cleanup.policy", "segment.ms"} <= set(found)
+        assert found["cleanup.policy"]["value"] == "compact,delete"
+        assert {len(t["partitions"]) for t in client.describe_topics([name])} == {2}
 
 
 def test_a_round_trip_keeps_each_persons_order(stack):
