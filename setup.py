@@ -38,8 +38,10 @@ EXTRAS_REQUIRE = {
     "serve": [],  # in the base install now (the collector); the extra stays so `.[serve]` still resolves
     "ml": ["scikit-learn>=1.4", "joblib>=1.3"],
     # pandas: the features test oracle; segment-analytics-python: a real SDK for the collector tests;
-    # schemathesis: the profile API against its OpenAPI document; httpx2: Starlette's test client
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "schemathesis>=4.30", "httpx2>=2", "hypothesis>=6.100", "pandas>=2.2", "segment-analytics-python>=2.3", "requests>=2.31"],
+    # schemathesis: the profile API against its OpenAPI document; httpx2: Starlette's test client;
+    # aiohttp: the API benchmark's open-loop load generator (a faster client than httpx's)
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "schemathesis>=4.30", "httpx2>=2", "hypothesis>=6.100", "pandas>=2.2",
+            "segment-analytics-python>=2.3", "requests>=2.31", "aiohttp>=3.9"],
 }
 
 # The JSON Schemas sit in data-only folders, one per event kind (cdpflow/schemas/events/<kind>/),

@@ -151,6 +151,13 @@ class RedisProfileStore:
         row = self.client.hget(f"{self.prefix}:profile:{profile_id}", "row")
         return orjson.loads(row) if row else None
 
+    def profile_and_segments(self, profile_id: str) -> Tuple[Optional[Dict[str, Any]], List[str]]:
+        """The profile's row and its segments, read in one round trip."""
+        row, segments = (self.client.pipeline(transaction=False)
+                         .hget(f"{self.prefix}:profile:{profile_id}", "row")
+                         .smembers(f"{self.prefix}:segments:{profile_id}").execute())
+        return (orjson.loads(row) if row else None), sorted(s.decode() for s in segments)
+
     def is_forgotten(self, profile_id: str) -> bool:
         return bool(self.client.sismember(f"{self.prefix}:forgotten", profile_id))
 

@@ -95,6 +95,11 @@ class WarehouseProfileStore:
         self.refresh()
         return self._snapshot.profiles.get(profile_id)
 
+    def profile_and_segments(self, profile_id: str) -> Tuple[Optional[Dict[str, Any]], List[str]]:
+        self.refresh()
+        snapshot = self._snapshot  # one snapshot for both
+        return snapshot.profiles.get(profile_id), list(snapshot.segments.get(profile_id, ()))
+
     def lookup(self, kind: str, value: str) -> Optional[str]:
         if kind not in LOOKUP_KINDS:
             raise ValueError(f"lookup by {kind!r}: one of {', '.join(LOOKUP_KINDS)}")
