@@ -620,11 +620,12 @@ DEFAULT_PROFILE_STORE = "redis://127.0.0.1:6379/0"
 def _activation_arguments(parser) -> None:
     parser.add_argument("--profile-store", help="sidecar, api: the Redis profile store (redis://HOST:PORT/DB[?prefix=P]; "
                                                  f"default the stack's, {DEFAULT_PROFILE_STORE})")
-    parser.add_argument("--identity-store", help="sidecar: the identity store whose forgets it honours while it runs; "
-                                                 "api: the one answering anonymous_id and loyalty_id lookups")
-    parser.add_argument("--warehouse", help="sidecar: the warehouse whose governance (forgotten identifiers) it starts "
-                                            "from; api without --profile-store: serve this DuckDB warehouse (the "
-                                            "embedded demo, no Redis or Kafka; DELETE runs the forget on it)")
+    parser.add_argument("--identity-store", help="sidecar, api: the identity store whose forgets it honours while it "
+                                                 "runs (the api also answers anonymous_id and loyalty_id lookups from it)")
+    parser.add_argument("--warehouse", help="sidecar, and api with --profile-store: the warehouse whose governance "
+                                            "(forgotten identifiers) it starts from; api without --profile-store: serve "
+                                            "this DuckDB warehouse (the embedded demo, no Redis or Kafka; DELETE runs "
+                                            "the forget on it)")
 
 
 def cmd_destinations(args) -> int:
@@ -682,7 +683,7 @@ def cmd_serve(args) -> int:
     import uvicorn
     if args.service == "api":
         from cdpflow.activation import api
-        identity = None
+        identity = governance = None
         if args.warehouse and not args.profile_store:
             # the embedded demo: the warehouse is the store, and a forget runs `cdpflow forget`'s work
             from cdpflow.activation.warehouse_store import WarehouseProfileStore
@@ -700,7 +701,11 @@ def cmd_serve(args) -> int:
             control = api.control_sender(args.bootstrap) if args.send_forgets else None
             forget = api.redis_forgetter(store, config, control, args.bootstrap if args.send_forgets else None)
             over = f"the profile store {args.profile_store or DEFAULT_PROFILE_STORE}"
-        app = api.create_api(store, keys, config, identity, forget)
+            if args.warehouse or args.identity_store:
+                # the sidecar's governance: forgotten people stay out of every answer
+                from cdpflow.activation.service import governance_view
+                governance = governance_view(config, args.warehouse, args.identity_store)
+        app = api.create_api(store, keys, config, identity, forget, governance)
         port = args.port or 8090
         err_console.print(f"profile API on http://{args.host}:{port} (OpenAPI: /openapi.json, docs: /docs) over {over}")
         if any(k.name == "demo" for k in keys):

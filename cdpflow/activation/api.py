@@ -209,13 +209,16 @@ def demo_key_file(warehouse: str) -> str:
 
 # --------------------------------------------------------------------------- the app
 def create_api(store, keys: List[ApiKey], config: Mapping[str, Any], identity_store=None,
-               forget: Optional[Callable[[str], List[str]]] = None) -> FastAPI:
+               forget: Optional[Callable[[str], List[str]]] = None, governance=None) -> FastAPI:
     """The API over a profile store (`RedisProfileStore`, or `WarehouseProfileStore` in the
     embedded demo); `identity_store` answers the lookups the store does not index (anonymous and
     loyalty ids, for Redis); `forget(profile_id)` forgets a person and returns the destinations
-    that did not confirm the deletion (default: `redis_forgetter` without Kafka)."""
+    that did not confirm the deletion (default: `redis_forgetter` without Kafka); `governance`
+    (the sidecar's `GovernanceView`: the warehouse's forgotten identifiers, then the identity
+    store's) keeps a forgotten person out of every answer even when the store was not told."""
     if forget is None:
         forget = redis_forgetter(store, config)
+    governed = _Governed(governance, store) if governance is not None else None
     indexed = getattr(store, "lookup_kinds", ("email", "phone", "user_id"))
     from cdpflow.core.segments import parse_rules, segments_of
     rules = parse_rules(config["segments"])
@@ -272,7 +275,7 @@ def create_api(store, keys: List[ApiKey], config: Mapping[str, Any], identity_st
 
     def stored(profile_id: str) -> Mapping[str, Any]:
         row = store.profile(profile_id)
-        if row is None:
+        if row is None or (governed is not None and not governed.visible(profile_id, row)):
             raise ApiError(404, f"no profile {profile_id}")
         return row
 
@@ -282,7 +285,7 @@ def create_api(store, keys: List[ApiKey], config: Mapping[str, Any], identity_st
     async def get_profile(profile_id: str = Path(..., pattern=ID_PATTERN), key: ApiKey = Depends(caller)):
         needs(key, "profiles:read")
         row, segments = store.profile_and_segments(profile_id)  # one round trip to the store
-        if row is None:
+        if row is None or (governed is not None and not governed.visible(profile_id, row)):
             raise ApiError(404, f"no profile {profile_id}")
         return shown(row, key, segments)
 
@@ -311,7 +314,7 @@ def create_api(store, keys: List[ApiKey], config: Mapping[str, Any], identity_st
         if not profile_id:
             raise ApiError(404, f"no profile holds that {kind}")
         row, segments = store.profile_and_segments(profile_id)
-        if row is None:
+        if row is None or (governed is not None and not governed.visible(profile_id, row)):
             raise ApiError(404, f"no profile {profile_id}")
         return shown(row, key, segments)
 
@@ -335,7 +338,10 @@ def create_api(store, keys: List[ApiKey], config: Mapping[str, Any], identity_st
         page = store.members(name, after=cursor, limit=limit + 1)
         more = len(page) > limit
         page = page[:limit]
-        return Members(segment=name, members=page, next_cursor=page[-1] if more and page else None)
+        cursor_next = page[-1] if more and page else None
+        if governed is not None:  # a forgotten member found here is dropped (and forgotten in the store)
+            page = [pid for pid, row in zip(page, store.rows(page)) if row is not None and governed.visible(pid, row)]
+        return Members(segment=name, members=page, next_cursor=cursor_next)
 
     @app.post("/v1/classify", response_model=Classification, responses={**read, **_errors(400, 404)})
     def classify(request: ClassifyRequest, key: ApiKey = Depends(caller)):
@@ -373,6 +379,46 @@ def create_api(store, keys: List[ApiKey], config: Mapping[str, Any], identity_st
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+class _Governed:
+    """The API's view of governance over a Redis profile store (see `create_api`).
+
+    Re-reads the identity store's forgotten identifiers at most once a second; when they change,
+    sweeps the store in the background, forgetting every stored profile they cover (so segment
+    sizes and member lists drop them too). A read that meets such a profile first answers as if
+    it were gone, and forgets it in the store at once.
+    """
+
+    def __init__(self, view, store, every_s: float = 1.0):
+        self.view, self.store, self.every_s = view, store, every_s
+        self.lock = threading.Lock()
+        self.at = 0.0
+        self.known = None
+        self.refresh()
+
+    def refresh(self) -> None:
+        now = time.monotonic()
+        if now - self.at < self.every_s or not self.lock.acquire(blocking=False):
+            return
+        try:
+            self.at = now
+            self.view.refresh()
+            suppressed = self.view.forgotten
+            if suppressed != self.known:
+                self.known = suppressed
+                if suppressed:
+                    threading.Thread(target=self.store.forget_where, args=(self.view.suppressed,),
+                                     name="forget-sweep", daemon=True).start()
+        finally:
+            self.lock.release()
+
+    def visible(self, profile_id: str, row: Mapping[str, Any]) -> bool:
+        self.refresh()
+        if self.view.suppressed(row):
+            self.store.forget(profile_id)
+            return False
+        return True
 
 
 class _Measure:

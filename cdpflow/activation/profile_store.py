@@ -158,6 +158,31 @@ class RedisProfileStore:
                          .smembers(f"{self.prefix}:segments:{profile_id}").execute())
         return (orjson.loads(row) if row else None), sorted(s.decode() for s in segments)
 
+    def rows(self, profile_ids: Sequence[str]) -> List[Optional[Dict[str, Any]]]:
+        """The rows of several profiles (None where unknown), in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for profile_id in profile_ids:
+            pipe.hget(f"{self.prefix}:profile:{profile_id}", "row")
+        return [orjson.loads(row) if row else None for row in pipe.execute()]
+
+    def forget_where(self, test, batch: int = 500) -> int:
+        """Forgets every stored profile whose row passes `test(row)`; returns how many."""
+        forgotten = 0
+        ids: List[str] = []
+        start = len(f"{self.prefix}:profile:")
+
+        def check() -> int:
+            gone = [pid for pid, row in zip(ids, self.rows(ids)) if row is not None and test(row)]
+            for pid in gone:
+                self.forget(pid)
+            ids.clear()
+            return len(gone)
+        for key in self.client.scan_iter(match=f"{self.prefix}:profile:*", count=batch):
+            ids.append(key.decode()[start:])
+            if len(ids) >= batch:
+                forgotten += check()
+        return forgotten + (check() if ids else 0)
+
     def is_forgotten(self, profile_id: str) -> bool:
         return bool(self.client.sismember(f"{self.prefix}:forgotten", profile_id))
 

@@ -70,6 +70,11 @@ class GovernanceView:
             self._store = open_identity_store(self.uri, self._rules)
         self._rules = self._store.governed_rules()
 
+    @property
+    def forgotten(self) -> frozenset:
+        """The forgotten identifiers' hashes the view holds now."""
+        return self._rules.suppressed if self._rules is not None else frozenset()
+
     def suppressed(self, profile: Optional[Mapping[str, Any]]) -> bool:
         return self._rules is not None and self._rules.is_suppressed(profile_identifiers(profile))
 

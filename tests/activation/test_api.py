@@ -5,6 +5,7 @@ schemathesis against the app's own OpenAPI document (every check, every operatio
 """
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -24,14 +25,24 @@ EVERY_CHECK = CHECKS.get_all()  # what `--checks all` runs
 
 
 @pytest.fixture(scope="module")
-def seeded_store(tmp_path_factory, redis_url):
+def batch(tmp_path_factory):
     folder = tmp_path_factory.mktemp("api")
-    warehouse, profiles, changes = _batch_run(folder)
+    return (folder, *_batch_run(folder))
+
+
+def _store(redis_url, profiles, changes):
     store = open_profile_store(f"{redis_url}?prefix=api-{uuid.uuid4().hex[:8]}")
     for row in profiles:
         store.apply_profile(row["profile_id"], row, row["as_of"], row["updated_at"])
     for change in changes:
         store.apply_change(change)
+    return store
+
+
+@pytest.fixture(scope="module")
+def seeded_store(batch, redis_url):
+    folder, _, profiles, changes = batch
+    store = _store(redis_url, profiles, changes)
     identity = open_identity_store("sqlite://" + str(folder / "cdp.identity.sqlite"))
     yield store, profiles, changes, identity
     identity.close()
@@ -171,3 +182,47 @@ def test_the_openapi_document_holds_for_every_operation(seeded_store):
         except Exception as err:  # noqa: BLE001 - collected: every operation is checked
             failures.append(f"{operation.label}: {str(err)[:1500]}")
     assert not failures, "\n\n".join(failures)
+
+
+def test_a_person_forgotten_in_the_warehouse_is_gone_from_every_answer(batch, redis_url, tmp_path, monkeypatch):
+    # `cdpflow forget` on the warehouse alone (the profile store not told): the API, governed by
+    # the warehouse and its identity store, answers as if the person were gone, drops them from
+    # member pages, and its sweep forgets them in the store (so segment sizes drop them too).
+    from cdpflow.activation.service import governance_view
+    from cdpflow.cli import main
+    from tests.warehouse.helpers import copy_warehouse
+    folder, warehouse, profiles, changes = batch
+    monkeypatch.setenv("CDPFLOW_DEMO", "1")
+    own = tmp_path / "cdp.duckdb"
+    copy_warehouse(warehouse, own)
+    store = _store(redis_url, profiles, changes)
+    identity_uri = "sqlite://" + str(tmp_path / "cdp.identity.sqlite")
+    config = load_config(None)
+    app = create_api(store, [ApiKey("full", FULL.encode(), ["profiles:read", "pii:read", "write"], 1000.0)], config,
+                     None, redis_forgetter(store, config), governance_view(config, str(own), identity_uri))
+    client = TestClient(app)
+    person = next(p for p in profiles if p["email"] and store.segments_of(p["profile_id"]))
+    pid, segment = person["profile_id"], store.segments_of(person["profile_id"])[0]
+    size = next(s["members"] for s in client.get("/v1/segments", headers=_bearer(FULL)).json()["segments"]
+                if s["name"] == segment)
+    assert client.get(f"/v1/profiles/{pid}", headers=_bearer(FULL)).status_code == 200
+    assert main(["forget", f"email:{person['email']}", "--warehouse", str(own)]) == 0
+    time.sleep(1.1)  # the API looks at the identity store at most once a second
+    members = client.get(f"/v1/segments/{segment}/members", params={"limit": 1000}, headers=_bearer(FULL)).json()
+    assert pid not in members["members"]
+    assert client.get(f"/v1/profiles/{pid}", headers=_bearer(FULL)).status_code == 404
+    assert client.get("/v1/profiles", params={"email": person["email"]}, headers=_bearer(FULL)).status_code == 404
+    assert client.post("/v1/classify", json={"profile_id": pid}, headers=_bearer(FULL)).status_code == 404
+    deadline = time.monotonic() + 10
+    while not store.is_forgotten(pid):
+        assert time.monotonic() < deadline, "the sweep did not forget them in the store"
+        time.sleep(0.1)
+    listed = {s["name"]: s["members"] for s in client.get("/v1/segments", headers=_bearer(FULL)).json()["segments"]}
+    assert listed[segment] == size - 1
+    # someone forgotten before the API started is out from its first answer
+    other = next(p for p in profiles if p["email"] and p["profile_id"] != pid)
+    assert main(["forget", f"email:{other['email']}", "--warehouse", str(own)]) == 0
+    fresh = TestClient(create_api(store, [ApiKey("full", FULL.encode(), ["profiles:read", "pii:read"], 1000.0)],
+                                  config, None, None, governance_view(config, str(own), None)))
+    assert fresh.get(f"/v1/profiles/{other['profile_id']}", headers=_bearer(FULL)).status_code == 404
+    store.close()
