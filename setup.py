@@ -26,6 +26,8 @@ INSTALL_REQUIRES = [
     "PyYAML>=6,<7",
     "redis>=5",  # the Redis client: `cdpflow stack`'s health check, and the Redis identity store
     "rich>=13,<16",
+    "scikit-learn>=1.4",  # the customer clusters (`cdpflow train`), scored with RunInference's handler too
+    "joblib>=1.3",  # the stored scikit-learn Pipeline
     "scipy>=1.11",
     "ua-parser>=1.0,<2",
     "ua-parser-builtins",
@@ -36,7 +38,7 @@ EXTRAS_REQUIRE = {
     "gcp": [f"apache-beam[gcp]=={BEAM_VERSION}", "google-cloud-bigquery>=3.20,<4"],
     "kafka": [],  # kafka-python is in the base install now; the extra stays so `.[kafka]` still resolves
     "serve": [],  # in the base install now (the collector); the extra stays so `.[serve]` still resolves
-    "ml": ["scikit-learn>=1.4", "joblib>=1.3"],
+    "ml": [],  # scikit-learn and joblib are in the base install now; the extra stays so `.[ml]` still resolves
     # pandas: the features test oracle; segment-analytics-python: a real SDK for the collector tests;
     # schemathesis: the profile API against its OpenAPI document; httpx2: Starlette's test client;
     # aiohttp: the API benchmark's open-loop load generator (a faster client than httpx's)

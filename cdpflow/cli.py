@@ -152,6 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka brokers HOST:PORT (default 127.0.0.1:9092)")
     serve.add_argument("--config", help="YAML configuration merged over the defaults (collector, activation sections)")
     _activation_arguments(serve)
+    serve.add_argument("--registry", help="api: the model registry whose promoted model classify assigns clusters "
+                                          "with (default: models.registry, else <warehouse>.models if it exists)")
     serve.add_argument("--destination", action="append", default=[], metavar="NAME",
                        help="sidecar: deliver to this configured destination only (repeatable; default all)")
     serve.add_argument("--send-forgets", action="store_true",
@@ -196,6 +198,32 @@ def _parser() -> argparse.ArgumentParser:
                                                                            "(default 127.0.0.1:8081)")
 
     from cdpflow.stack import COMPONENTS, DEFAULT_COMPONENTS
+    train = sub.add_parser("train", help="fit the customer clusters (a batch Beam pipeline) and store a model version")
+    train.add_argument("--warehouse", required=True, help="the warehouse whose profiles to train on")
+    train.add_argument("--registry", help="model registry: a folder or gs://... (default: models.registry in the "
+                                          "configuration, else <warehouse>.models beside the warehouse)")
+    train.add_argument("--algorithm", choices=("kmeans", "gmm"), default="kmeans",
+                       help="kmeans (k by silhouette) or gmm (a Gaussian mixture, k by BIC); default kmeans")
+    train.add_argument("--k", default="3..10", help="clusters: a range LOW..HIGH to choose from, or one number "
+                                                    "(default 3..10)")
+    train.add_argument("--seed", type=int, default=0, help="random seed of the fit (default 0)")
+    train.add_argument("--margin", type=float, default=0.1,
+                       help="hysteresis: how much nearer another cluster must be before a profile moves "
+                            "(kmeans: a fraction of the distance; gmm: of probability; default 0.1)")
+    train.add_argument("--promote", action="store_true", help="promote the new version at once")
+    train.add_argument("--config", help="YAML configuration merged over the defaults (its models section)")
+    train.add_argument("--runner", default="direct", help="direct (default), multiprocess, prism, or a Beam runner")
+
+    models = sub.add_parser("models", help="the model registry: list, show, promote, rollback, shadow")
+    models.add_argument("action", choices=("list", "show", "promote", "rollback", "shadow"))
+    models.add_argument("version", nargs="?", help="the version (show, promote, shadow; show defaults to the "
+                                                   "promoted one; `shadow off` stops shadowing)")
+    models.add_argument("--registry", help="model registry (default: models.registry in the configuration, else "
+                                           "<warehouse>.models)")
+    models.add_argument("--warehouse", help="find the registry beside this warehouse")
+    models.add_argument("--config", help="YAML configuration merged over the defaults (its models section)")
+    models.add_argument("--json", action="store_true", help="print JSON")
+
     stack = sub.add_parser("stack", help="start, stop or check the local services (data under .stack/)")
     stack.add_argument("action", choices=("up", "down", "status"))
     stack.add_argument("components", nargs="*", metavar="COMPONENT",
@@ -705,7 +733,10 @@ def cmd_serve(args) -> int:
                 # the sidecar's governance: forgotten people stay out of every answer
                 from cdpflow.activation.service import governance_view
                 governance = governance_view(config, args.warehouse, args.identity_store)
-        app = api.create_api(store, keys, config, identity, forget, governance)
+        from cdpflow.models.registry import PromotedModel, registry_for
+        registry = args.registry or registry_for(config, args.warehouse)
+        models = PromotedModel(registry) if registry else None
+        app = api.create_api(store, keys, config, identity, forget, governance, models)
         port = args.port or 8090
         err_console.print(f"profile API on http://{args.host}:{port} (OpenAPI: /openapi.json, docs: /docs) over {over}")
         if any(k.name == "demo" for k in keys):
@@ -726,6 +757,113 @@ def cmd_serve(args) -> int:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         collector.sink.close()
+    return 0
+
+
+def _k_range(text: str):
+    from cdpflow.errors import BadInput
+    try:
+        low, _, high = text.partition("..")
+        k_range = (int(low), int(high or low))
+    except ValueError:
+        raise BadInput(f"--k {text!r}: a number (6) or a range (3..10)") from None
+    if not 2 <= k_range[0] <= k_range[1] <= 50:
+        raise BadInput(f"--k {text!r}: between 2 and 50, low <= high")
+    return k_range
+
+
+def cmd_train(args) -> int:
+    from cdpflow.config import load_config
+    from cdpflow.models.registry import default_registry, registry_for
+    from cdpflow.pipelines.train import run_training
+    config = load_config(args.config)
+    k_range = _k_range(args.k)
+    registry = args.registry or registry_for(config, args.warehouse) or default_registry(args.warehouse)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console) as progress:
+        progress.add_task(f"training {args.algorithm}, k in {k_range[0]}..{k_range[1]}, on {args.runner}", total=None)
+        meta = run_training(args.warehouse, registry, args.algorithm, k_range, args.seed, args.margin, args.runner)
+    console.print(_model_table(meta))
+    if args.promote:
+        from cdpflow.models.registry import ModelRegistry
+        ModelRegistry(registry).promote(meta["version"])
+        console.print(f"promoted {meta['version']}: the next run, stream and API assign with it")
+    else:
+        console.print(f"stored {meta['version']} in {registry}; promote it with "
+                      f"`cdpflow models promote {meta['version']} --registry {registry}`")
+    return 0
+
+
+def _model_table(meta):
+    metrics = meta["metrics"]
+    table = Table(title=f"model {meta['version']} ({meta['algorithm']}, k={meta['k']}, {metrics['criterion']} "
+                        f"{metrics['chosen']:.3f}, {meta['training_window']['profiles']} profiles)")
+    for column in ("label", "segment", "profiles", "description"):
+        table.add_column(column, justify="right" if column in ("label", "profiles") else "left")
+    for cluster in meta["clusters"]:
+        table.add_row(str(cluster["label"]), cluster["segment"], str(cluster["size"]), cluster["description"])
+    return table
+
+
+def cmd_models(args) -> int:
+    import orjson
+
+    from cdpflow.config import load_config
+    from cdpflow.errors import BadInput
+    from cdpflow.models.registry import ModelRegistry, registry_for
+    config = load_config(args.config)
+    root = args.registry or registry_for(config, args.warehouse)
+    if not root:
+        raise BadInput("no model registry: give --registry (or --warehouse with a <warehouse>.models beside it, or "
+                       "models.registry in the configuration)")
+    registry = ModelRegistry(root)
+    promoted, shadow = registry.promoted(), registry.shadow()
+    if args.action == "list":
+        metas = registry.versions()
+        if args.json:
+            print(orjson.dumps([{**m, "promoted": bool(promoted and promoted["version"] == m["version"]),
+                                 "shadow": bool(shadow and shadow["version"] == m["version"])}
+                                for m in metas]).decode())
+            return 0
+        table = Table(title=f"models in {root}")
+        for column in ("version", "trained", "algorithm", "k", "profiles", "criterion", "status"):
+            table.add_column(column)
+        for m in metas:
+            status = ("promoted" if promoted and promoted["version"] == m["version"] else
+                      "shadow" if shadow and shadow["version"] == m["version"] else "")
+            table.add_row(m["version"], m["trained_at"], m["algorithm"], str(m["k"]),
+                          str(m["training_window"]["profiles"]),
+                          f"{m['metrics']['criterion']} {m['metrics']['chosen']:.3f}", status)
+        console.print(table)
+        return 0
+    if args.action == "rollback":
+        pointer = registry.rollback()
+        console.print(f"rolled back from {pointer['rolled_back_from']} to {pointer['version']}")
+        return 0
+    if args.action == "show":
+        version = args.version or (promoted or {}).get("version")
+        if not version:
+            raise BadInput("no model promoted yet: name the version to show")
+        meta = registry.metadata(version)
+        if args.json:
+            print(orjson.dumps(meta).decode())
+        else:
+            console.print(_model_table(meta))
+            console.print(f"features: {', '.join(meta['features'])}")
+            console.print(f"libraries: {', '.join(f'{k} {v}' for k, v in meta['libraries'].items())}")
+            console.print(f"trained on: {meta['training_window']}; parent: {meta.get('parent') or '-'}")
+        return 0
+    if not args.version:
+        raise BadInput(f"models {args.action}: name the version")
+    if args.action == "promote":
+        registry.promote(args.version)
+        console.print(f"promoted {args.version} (was {(promoted or {}).get('version') or 'none'})")
+        return 0
+    if args.version == "off":
+        registry.set_shadow(None)
+        console.print("no model is shadowed now")
+        return 0
+    registry.set_shadow(args.version)
+    console.print(f"{args.version} is scored in shadow beside {(promoted or {}).get('version') or 'no promoted model'}")
     return 0
 
 
@@ -778,7 +916,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "profile": cmd_profile, "identity": cmd_identity, "forget": cmd_forget, "publish": cmd_publish,
                 "stack": cmd_stack, "serve": cmd_serve, "import": cmd_import, "send": cmd_send,
                 "stream": cmd_stream, "load": cmd_load, "flink": cmd_flink,
-                "destinations": cmd_destinations}
+                "destinations": cmd_destinations, "train": cmd_train, "models": cmd_models}
     from cdpflow.core.governance import GovernanceError
     from cdpflow.errors import BadInput
     from cdpflow.stack import StackError

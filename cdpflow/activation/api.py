@@ -123,7 +123,8 @@ class Classification(BaseModel):
     profile_id: Optional[str]
     segments: List[str]
     rules_version: str
-    model_version: Optional[str] = Field(None, description="The model that assigned clusters (none yet).")
+    model_version: Optional[str] = Field(None, description="The promoted cluster model that assigned the "
+                                                            "cluster:<name> segment (null: no model promoted).")
 
 
 class Forgotten(BaseModel):
@@ -209,13 +210,14 @@ def demo_key_file(warehouse: str) -> str:
 
 # --------------------------------------------------------------------------- the app
 def create_api(store, keys: List[ApiKey], config: Mapping[str, Any], identity_store=None,
-               forget: Optional[Callable[[str], List[str]]] = None, governance=None) -> FastAPI:
+               forget: Optional[Callable[[str], List[str]]] = None, governance=None, models=None) -> FastAPI:
     """The API over a profile store (`RedisProfileStore`, or `WarehouseProfileStore` in the
     embedded demo); `identity_store` answers the lookups the store does not index (anonymous and
     loyalty ids, for Redis); `forget(profile_id)` forgets a person and returns the destinations
     that did not confirm the deletion (default: `redis_forgetter` without Kafka); `governance`
     (the sidecar's `GovernanceView`: the warehouse's forgotten identifiers, then the identity
-    store's) keeps a forgotten person out of every answer even when the store was not told."""
+    store's) keeps a forgotten person out of every answer even when the store was not told;
+    `models` (a `PromotedModel`) adds the cluster of the promoted model to classify's answer."""
     if forget is None:
         forget = redis_forgetter(store, config)
     governed = _Governed(governance, store) if governance is not None else None
@@ -355,8 +357,21 @@ def create_api(store, keys: List[ApiKey], config: Mapping[str, Any], identity_st
             found = segments_of(rules, lifecycle, row)
         except (TypeError, ValueError) as err:
             raise ApiError(400, f"features the rules cannot read: {err}") from None
-        names = sorted(s for s in found if lifecycle_known or not s.startswith("lifecycle:"))
-        return Classification(profile_id=request.profile_id, segments=names, rules_version=rules.version)
+        names = [s for s in found if lifecycle_known or not s.startswith("lifecycle:")]
+        model = models.get() if models is not None else None
+        if model is not None:
+            from cdpflow.core.clusters import feature_vector
+            # hysteresis: a stored profile keeps the cluster it is in while that is within the margin
+            held = next((model.cluster_named(s) for s in store.segments_of(request.profile_id)
+                         if s.startswith("cluster:")), None) if request.profile_id else None
+            try:
+                scores = model.scores([feature_vector(row, model.features)])[0]
+            except (TypeError, ValueError) as err:
+                raise ApiError(400, f"features the model cannot read: {err}") from None
+            cluster, _ = model.choose(scores, held)
+            names.append(model.segment_of(cluster))
+        return Classification(profile_id=request.profile_id, segments=sorted(names), rules_version=rules.version,
+                              model_version=model.version if model is not None else None)
 
     @app.delete("/v1/profiles/{profile_id}", response_model=Forgotten, responses={**read, **_errors(404)})
     def forget_profile(profile_id: str = Path(..., pattern=ID_PATTERN), key: ApiKey = Depends(caller)):

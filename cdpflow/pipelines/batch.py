@@ -71,7 +71,8 @@ PREVIOUS_MEMBERSHIPS = "previous_memberships.jsonl"
 def build_pipeline(pipeline: beam.Pipeline, inputs: Sequence[str], staging_dir: str,
                    config: Dict[str, Any], as_of: Optional[int] = None,
                    previous_memberships: Optional[str] = None, identity_store: Optional[str] = None,
-                   *, identity_rules: IdentityRules) -> Dict[str, beam.PCollection]:
+                   *, identity_rules: IdentityRules, cluster_model: Optional[Dict[str, Any]] = None
+                   ) -> Dict[str, beam.PCollection]:
     """Wires the batch graph into `pipeline`.
 
     Args:
@@ -84,6 +85,7 @@ def build_pipeline(pipeline: beam.Pipeline, inputs: Sequence[str], staging_dir: 
       identity_store: the identity store's SQLite file (default: `identity.sqlite` in staging_dir).
       identity_rules: from `cdpflow.core.governance.identity_rules` (the configuration with the
         warehouse's forgotten identifiers and separations; no default, so no path forgets them).
+      cluster_model: the promoted cluster model's portable form, or None (no cluster segments).
 
     Returns:
       The main PCollections by table name (for tests).
@@ -122,7 +124,7 @@ def build_pipeline(pipeline: beam.Pipeline, inputs: Sequence[str], staging_dir: 
     else:
         previous = pipeline | "NoPreviousMemberships" >> beam.Create([])
     segments = profiles | "AssignSegments" >> AssignSegments(
-        config["segments"], previous, as_of_pc, config["lifecycle"])
+        config["segments"], previous, as_of_pc, config["lifecycle"], cluster_model)
 
     dead_letters = ((parsed[DEAD_LETTERS], normalized[DEAD_LETTERS], unique[DEAD_LETTERS], on_time[DEAD_LETTERS],
                      identity[DEAD_LETTERS])
@@ -258,8 +260,10 @@ def run_batch(inputs: Sequence[str], warehouse: str, config: Dict[str, Any], as_
         runner_obj, options = pipeline_options(runner, pipeline_args)
         pipeline = beam.Pipeline(runner=runner_obj, options=options)
         store_path = os.path.join(staging, IDENTITY_STORE)
+        from cdpflow.models.registry import promoted_document, registry_for
         build_pipeline(pipeline, all_inputs, os.path.join(staging, "tables"), config, as_of,
-                       previous_path if previous else None, store_path, identity_rules=rules)
+                       previous_path if previous else None, store_path, identity_rules=rules,
+                       cluster_model=promoted_document(registry_for(config, warehouse)))
         result = pipeline.run()
         result.wait_until_finish()
         counters = collect_counters(result)

@@ -1,4 +1,4 @@
-"""AssignSegments: rule and lifecycle segment memberships, and their enter/exit changes.
+"""AssignSegments: rule, lifecycle and cluster segment memberships, and their enter/exit changes.
 
 Input: PCollection[dict] of profile rows; the previous `segment_memberships` rows (empty on a
 new warehouse) and the as-of time (singleton, UTC microseconds). Outputs:
@@ -23,6 +23,7 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
+from cdpflow.core.clusters import PortableModel, feature_vector
 from cdpflow.core.segments import MembershipMachine, parse_rules, segment_change, segments_of
 from cdpflow.core.timeutil import format_ts
 from cdpflow.transforms.stream_features import StateCoder
@@ -30,28 +31,58 @@ from cdpflow.transforms.stream_features import StateCoder
 MEMBERSHIPS, CHANGES = "segment_memberships", "segment_changes"
 
 
+class _ScoreClustersFn(beam.DoFn):
+    """A batch of profile rows -> each with its row of cluster scores (`_cluster_scores`)."""
+
+    def __init__(self, model_document: Mapping[str, Any]):
+        self.model_document = dict(model_document)
+        self.model = None
+        self.scored = Metrics.counter(self.__class__, "scored")
+
+    def setup(self):
+        self.model = PortableModel.from_dict(self.model_document)
+
+    def process(self, batch):
+        scores = self.model.scores([feature_vector(row, self.model.features) for row in batch])
+        self.scored.inc(len(batch))
+        for row, row_scores in zip(batch, scores):
+            yield dict(row, _cluster_scores=row_scores.tolist())
+
+
 class _DiffMembershipsFn(beam.DoFn):
-    def __init__(self, rules_document: Mapping[str, Any], lifecycle: Mapping[str, int]):
+    def __init__(self, rules_document: Mapping[str, Any], lifecycle: Mapping[str, int],
+                 model_document: Optional[Mapping[str, Any]] = None):
         self.rules_document = rules_document
         self.lifecycle = dict(lifecycle)
+        self.model_document = dict(model_document) if model_document else None
         self.entered = Metrics.counter(self.__class__, "entered")
         self.exited = Metrics.counter(self.__class__, "exited")
-        self.rules = None
+        self.rules = self.model = None
 
     def setup(self):
         self.rules = parse_rules(self.rules_document)
+        if self.model_document:
+            self.model = PortableModel.from_dict(self.model_document)
 
-    def current(self, profile: Optional[Dict[str, Any]]):
-        return segments_of(self.rules, self.lifecycle, profile)
+    def current(self, profile: Optional[Dict[str, Any]], previous_rows=()):
+        found = segments_of(self.rules, self.lifecycle, profile)
+        if self.model is not None and found and profile.get("_cluster_scores") is not None:
+            # hysteresis: the cluster it is in now (any model version's, by name) may keep it
+            held = next((self.model.cluster_named(r["segment"]) for r in previous_rows
+                         if r["exited_at"] is None and r["source"] == "model"), None)
+            cluster, _ = self.model.choose(profile["_cluster_scores"], held)
+            found[self.model.segment_of(cluster)] = ("model", self.model.version)
+        return found
 
     def process(self, element, as_of: int):
         profile_id, grouped = element
         profiles = list(grouped["profile"])
         profile = profiles[0] if profiles else None
-        current = self.current(profile)
+        previous_rows = list(grouped["previous"])
+        current = self.current(profile, previous_rows)
         cause = profile["_cause_message_id"] if profile else f"absorbed-or-gone@{format_ts(as_of)}"
         open_spans = set()
-        for row in grouped["previous"]:
+        for row in previous_rows:
             if row["exited_at"] is None and row["segment"] not in current:
                 row = dict(row, exited_at=as_of)
                 self.exited.inc()
@@ -82,21 +113,30 @@ class AssignSegments(beam.PTransform):
       previous: PCollection of the warehouse's segment_memberships rows before this run.
       as_of: singleton PCollection, UTC microseconds.
       lifecycle: thresholds, recorded as the lifecycle segments' model_version.
+      model: the promoted cluster model's portable form (`PortableModel.to_dict`), or None: each
+        profile is scored in batches and joins `cluster:<name>` (source model, its version).
     """
 
-    def __init__(self, rules_document, previous, as_of, lifecycle):
+    def __init__(self, rules_document, previous, as_of, lifecycle, model=None):
         super().__init__()
         parse_rules(rules_document)  # fail while building the graph, not on a worker
+        if model is not None:
+            PortableModel.from_dict(model)
         self.rules_document = rules_document
         self.previous = previous
         self.as_of = as_of
         self.lifecycle = dict(lifecycle)
+        self.model = model
 
     def expand(self, profiles):
+        if self.model is not None:
+            profiles = (profiles
+                        | "BatchForClusters" >> beam.BatchElements(min_batch_size=64, max_batch_size=1024)
+                        | "ScoreClusters" >> beam.ParDo(_ScoreClustersFn(self.model)))
         results = ({"profile": profiles | "KeyProfile" >> beam.Map(lambda p: (p["profile_id"], p)),
                     "previous": self.previous | "KeyPrevious" >> beam.Map(lambda r: (r["profile_id"], r))}
                    | "JoinPrevious" >> beam.CoGroupByKey()
-                   | "Diff" >> beam.ParDo(_DiffMembershipsFn(self.rules_document, self.lifecycle),
+                   | "Diff" >> beam.ParDo(_DiffMembershipsFn(self.rules_document, self.lifecycle, self.model),
                                           beam.pvalue.AsSingleton(self.as_of))
                    .with_outputs(CHANGES, main=MEMBERSHIPS))
         return {MEMBERSHIPS: results[MEMBERSHIPS], CHANGES: results[CHANGES]}
