@@ -216,3 +216,43 @@ def test_the_portable_model_loads_and_scores_the_same_in_the_flink_venv(data, tm
                           cwd=os.getcwd())
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout) == [c.label for c, _ in model.assign(x)]
+
+
+def test_classify_assigns_the_promoted_models_cluster_and_follows_a_promotion(data, tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from cdpflow.activation import api
+    from cdpflow.activation.warehouse_store import WarehouseProfileStore
+    from cdpflow.config import load_config
+    from cdpflow.models.registry import PromotedModel
+    monkeypatch.setenv("CDPFLOW_DEMO", "1")
+    _, (sample, base), _ = data
+    warehouse = tmp_path / "cdp.duckdb"
+    copy_warehouse(base, warehouse)
+    root = str(tmp_path / "cdp.models")
+    assert main(["train", "--warehouse", str(warehouse), "--k", "4", "--promote"]) == 0
+    assert main(["run", "--input", str(sample / "events"), "--warehouse", str(warehouse),
+                 "--catalog", str(sample / "catalog.csv"), "--rates", str(sample / "rates.csv")]) == 0
+    first = ModelRegistry(root).promoted()["version"]
+    config = load_config(None)
+    store = WarehouseProfileStore(str(warehouse), config)
+    key = api.ApiKey("k", b"secret-key", ["profiles:read"], 100_000.0)
+    client = TestClient(api.create_api(store, [key], config, None, lambda pid: [], None, PromotedModel(root, every_s=0)))
+    auth = {"Authorization": "Bearer secret-key"}
+    held = dict(query(warehouse, "SELECT profile_id, segment FROM segment_memberships "
+                                 "WHERE source = 'model' AND exited_at IS NULL"))
+    for profile_id, segment in held.items():
+        answer = client.post("/v1/classify", json={"profile_id": profile_id}, headers=auth).json()
+        assert answer["model_version"] == first
+        assert [s for s in answer["segments"] if s.startswith("cluster:")] == [segment], profile_id
+    # a feature vector alone gets a cluster too
+    answer = client.post("/v1/classify", json={"features": {"orders_365d": 0, "sessions_365d": 9,
+                                                            "product_views_365d": 30}}, headers=auth).json()
+    assert sum(s.startswith("cluster:") for s in answer["segments"]) == 1 and answer["model_version"] == first
+    # a new version promoted while the API runs is what the next answer uses
+    assert main(["train", "--warehouse", str(warehouse), "--k", "3", "--seed", "5", "--promote"]) == 0
+    second = ModelRegistry(root).promoted()["version"]
+    some = next(iter(held))
+    assert client.post("/v1/classify", json={"profile_id": some}, headers=auth).json()["model_version"] == second
+    assert main(["models", "rollback", "--registry", root]) == 0
+    assert client.post("/v1/classify", json={"profile_id": some}, headers=auth).json()["model_version"] == first
