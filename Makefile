@@ -21,7 +21,7 @@ KAFKA_LIBS := .cache/kafka/libs
 FLINK_VENV := .cache/flink-venv
 FLINK_JARS := .cache/flink/jars
 
-.PHONY: venv run test test-fast bench prism redis-server java mvn kafka flink stack stack-down clean
+.PHONY: venv run test test-fast bench prism redis-server chromium java mvn kafka flink stack stack-down clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PY) -m venv $(VENV)
@@ -45,10 +45,10 @@ run: venv
 	@echo "and in another terminal (the demo's API key is kept in $(basename $(WAREHOUSE)).api.key):"
 	@echo "  curl -s -H \"Authorization: Bearer \$$(cat $(basename $(WAREHOUSE)).api.key)\" http://127.0.0.1:8090/v1/segments"
 
-test: venv prism redis-server kafka flink
+test: venv prism redis-server kafka flink chromium
 	$(BIN)/python -m pytest tests
 
-test-fast: venv prism redis-server kafka flink
+test-fast: venv prism redis-server kafka flink chromium
 	$(BIN)/python -m pytest -m "not e2e" tests
 
 bench: venv prism redis-server kafka flink
@@ -72,6 +72,11 @@ prism: .cache/bin/prism
 redis-server:
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && \
 		$(SUDO) apt-get install -y --no-install-recommends redis-server; }
+
+# Debian's Chromium: the tests open the segments report in it, headless.
+chromium:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y --no-install-recommends chromium; }
 
 # Java and Maven from Debian's packages, for the Kafka broker; installed once, when missing.
 java:

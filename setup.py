@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "kafka-python>=3.0.12,<4",  # `cdpflow stack`'s broker check and topics; the collector's producer
     "orjson>=3.10,<4",
     "phonenumbers>=8.13,<10",
+    "plotly>=5.20",  # `cdpflow report segments`: one self-contained page (plotly.js embedded)
     "prometheus-client>=0.20",  # the collector's /metrics
     "pyarrow>=14",
     "PyYAML>=6,<7",

@@ -224,6 +224,14 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("--config", help="YAML configuration merged over the defaults (its models section)")
     models.add_argument("--json", action="store_true", help="print JSON")
 
+    report = sub.add_parser("report", help="a self-contained HTML page about the segments, for marketers")
+    report.add_argument("what", choices=("segments",))
+    report.add_argument("--warehouse", required=True)
+    report.add_argument("--out", required=True, help="the HTML file to write")
+    report.add_argument("--registry", help="model registry whose promoted model's centroids to show (default: "
+                                           "models.registry, else <warehouse>.models if it exists)")
+    report.add_argument("--config", help="YAML configuration merged over the defaults (its models section)")
+
     stack = sub.add_parser("stack", help="start, stop or check the local services (data under .stack/)")
     stack.add_argument("action", choices=("up", "down", "status"))
     stack.add_argument("components", nargs="*", metavar="COMPONENT",
@@ -867,6 +875,20 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from cdpflow.config import load_config
+    from cdpflow.errors import BadInput
+    from cdpflow.models.registry import registry_for
+    from cdpflow.report import write_report
+    config = load_config(args.config)
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise BadInput(f"--out {args.out}: the folder {folder} does not exist")
+    done = write_report(args.warehouse, args.out, args.registry or registry_for(config, args.warehouse))
+    console.print(f"wrote {done['out']}: {done['plots']} plots, {done['segments']} segments, {done['profiles']} profiles")
+    return 0
+
+
 def cmd_flink(args) -> int:
     from cdpflow import flink
     if args.flink_command == "submit":
@@ -916,7 +938,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "profile": cmd_profile, "identity": cmd_identity, "forget": cmd_forget, "publish": cmd_publish,
                 "stack": cmd_stack, "serve": cmd_serve, "import": cmd_import, "send": cmd_send,
                 "stream": cmd_stream, "load": cmd_load, "flink": cmd_flink,
-                "destinations": cmd_destinations, "train": cmd_train, "models": cmd_models}
+                "destinations": cmd_destinations, "train": cmd_train, "models": cmd_models, "report": cmd_report}
     from cdpflow.core.governance import GovernanceError
     from cdpflow.errors import BadInput
     from cdpflow.stack import StackError

@@ -25,7 +25,7 @@ CATEGORIES = ("running", "footwear", "outdoor", "fitness", "apparel", "accessori
 CAP_DAYS = 730.0  # "no order" or "not seen" counts as this many days ago
 
 
-def _number(row: Mapping[str, Any], name: str) -> float:
+def number_of(row: Mapping[str, Any], name: str) -> float:
     value = row.get(name)
     if value is None or isinstance(value, bool):
         return 0.0
@@ -36,7 +36,7 @@ def _number(row: Mapping[str, Any], name: str) -> float:
     return number if math.isfinite(number) else 0.0
 
 
-def _us(value: Any) -> Optional[float]:
+def micros(value: Any) -> Optional[float]:
     if value is None:
         return None
     if isinstance(value, datetime):
@@ -50,7 +50,7 @@ def _us(value: Any) -> Optional[float]:
 
 
 def _days_since(row: Mapping[str, Any], column: str) -> float:
-    at, then = _us(row.get("as_of")), _us(row.get(column))
+    at, then = micros(row.get("as_of")), micros(row.get(column))
     if at is None or then is None:
         return CAP_DAYS
     return min(max((at - then) / 86_400e6, 0.0), CAP_DAYS)
@@ -68,21 +68,21 @@ def _affinity(row: Mapping[str, Any]) -> Mapping[str, float]:
 
 
 def _share(category: str):
-    return lambda row: _number(_affinity(row), category)
+    return lambda row: number_of(_affinity(row), category)
 
 
 # name -> (how it is read from a profile row, whether the model takes its log1p, what it means)
 FEATURE_DEFINITIONS = {
-    "orders_365d": (lambda r: _number(r, "orders_365d"), True, "orders in the last 365 days"),
-    "revenue_365d": (lambda r: _number(r, "revenue_365d"), True, "revenue in the last 365 days"),
-    "avg_order_value": (lambda r: _number(r, "avg_order_value"), True, "average order value, lifetime"),
+    "orders_365d": (lambda r: number_of(r, "orders_365d"), True, "orders in the last 365 days"),
+    "revenue_365d": (lambda r: number_of(r, "revenue_365d"), True, "revenue in the last 365 days"),
+    "avg_order_value": (lambda r: number_of(r, "avg_order_value"), True, "average order value, lifetime"),
     "days_since_order": (lambda r: _days_since(r, "last_order_at"), True, "days since the latest order"),
     "days_since_seen": (lambda r: _days_since(r, "last_seen"), True, "days since the latest event"),
-    "sessions_365d": (lambda r: _number(r, "sessions_365d"), True, "browsing sessions in the last 365 days"),
-    "product_views_365d": (lambda r: _number(r, "product_views_365d"), True, "products viewed in the last 365 days"),
-    "email_opens_90d": (lambda r: _number(r, "email_opens_90d"), True, "emails opened in the last 90 days"),
-    "email_clicks_90d": (lambda r: _number(r, "email_clicks_90d"), True, "email links clicked in the last 90 days"),
-    "orders_per_session": (lambda r: _number(r, "orders_365d") / (1.0 + _number(r, "sessions_365d")), True,
+    "sessions_365d": (lambda r: number_of(r, "sessions_365d"), True, "browsing sessions in the last 365 days"),
+    "product_views_365d": (lambda r: number_of(r, "product_views_365d"), True, "products viewed in the last 365 days"),
+    "email_opens_90d": (lambda r: number_of(r, "email_opens_90d"), True, "emails opened in the last 90 days"),
+    "email_clicks_90d": (lambda r: number_of(r, "email_clicks_90d"), True, "email links clicked in the last 90 days"),
+    "orders_per_session": (lambda r: number_of(r, "orders_365d") / (1.0 + number_of(r, "sessions_365d")), True,
                            "orders per browsing session (365 days)"),
     **{f"share_{c}": (_share(c), False, f"share of {c} in the last 90 days' views, adds and purchases")
        for c in CATEGORIES},

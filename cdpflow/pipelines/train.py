@@ -67,10 +67,10 @@ def profile_rows(warehouse: str) -> List[Dict[str, Any]]:
 
 
 def _window(rows: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
-    from cdpflow.core.clusters import _us
+    from cdpflow.core.clusters import micros
     from cdpflow.core.timeutil import format_ts
-    stamps = [s for s in (_us(r.get("as_of")) for r in rows) if s is not None]
-    seen = [s for s in (_us(r.get("first_seen")) for r in rows) if s is not None]
+    stamps = [s for s in (micros(r.get("as_of")) for r in rows) if s is not None]
+    seen = [s for s in (micros(r.get("first_seen")) for r in rows) if s is not None]
     return {"profiles": len(rows), "as_of": format_ts(int(max(stamps))) if stamps else None,
             "first_seen": format_ts(int(min(seen))) if seen else None}
 

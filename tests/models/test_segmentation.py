@@ -260,3 +260,49 @@ def test_classify_assigns_the_promoted_models_cluster_and_follows_a_promotion(tr
     assert client.post("/v1/classify", json={"profile_id": some}, headers=auth).json()["model_version"] == second
     assert main(["models", "rollback", "--registry", root]) == 0
     assert client.post("/v1/classify", json={"profile_id": some}, headers=auth).json()["model_version"] == first
+
+
+def test_wilson_intervals():
+    from cdpflow.report import wilson
+    p, low, high = wilson(5, 10)
+    assert p == 0.5 and abs(low - 0.2366) < 1e-4 and abs(high - 0.7634) < 1e-4
+    assert wilson(0, 0) == (0.0, 0.0, 0.0) and wilson(0, 20)[1] == 0.0 and wilson(20, 20)[2] == 1.0
+
+
+def test_the_segments_report_renders_its_plots_in_headless_chromium(trained_run, tmp_path, capsys):
+    import re
+    import shutil
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    assert os.path.exists(chromium), "Debian's chromium is missing: `make test` installs it (make chromium)"
+    folder, warehouse, version, _ = trained_run
+    out = tmp_path / "report.html"
+    assert main(["report", "segments", "--warehouse", str(warehouse), "--out", str(out)]) == 0
+    page = out.read_text()
+    plots = int(re.search(r'<meta name="cdpflow-plots" content="(\d+)">', page).group(1))
+    assert plots == 5 and version in page and "<script src=" not in page  # self-contained: plotly.js inside
+    done = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=15000", "--dump-dom",
+                           out.as_uri()], capture_output=True, text=True, timeout=120)
+    dom = done.stdout
+    for i in range(plots):
+        rendered = re.search(rf'<div id="plot-{i}"[^>]*class="([^"]*)"', dom)
+        assert rendered and "js-plotly-plot" in rendered.group(1), f"plot {i} did not render"
+    assert dom.count('class="main-svg"') >= plots
+    # the per-segment table: members and how many opened an email, counted here from the tables
+    rows = dict(query(warehouse, "SELECT m.segment, count(*) FROM segment_memberships m WHERE m.exited_at IS NULL "
+                                 "GROUP BY 1"))
+    opened = dict(query(warehouse, "SELECT m.segment, count(*) FILTER (WHERE p.email_opens_90d > 0) FROM "
+                                   "segment_memberships m JOIN profiles p USING (profile_id) WHERE m.exited_at IS NULL "
+                                   "GROUP BY 1"))
+    from cdpflow.report import segment_rates
+    with open_warehouse(str(warehouse), read_only=True) as wh:
+        profiles, memberships = wh.profiles(), wh.memberships()
+    members = collections.defaultdict(list)
+    for m in memberships:
+        if m["exited_at"] is None:
+            members[m["segment"]].append(m["profile_id"])
+    table = {row["segment"]: row for row in segment_rates(profiles, members)}
+    assert {s: table[s]["n"] for s in rows} == rows
+    assert {s: round(table[s]["opened"][0] * table[s]["n"]) for s in rows} == opened
+    assert main(["report", "segments", "--warehouse", str(warehouse), "--out", str(tmp_path / "no" / "r.html")]) == 2
