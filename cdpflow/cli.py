@@ -211,11 +211,18 @@ def _parser() -> argparse.ArgumentParser:
                        help="hysteresis: how much nearer another cluster must be before a profile moves "
                             "(kmeans: a fraction of the distance; gmm: of probability; default 0.1)")
     train.add_argument("--promote", action="store_true", help="promote the new version at once")
+    train.add_argument("--schedule", choices=("daily", "weekly", "monthly"),
+                       help="train only when due: no model promoted, the promoted one older than the period, or "
+                            "its features drifted (for cron: run it daily, it retrains weekly or on drift)")
+    train.add_argument("--drift-threshold", type=float, default=0.25,
+                       help="with --schedule: the population stability index that makes a retrain due (default 0.25)")
     train.add_argument("--config", help="YAML configuration merged over the defaults (its models section)")
     train.add_argument("--runner", default="direct", help="direct (default), multiprocess, prism, or a Beam runner")
 
     models = sub.add_parser("models", help="the model registry: list, show, promote, rollback, shadow")
-    models.add_argument("action", choices=("list", "show", "promote", "rollback", "shadow"))
+    models.add_argument("action", choices=("list", "show", "promote", "rollback", "shadow", "compare", "drift"),
+                        help="compare: how many profiles the shadowed model would move; drift: population stability "
+                             "of today's profiles against the promoted model's training data")
     models.add_argument("version", nargs="?", help="the version (show, promote, shadow; show defaults to the "
                                                    "promoted one; `shadow off` stops shadowing)")
     models.add_argument("--registry", help="model registry (default: models.registry in the configuration, else "
@@ -787,6 +794,12 @@ def cmd_train(args) -> int:
     config = load_config(args.config)
     k_range = _k_range(args.k)
     registry = args.registry or registry_for(config, args.warehouse) or default_registry(args.warehouse)
+    if args.schedule:
+        from cdpflow.pipelines.train import due
+        train_now, why = due(args.warehouse, registry, args.schedule, args.drift_threshold)
+        console.print(why)
+        if not train_now:
+            return 0
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console) as progress:
         progress.add_task(f"training {args.algorithm}, k in {k_range[0]}..{k_range[1]}, on {args.runner}", total=None)
         meta = run_training(args.warehouse, registry, args.algorithm, k_range, args.seed, args.margin, args.runner)
@@ -841,6 +854,39 @@ def cmd_models(args) -> int:
             table.add_row(m["version"], m["trained_at"], m["algorithm"], str(m["k"]),
                           str(m["training_window"]["profiles"]),
                           f"{m['metrics']['criterion']} {m['metrics']['chosen']:.3f}", status)
+        console.print(table)
+        return 0
+    if args.action in ("compare", "drift"):
+        if not args.warehouse:
+            raise BadInput(f"models {args.action}: give --warehouse (the profiles to score)")
+        from cdpflow.pipelines import train as training
+        if args.action == "drift":
+            report = training.drift_report(args.warehouse, root)
+            if report is None:
+                raise BadInput("no model is promoted: nothing to measure drift against")
+            if args.json:
+                print(orjson.dumps(report).decode())
+                return 0
+            table = Table(title=f"population stability of {report['profiles']} profiles against {report['version']} "
+                                f"(trained {report['trained_at']})")
+            table.add_column("feature")
+            table.add_column("PSI", justify="right")
+            table.add_column("")
+            for name, value in sorted(report["psi"].items(), key=lambda kv: -kv[1]):
+                table.add_row(name, f"{value:.3f}", "drifted" if value >= 0.25 else "moving" if value >= 0.1 else "")
+            console.print(table)
+            return 0
+        compared = training.shadow_comparison(args.warehouse, root)
+        if args.json:
+            print(orjson.dumps({**compared, "moves": [{"from": a, "to": b, "profiles": n}
+                                                      for (a, b), n in compared["moves"].items()]}).decode())
+            return 0
+        table = Table(title=f"{compared['shadow']} beside {compared['promoted']}: {compared['would_move']} of "
+                            f"{compared['profiles']} profiles would move")
+        for column in ("from", "to", "profiles"):
+            table.add_column(column, justify="right" if column == "profiles" else "left")
+        for (a, b), n in sorted(compared["moves"].items(), key=lambda kv: -kv[1]):
+            table.add_row(a, b, str(n))
         console.print(table)
         return 0
     if args.action == "rollback":

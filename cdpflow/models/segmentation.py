@@ -11,7 +11,7 @@ name from their centroid ("lapsed big spenders"). Run through `cdpflow train`
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -237,3 +237,36 @@ def describe(fitted: Fitted, version: str, features: Sequence[str], previous: Op
     return PortableModel(version=version, algorithm=fitted.algorithm, features=tuple(features), log=mask, mean=mean,
                          scale=scale, centers=centers, components=components, weights=weights,
                          precisions_cholesky=chol, margin=margin)
+
+
+# ------------------------------------------------------------------------------ drift
+def distribution(vectors: np.ndarray, features: Sequence[str], bins: int = 10) -> Dict[str, Dict[str, List[float]]]:
+    """Per feature, the training data's quantile bin edges and the share of profiles in each bin
+    (what population stability is measured against later)."""
+    out = {}
+    for i, name in enumerate(features):
+        column = np.asarray(vectors, dtype=float)[:, i]
+        edges = np.unique(np.quantile(column, np.linspace(0, 1, bins + 1))[1:-1]).tolist()
+        out[name] = {"edges": edges, "shares": _shares(column, edges).tolist()}
+    return out
+
+
+def _shares(column: np.ndarray, edges: Sequence[float]) -> np.ndarray:
+    # bins (-inf, e0], (e0, e1], ..., (e_last, inf)
+    counts = np.bincount(np.searchsorted(np.asarray(edges, dtype=float), column, side="left"),
+                         minlength=len(edges) + 1)
+    return counts / max(len(column), 1)
+
+
+def population_stability(expected: Mapping[str, Mapping[str, Sequence[float]]], vectors: np.ndarray,
+                         features: Sequence[str]) -> Dict[str, float]:
+    """PSI per feature of `vectors` against the training distribution: sum of (a - e) * ln(a / e)
+    over the bins (shares floored at 1e-4). Under 0.1: stable; 0.1-0.25: moving; over 0.25: drifted."""
+    out = {}
+    for i, name in enumerate(features):
+        if name not in expected:
+            continue
+        e = np.maximum(np.asarray(expected[name]["shares"], dtype=float), 1e-4)
+        a = np.maximum(_shares(np.asarray(vectors, dtype=float)[:, i], expected[name]["edges"]), 1e-4)
+        out[name] = float(((a - e) * np.log(a / e)).sum())
+    return out

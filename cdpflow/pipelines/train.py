@@ -38,7 +38,7 @@ def fit_and_store(vectors: Sequence[Sequence[float]], registry_root: str, versio
                   features: Sequence[str] = FEATURES) -> Dict[str, Any]:
     """Fits, describes (labels matched to the promoted model) and stores one version; returns its metadata."""
     from cdpflow.models.registry import ModelRegistry
-    from cdpflow.models.segmentation import describe, fit
+    from cdpflow.models.segmentation import describe, distribution, fit
     registry = ModelRegistry(registry_root)
     x = np.asarray(vectors, dtype=float)
     parent = registry.promoted()
@@ -54,6 +54,8 @@ def fit_and_store(vectors: Sequence[Sequence[float]], registry_root: str, versio
         "metrics": {"criterion": fitted.criterion, "by_k": {str(k): v for k, v in fitted.scores.items()},
                     "chosen": fitted.scores[fitted.k]},
         "parent": parent["version"] if parent else None,
+        # what `cdpflow models drift` measures today's profiles against
+        "training_distribution": distribution(x, features),
         "clusters": [{"label": c.label, "name": c.name, "segment": portable.segment_of(c),
                       "description": c.description, "size": sizes[c.name]} for c in portable.components],
     }
@@ -100,3 +102,71 @@ def run_training(warehouse: str, registry: str, algorithm: str = "kmeans", k_ran
              | "FitAndStore" >> beam.Map(fit_and_store, registry, version, algorithm, tuple(k_range), seed, margin,
                                          window))
     return ModelRegistry(registry).metadata(version)
+
+
+SCHEDULES = {"daily": 1, "weekly": 7, "monthly": 30}
+DRIFT_THRESHOLD = 0.25
+
+
+def drift_report(warehouse: str, registry_root: str) -> Optional[Dict[str, Any]]:
+    """Population stability of today's profiles against the promoted model's training data
+    (None when nothing is promoted): {"version", "trained_at", "psi": {feature: value}, "max"}."""
+    from cdpflow.models.registry import ModelRegistry
+    from cdpflow.models.segmentation import population_stability
+    registry = ModelRegistry(registry_root)
+    pointer = registry.promoted()
+    if pointer is None:
+        return None
+    meta = registry.metadata(pointer["version"], pointer["metadata_sha256"])
+    features = meta["features"]
+    x = np.asarray([feature_vector(r, features) for r in profile_rows(warehouse)], dtype=float)
+    psi = population_stability(meta.get("training_distribution") or {}, x, features) if len(x) else {}
+    return {"version": meta["version"], "trained_at": meta["trained_at"], "psi": psi,
+            "max": max(psi.values(), default=0.0), "profiles": len(x)}
+
+
+def due(warehouse: str, registry_root: str, schedule: str, threshold: float = DRIFT_THRESHOLD,
+        now: Optional[float] = None) -> Tuple[bool, str]:
+    """Whether a scheduled `cdpflow train` should train now, and why: nothing promoted yet, the
+    promoted model older than the schedule's period, or its features drifted past `threshold`."""
+    import calendar
+    report = drift_report(warehouse, registry_root)
+    if report is None:
+        return True, "no model is promoted yet"
+    trained = calendar.timegm(time.strptime(report["trained_at"], "%Y-%m-%dT%H:%M:%SZ"))
+    age_days = ((now if now is not None else time.time()) - trained) / 86_400
+    if age_days >= SCHEDULES[schedule]:
+        return True, f"the promoted model {report['version']} is {age_days:.1f} days old ({schedule})"
+    if report["max"] >= threshold:
+        worst = max(report["psi"], key=report["psi"].get)
+        return True, f"drift: {worst} has a population stability index of {report['max']:.3f} (>= {threshold:g})"
+    return False, (f"not due: {report['version']} is {age_days:.1f} days old and its largest drift is "
+                   f"{report['max']:.3f} (< {threshold:g})")
+
+
+def shadow_comparison(warehouse: str, registry_root: str) -> Dict[str, Any]:
+    """How many profiles the shadowed model would move out of the cluster they are in now
+    (their open `cluster:` membership; the promoted model's assignment where they have none)."""
+    from cdpflow.errors import BadInput
+    from cdpflow.models.registry import ModelRegistry
+    from cdpflow.warehouse import open_warehouse
+    registry = ModelRegistry(registry_root)
+    shadow_pointer, promoted = registry.shadow(), registry.promoted_model()
+    if shadow_pointer is None:
+        raise BadInput("no model is shadowed: `cdpflow models shadow VERSION` first")
+    shadow = registry.load_portable(shadow_pointer["version"], shadow_pointer["metadata_sha256"])
+    with open_warehouse(warehouse, read_only=True) as wh:
+        rows, memberships = wh.profiles(), wh.memberships()
+    held = {m["profile_id"]: m["segment"][len("cluster:"):] for m in memberships
+            if m["exited_at"] is None and m["source"] == "model"}
+    now = [held.get(r["profile_id"]) for r in rows]
+    if promoted is not None:
+        fallback = promoted.assign([feature_vector(r, promoted.features) for r in rows])
+        now = [name or cluster.name for name, (cluster, _) in zip(now, fallback)]
+    then = shadow.assign([feature_vector(r, shadow.features) for r in rows], previous=now)
+    moves: Dict[Tuple[str, str], int] = {}
+    for before, (after, _) in zip(now, then):
+        if before != after.name:
+            moves[(before or "(none)", after.name)] = moves.get((before or "(none)", after.name), 0) + 1
+    return {"promoted": promoted.version if promoted else None, "shadow": shadow.version, "profiles": len(rows),
+            "would_move": sum(moves.values()), "moves": moves}

@@ -306,3 +306,57 @@ def test_the_segments_report_renders_its_plots_in_headless_chromium(trained_run,
     assert {s: table[s]["n"] for s in rows} == rows
     assert {s: round(table[s]["opened"][0] * table[s]["n"]) for s in rows} == opened
     assert main(["report", "segments", "--warehouse", str(warehouse), "--out", str(tmp_path / "no" / "r.html")]) == 2
+
+
+def test_population_stability_by_hand():
+    from cdpflow.models.segmentation import distribution, population_stability
+    training = np.array([[0.0]] * 50 + [[1.0]] * 50)
+    expected = distribution(training, ("orders_365d",), bins=2)
+    assert expected["orders_365d"]["shares"] == [0.5, 0.5]
+    today = np.array([[0.0]] * 90 + [[1.0]] * 10)
+    psi = population_stability(expected, today, ("orders_365d",))["orders_365d"]
+    assert abs(psi - (0.4 * np.log(1.8) + 0.4 * np.log(5))) < 1e-9  # 0.879
+    assert population_stability(expected, training, ("orders_365d",))["orders_365d"] == 0.0
+
+
+def test_a_scheduled_train_runs_when_due_and_shadow_compare_counts_the_moves(trained_run, capsys):
+    import time
+
+    from cdpflow.pipelines.train import due
+    folder, warehouse, version, _ = trained_run
+    root = str(folder / "cdp.models")
+    capsys.readouterr()
+    assert main(["models", "drift", "--warehouse", str(warehouse), "--json"]) == 0
+    drift = json.loads(capsys.readouterr().out)
+    assert drift["version"] == ModelRegistry(root).promoted()["version"] and drift["max"] < 0.1  # the same profiles
+    count = len(ModelRegistry(root).versions())
+    assert main(["train", "--warehouse", str(warehouse), "--schedule", "weekly"]) == 0  # fresh and no drift
+    assert len(ModelRegistry(root).versions()) == count
+    assert due(str(warehouse), root, "weekly", now=time.time() + 8 * 86_400)[0]
+    assert not due(str(warehouse), root, "monthly")[0]
+    # a population that changed (everyone's sessions tripled): due by drift, before the week is out
+    import duckdb
+    shifted = folder / "shifted.duckdb"
+    copy_warehouse(warehouse, shifted)
+    con = duckdb.connect(str(shifted))
+    con.execute("UPDATE profiles SET sessions_365d = sessions_365d * 3 + 2")
+    con.close()
+    train_now, why = due(str(shifted), root, "weekly")
+    assert train_now and why.startswith("drift: ") and ("sessions_365d" in why or "orders_per_session" in why), why
+    # shadowing the promoted model itself moves nobody; a model of other clusters moves some
+    promoted = ModelRegistry(root).promoted()["version"]
+    assert main(["models", "shadow", promoted, "--registry", root]) == 0
+    capsys.readouterr()
+    assert main(["models", "compare", "--warehouse", str(warehouse), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["would_move"] == 0
+    assert main(["train", "--warehouse", str(warehouse), "--k", "3", "--seed", "9"]) == 0
+    newest = ModelRegistry(root).versions()[-1]
+    assert main(["models", "shadow", newest["version"], "--registry", root]) == 0
+    capsys.readouterr()
+    assert main(["models", "compare", "--warehouse", str(warehouse), "--json"]) == 0
+    compared = json.loads(capsys.readouterr().out)
+    names = {c["name"] for c in newest["clusters"]}
+    assert compared["shadow"] == newest["version"] and compared["promoted"] == promoted
+    assert 0 < compared["would_move"] == sum(m["profiles"] for m in compared["moves"]) <= compared["profiles"]
+    assert all(m["to"] in names and m["from"] != m["to"] for m in compared["moves"])
+    assert main(["models", "shadow", "off", "--registry", root]) == 0
