@@ -73,10 +73,11 @@ redis-server:
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && \
 		$(SUDO) apt-get install -y --no-install-recommends redis-server; }
 
-# Debian's Chromium: the tests open the segments report in it, headless.
+# Debian's Chromium: the tests open the segments report in it, headless. With its recommended
+# packages (fonts among them), as it was installed where the report test was written.
 chromium:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
-		$(SUDO) apt-get install -y --no-install-recommends chromium; }
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
 # Java and Maven from Debian's packages, for the Kafka broker; installed once, when missing.
 java:
