@@ -11,7 +11,8 @@
 Readers follow the pointers, never "the newest file": a rollback or a shadow is a pointer move.
 Every load checks the chain of checksums (pointer -> metadata -> file) before it parses, and
 never unpickles a file whose checksum does not match (`ModelIntegrityError`). Pointers are
-written to a temporary name and renamed, so a reader sees the old pointer or the new one.
+written to a temporary name and renamed over the old one, so a reader sees the old pointer or
+the new one.
 
 `cdpflow models list|show|promote|rollback|shadow --registry PATH` (cli.py) drive it.
 """
@@ -58,11 +59,12 @@ class ModelRegistry:
             return handle.read()
 
     def _write(self, path: str, data: bytes) -> None:
+        # Renamed over the old file, never deleted first: a reader sees the old pointer or the new
+        # one, never none (a local rename replaces atomically; on GCS a rename is a copy, which
+        # replaces the object whole).
         temporary = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
         with self.fs.create(temporary, compression_type="uncompressed") as handle:
             handle.write(data)
-        if self.fs.exists(path):
-            self.fs.delete([path])
         self.fs.rename([temporary], [path])
 
     def _exists(self, path: str) -> bool:
