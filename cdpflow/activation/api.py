@@ -35,7 +35,6 @@ from __future__ import annotations
 import hmac
 import math
 import os
-import secrets
 import threading
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional
@@ -175,7 +174,7 @@ def keys_from_config(config: Mapping[str, Any], demo_key_file: Optional[str] = N
     """The configured keys; with none configured, in the embedded demo (`CDPFLOW_DEMO=1` and
     `demo_key_file`), one key with every scope, generated once and kept in that file (owner-only)."""
     from cdpflow.activation.destinations import positive_numbers, refuse_unknown, secret_from
-    from cdpflow.core.governance import DEMO_ENV
+    from cdpflow.core.governance import DEMO_ENV, demo_secret
     keys = ((config.get("api") or {}).get("keys") or {})
     if not isinstance(keys, Mapping):
         raise BadInput("api.keys must map key names to settings")
@@ -190,12 +189,7 @@ def keys_from_config(config: Mapping[str, Any], demo_key_file: Optional[str] = N
         rate = positive_numbers(settings, (("requests_per_second", 50.0, False),), where)["requests_per_second"]
         out.append(ApiKey(name, secret_from(settings, where), scopes, rate))
     if not out and demo_key_file and os.environ.get(DEMO_ENV) == "1":
-        if not os.path.exists(demo_key_file):
-            fd = os.open(demo_key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(secrets.token_urlsafe(24))
-        with open(demo_key_file, encoding="utf-8") as handle:
-            out.append(ApiKey("demo", handle.read().strip().encode(), list(SCOPES), 50.0))
+        out.append(ApiKey("demo", demo_secret(demo_key_file).encode(), list(SCOPES), 50.0))
     if not out:
         raise BadInput("no API keys configured (api.keys): every endpoint but /health and /metrics needs one "
                        f"(for the embedded demo, {DEMO_ENV}=1 keeps a generated key beside the warehouse)")
@@ -342,7 +336,9 @@ def create_api(store, keys: List[ApiKey], config: Mapping[str, Any], identity_st
         page = page[:limit]
         cursor_next = page[-1] if more and page else None
         if governed is not None:  # a forgotten member found here is dropped (and forgotten in the store)
-            page = [pid for pid, row in zip(page, store.rows(page)) if row is not None and governed.visible(pid, row)]
+            governed.refresh()  # once for the page
+            page = [pid for pid, row in zip(page, store.rows(page))
+                    if row is not None and governed.visible(pid, row, refresh=False)]
         return Members(segment=name, members=page, next_cursor=cursor_next)
 
     @app.post("/v1/classify", response_model=Classification, responses={**read, **_errors(400, 404)})
@@ -428,8 +424,9 @@ class _Governed:
         finally:
             self.lock.release()
 
-    def visible(self, profile_id: str, row: Mapping[str, Any]) -> bool:
-        self.refresh()
+    def visible(self, profile_id: str, row: Mapping[str, Any], refresh: bool = True) -> bool:
+        if refresh:
+            self.refresh()
         if self.view.suppressed(row):
             self.store.forget(profile_id)
             return False

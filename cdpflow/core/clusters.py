@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+
+from cdpflow.core.timeutil import from_datetime
 
 CATEGORIES = ("running", "footwear", "outdoor", "fitness", "apparel", "accessories", "home")
 CAP_DAYS = 730.0  # "no order" or "not seen" counts as this many days ago
@@ -37,12 +39,11 @@ def number_of(row: Mapping[str, Any], name: str) -> float:
 
 
 def micros(value: Any) -> Optional[float]:
+    """A time as UTC microseconds: a datetime (a warehouse row's) or already a number (a stream row's)."""
     if value is None:
         return None
     if isinstance(value, datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
-        return value.timestamp() * 1e6
+        return float(from_datetime(value))
     try:
         return float(value)
     except (TypeError, ValueError):

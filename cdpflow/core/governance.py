@@ -83,18 +83,23 @@ def suppression_key(config: Optional[Mapping[str, Any]] = None, demo_key_file: O
     if secret:
         return SuppressionKey.from_secret(str(secret))
     if os.environ.get(DEMO_ENV) == "1" and demo_key_file:
-        if not os.path.exists(demo_key_file):
-            os.makedirs(os.path.dirname(os.path.abspath(demo_key_file)), exist_ok=True)
-            # Created with owner-only permissions: it is what keeps the hashes from being reversed.
-            fd = os.open(demo_key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(secrets.token_hex(32))
-        with open(demo_key_file, encoding="utf-8") as handle:
-            return SuppressionKey.from_secret(handle.read().strip())
+        return SuppressionKey.from_secret(demo_secret(demo_key_file))
     raise GovernanceError(
         f"no suppression secret: set {SECRET_ENV} (or governance.suppression_secret in the configuration) "
         f"to a long random string kept for this deployment; for the embedded demo, set {DEMO_ENV}=1 "
         "to keep a generated key beside the warehouse")
+
+
+def demo_secret(path: str) -> str:
+    """A random secret the embedded demo keeps in `path`: made once, owner-only (it is what keeps
+    the demo's hashes from being reversed, or its API from being called by anyone), then read."""
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    with open(path, encoding="utf-8") as handle:
+        return handle.read().strip()
 
 
 @dataclass(frozen=True)
