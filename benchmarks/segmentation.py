@@ -14,7 +14,10 @@ persona: the person most of its identifiers belong to, from the generator's trut
 - scoring: batched assignments per second (the portable model, batches of 1,024, as the runs and
   streams score; from ready feature vectors, and from profile rows with the features read off
   them) and one profile at a time (p50/p99), and `POST /v1/classify` through
-  `cdpflow serve api` over the warehouse (sequential, p50/p99).
+  `cdpflow serve api` over the warehouse (sequential, p50/p99);
+- the stream's assignment stage on Prism in streaming mode (RunInference with the promoted
+  Pipeline, batches of up to 500, then the keyed membership stage), rows per second with and
+  without clusters, 30,000 rows (pipeline start included).
 Results go to benchmarks/results/segmentation.json.
 """
 from __future__ import annotations
@@ -106,6 +109,16 @@ def scoring(x, rows):
         batch = many[i:i + 1024]
         model.best(model.scores([feature_vector(r) for r in batch]))
     from_rows = len(many) / (time.perf_counter() - started)
+    # what the Beam stream's RunInference does per batch: the joblib Pipeline (not the arrays) over
+    # up to 500 profile rows, the scores kept for the keyed stage's hysteresis
+    from cdpflow.models.registry import Scorer
+    fitted = fit(x, "kmeans", (6, 6), seed=0)
+    scorer = Scorer(describe(fitted, "v", FEATURES), fitted.pipeline)
+    started = time.perf_counter()
+    for i in range(0, len(many), 500):
+        batch = many[i:i + 500]
+        [scorer.portable.scored(s) for s in scorer.scores(batch)]
+    inference = len(many) / (time.perf_counter() - started)
     single = []
     for row in x[:2000]:
         t = time.perf_counter()
@@ -113,8 +126,37 @@ def scoring(x, rows):
         single.append((time.perf_counter() - t) * 1000)
     single.sort()
     return {"batched_vectors_per_second": round(batched), "batched_rows_per_second": round(from_rows),
+            "run_inference_fn_rows_per_second": round(inference),
             "one_profile_p50_ms": round(statistics.median(single), 3),
             "one_profile_p99_ms": round(single[int(len(single) * 0.99) - 1], 3)}
+
+
+def stream_stage(warehouse: Path, rows, total: int = 30_000):
+    """The stream's assignment stage on Prism (streaming, as `cdpflow stream` runs it): profile rows
+    -> RunInference with the promoted model (the registry followed) -> the keyed membership stage;
+    and the same stage without clusters, so the difference is what scoring costs."""
+    import apache_beam as beam
+
+    from cdpflow.config import load_config
+    from cdpflow.core.clusters import micros
+    from cdpflow.runners.direct import streaming_pipeline
+    from cdpflow.transforms.segments import AssignSegmentsStream
+    config = load_config(None)
+    registry = os.path.splitext(str(warehouse))[0] + ".models"  # trained by classify_over_http
+    many = []
+    for i in range(total):
+        row = rows[i % len(rows)]
+        many.append(dict(row, profile_id=f"{row['profile_id']}-{i}", as_of=micros(row["as_of"]), updated_at=1,
+                         _cause_message_id="m"))
+    out = {"rows": total}
+    for label, registry_for_run in (("with_clusters", registry), ("without_clusters", None)):
+        started = time.perf_counter()
+        pipeline = streaming_pipeline("prism")
+        _ = (pipeline | beam.Create(many, reshuffle=False)
+             | AssignSegmentsStream(config["segments"], config["lifecycle"], registry=registry_for_run, every_s=10))
+        pipeline.run().wait_until_finish()
+        out[f"{label}_rows_per_second"] = round(total / (time.perf_counter() - started))
+    return out
 
 
 def classify_over_http(warehouse: Path, requests_n: int = 1000):
@@ -177,7 +219,8 @@ def main() -> None:
     warehouse, x, _, rows = samples[args.seeds[0]]
     results["scoring"] = scoring(x, rows)
     results["classify_http"] = classify_over_http(warehouse)
-    print(results["scoring"], results["classify_http"])
+    results["stream_stage"] = stream_stage(warehouse, rows)
+    print(results["scoring"], results["classify_http"], results["stream_stage"])
     print("saved to", common.save_results("segmentation", results))
 
 

@@ -216,8 +216,8 @@ def create_api(store, keys: List[ApiKey], config: Mapping[str, Any], identity_st
         forget = redis_forgetter(store, config)
     governed = _Governed(governance, store) if governance is not None else None
     indexed = getattr(store, "lookup_kinds", ("email", "phone", "user_id"))
-    from cdpflow.core.segments import parse_rules, segments_of
-    rules = parse_rules(config["segments"])
+    from cdpflow.core.segments import follow_rules, segments_of
+    followed_rules = follow_rules(config["segments"])  # a rules file is re-read while the API runs
     lifecycle = config["lifecycle"]
     registry = CollectorRegistry()
     requests_total = Counter("cdpflow_api_requests", "Requests, by route and status", ["route", "status"],
@@ -349,6 +349,7 @@ def create_api(store, keys: List[ApiKey], config: Mapping[str, Any], identity_st
         row = _money(dict(stored(request.profile_id)) if request.profile_id else dict(request.features or {}))
         lifecycle_known = bool(row.get("lifecycle_stage"))
         row.setdefault("lifecycle_stage", "unknown")
+        rules = followed_rules.get()
         try:
             found = segments_of(rules, lifecycle, row)
         except (TypeError, ValueError) as err:

@@ -42,6 +42,45 @@ def load_config(path: Optional[str] = None, **overrides: Any) -> Dict[str, Any]:
         config = _merge(config, user)
     config = _merge(config, {k: v for k, v in overrides.items() if v is not None})
     validate(config, path or "the configuration")
+    return with_rules_file(config)
+
+
+def read_bytes(path: str) -> bytes:
+    """A small file's bytes: a local path, or any Beam FileSystems path (gs://...) where Beam is."""
+    if "://" not in path:
+        with open(path, "rb") as handle:
+            return handle.read()
+    from apache_beam.io.filesystems import FileSystems
+    try:
+        with FileSystems.open(path, compression_type="uncompressed") as handle:
+            return handle.read()
+    except Exception as err:  # noqa: BLE001 (Beam's IOError types differ by filesystem)
+        raise OSError(str(err)) from None
+
+
+def with_rules_file(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The configuration with `segments.file`'s rules in place of its own (the path made absolute,
+    so a stream's workers read the same file); unchanged without a file.
+
+    Raises:
+      BadInput: the file cannot be read or is not a rules document.
+    """
+    import os
+    segments = config.get("segments") or {}
+    path = segments.get("file")
+    if not path:
+        return config
+    if "://" not in str(path):
+        path = os.path.abspath(str(path))
+    try:
+        data = read_bytes(path)
+    except OSError as err:
+        raise BadInput(f"segments.file {path}: {err.strerror or err}") from None
+    from cdpflow.core.segments import parse_rules, rules_file_document
+    document = rules_file_document(data, f"segments.file {path}")
+    parse_rules(document)  # refused now, with where it is wrong, not on a worker
+    config = copy.deepcopy(config)
+    config["segments"] = dict(segments, file=path, **document)
     return config
 
 
@@ -88,6 +127,11 @@ def validate(config: Dict[str, Any], where: str) -> None:
     _number(config, where, "identity", "quarantine", "window_days")
     if identity.get("mode", "ordered") not in ("ordered", "parallel"):
         raise BadInput(f"{where}: identity.mode must be ordered or parallel, got {identity.get('mode')!r}")
+    segments = config.get("segments") or {}
+    if segments.get("file") is not None and not isinstance(segments.get("file"), str):
+        raise BadInput(f"{where}: segments.file must be the path of a rules file, got {segments.get('file')!r}")
+    _number(config, where, "segments", "reload_seconds")
+    _number(config, where, "models", "reload_seconds")
     collector = config.get("collector") or {}
     keys = collector.get("write_keys") or {}
     if not isinstance(keys, dict) or not all(isinstance(k, str) and k and isinstance(v, str) and v

@@ -2,9 +2,14 @@
 
 `cdpflow train` fits a scikit-learn Pipeline (log1p of skewed counts and money, standard scaling,
 KMeans or a Gaussian mixture; `cdpflow.models.segmentation`) and stores beside its joblib file
-what scoring needs as plain arrays (`PortableModel`, JSON): the Beam stream, the Flink job (whose
-venv has other numpy and scikit-learn versions), the batch run and the profile API all score
-with this module and NumPy alone, and a test checks it agrees with the Pipeline's `predict`.
+what scoring needs as plain arrays (`PortableModel`, JSON): the Flink job (whose venv has other
+numpy and scikit-learn versions), the batch run and the profile API score with this module and
+NumPy alone; the Beam stream scores with the Pipeline itself through RunInference
+(`cdpflow.transforms.clusters`); tests check both give the same scores.
+
+Scoring and choosing are two steps, so a stream can batch the first and key the second: a
+scoring stage attaches `PortableModel.scored(...)` (scores, version, names, margin) to a row,
+and the keyed stage that knows the profile's current cluster chooses (`choose_scored`).
 
 Assignment has hysteresis: a profile keeps the cluster it is in while that cluster is within a
 margin of the best one (KMeans: its distance at most (1 + margin) times the nearest; a mixture:
@@ -100,6 +105,37 @@ def log_mask(features: Sequence[str]) -> List[bool]:
     return [FEATURE_DEFINITIONS[name][1] for name in features]
 
 
+def cluster_name(segment: str) -> Optional[str]:
+    """The cluster name of a `cluster:<name>` segment (None for any other segment)."""
+    return segment[len("cluster:"):] if segment.startswith("cluster:") else None
+
+
+def choose_index(algorithm: str, margin: float, names: Sequence[str], scores: Sequence[float],
+                 previous: Optional[str] = None) -> int:
+    """Which cluster a profile is in, from its scores (squared distances for kmeans, probabilities
+    for gmm): the best one, unless `previous` (the cluster it is in now, by name) is within the
+    margin of it: its distance at most (1 + margin) times the best's, or its probability at most
+    `margin` below. The hysteresis that keeps a profile near a boundary from flapping."""
+    row = np.asarray(scores, dtype=float)
+    best = int(row.argmin() if algorithm == "kmeans" else row.argmax())
+    held = list(names).index(previous) if previous in names else None
+    if held is not None and held != best:
+        if algorithm == "kmeans":
+            keeps = math.sqrt(row[held]) <= (1.0 + margin) * math.sqrt(row[best])
+        else:
+            keeps = row[held] >= row[best] - margin
+        if keeps:
+            return held
+    return best
+
+
+def choose_scored(scored: Mapping[str, Any], previous: Optional[str] = None) -> Tuple[str, str]:
+    """(cluster name, model version) of a row's attached scores (`PortableModel.scored`)."""
+    names = list(scored["names"])
+    j = choose_index(scored["algorithm"], float(scored["margin"]), names, scored["scores"], previous)
+    return names[j], scored["version"]
+
+
 @dataclass(frozen=True)
 class Cluster:
     label: int  # stable across versions
@@ -158,21 +194,18 @@ class PortableModel:
     def choose(self, scores: Sequence[float], previous: Optional[str] = None) -> Tuple[Cluster, float]:
         """The cluster of one profile from its row of `scores`: the best, unless the cluster named
         `previous` (the one it is in now) is within the margin of it."""
-        row = np.asarray(scores, dtype=float)
-        j = int(row.argmin() if self.algorithm == "kmeans" else row.argmax())
-        held = next((i for i, c in enumerate(self.components) if c.name == previous), None) if previous else None
-        if held is not None and held != j and self._keeps(row, held, j):
-            j = held
-        return self.components[j], float(row[j])
+        j = choose_index(self.algorithm, self.margin, [c.name for c in self.components], scores, previous)
+        return self.components[j], float(scores[j])
 
     def cluster_named(self, segment: str) -> Optional[str]:
         """The cluster name of a `cluster:<name>` segment (None for any other segment)."""
-        return segment[len("cluster:"):] if segment.startswith("cluster:") else None
+        return cluster_name(segment)
 
-    def _keeps(self, row: np.ndarray, held: int, best: int) -> bool:
-        if self.algorithm == "kmeans":
-            return math.sqrt(row[held]) <= (1.0 + self.margin) * math.sqrt(row[best])
-        return row[held] >= row[best] - self.margin
+    def scored(self, scores: Sequence[float]) -> Dict[str, Any]:
+        """One profile's scores with what choosing needs (`choose_scored`), as plain values: what the
+        scoring stage of a stream attaches to a row for the keyed stage that knows the current cluster."""
+        return {"version": self.version, "algorithm": self.algorithm, "margin": self.margin,
+                "names": [c.name for c in self.components], "scores": [float(x) for x in scores]}
 
     def segment_of(self, cluster: Cluster) -> str:
         return f"cluster:{cluster.name}"

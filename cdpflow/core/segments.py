@@ -29,6 +29,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
+from cdpflow.core.clusters import choose_scored, cluster_name
+from cdpflow.core.follow import Followed, file_digest
 from cdpflow.core.timeutil import format_ts
 from cdpflow.errors import BadInput
 from cdpflow.schemas.topics import SEGMENT_CHANGES
@@ -175,6 +177,43 @@ def parse_rules(document: Mapping[str, Any]) -> RuleSet:
     return RuleSet(str(document.get("version", "rules-v1")), tuple(segments))
 
 
+def rules_file_document(data: bytes, where: str) -> Dict[str, Any]:
+    """A rules file's document (`version` and `segments`), from its bytes.
+
+    Raises:
+      RuleError: not YAML, or not a mapping with a `segments` list.
+    """
+    try:
+        document = yaml.safe_load(data)
+    except yaml.YAMLError as err:
+        raise RuleError(f"{where}: not valid YAML: {err}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("segments"), list):
+        raise RuleError(f"{where}: a rules file is a mapping with 'version' and a 'segments' list")
+    return {"version": str(document.get("version", "rules-v1")), "segments": document["segments"]}
+
+
+def follow_rules(document: Mapping[str, Any], read: Optional[Callable[[], bytes]] = None) -> Followed[RuleSet]:
+    """The rules a configuration's `segments` gives, followed: when it names a `file`, that file
+    is re-read every `reload_seconds` (`read` gives its bytes; default: a local file), and a new or
+    edited rule applies from the next row on; an edit that does not parse keeps the rules in force.
+    Without a file the rules never change."""
+    rules = parse_rules(document)
+    path = document.get("file")
+    if not path:
+        return Followed(lambda: None, lambda _: rules, float("inf"), "segment rules", initial=rules)
+    if read is None:
+        def read():
+            with open(path, "rb") as handle:
+                return handle.read()
+
+    def load(_digest):
+        return parse_rules(rules_file_document(read(), path))
+
+    every_s = document.get("reload_seconds")
+    return Followed(file_digest(read), load, 10.0 if every_s is None else float(every_s), f"segment rules {path}",
+                    initial=rules)
+
+
 def load_rules(path: str) -> RuleSet:
     with open(path, encoding="utf-8") as handle:
         return parse_rules(yaml.safe_load(handle))
@@ -248,9 +287,14 @@ class MembershipMachine:
         self.rules = parse_rules(rules_document)
         self.lifecycle = dict(lifecycle)
 
-    def on_row(self, profile_id: str, row: Mapping[str, Any], held: Optional[Held]
+    def on_row(self, profile_id: str, row: Mapping[str, Any], held: Optional[Held], rules: Optional[RuleSet] = None
                ) -> Tuple[Held, List[Dict[str, Any]]]:
         """A new profile row (or a deletion row): the new state and the changes, exits first.
+
+        `rules`: the rules in force now (a followed rules file), else the machine's own. A row
+        scored by the stream's cluster stage carries `_clusters` (`PortableModel.scored`): the
+        profile is in the cluster those scores choose, the one it is in now kept within the
+        model's margin (hysteresis, by name across versions); the enter carries the version.
 
         Rows may arrive out of order (the stage between the features and this one does not keep
         it): a row older than the last one applied — by as_of, a deletion after a row of the same
@@ -261,7 +305,11 @@ class MembershipMachine:
             return held, []
         held = {"open": dict((held or {}).get("open", {})), "entries": dict((held or {}).get("entries", {})),
                 "last": order}
-        now = segments_of(self.rules, self.lifecycle, row)
+        now = segments_of(rules or self.rules, self.lifecycle, row)
+        if now and row.get("_clusters"):
+            current = next((cluster_name(s) for s in sorted(held["open"]) if cluster_name(s)), None)
+            name, version = choose_scored(row["_clusters"], current)
+            now[f"cluster:{name}"] = ("model", version)
         at = row.get("as_of")
         cause = row.get("_cause_message_id") or f"deleted@{at}"
         changes = []
@@ -276,6 +324,17 @@ class MembershipMachine:
             changes.append(self._change(profile_id, segment, source, "enter", at, cause, version,
                                         held["entries"][segment]))
         return held, changes
+
+    @staticmethod
+    def shadow_would_move(row: Mapping[str, Any], held: Held) -> Optional[bool]:
+        """Whether the shadow model scored beside the promoted one (`_clusters["shadow"]`) would put
+        the profile in another cluster than the one it is now in (None: no shadow scores)."""
+        scored = (row.get("_clusters") or {}).get("shadow")
+        if not scored or row.get("deleted"):
+            return None
+        current = next((cluster_name(s) for s in sorted(held["open"]) if cluster_name(s)), None)
+        name, _ = choose_scored(scored, current)
+        return name != current
 
     @staticmethod
     def _change(profile_id, segment, source, direction, at, cause, version, ordinal) -> Dict[str, Any]:

@@ -125,6 +125,10 @@ def _completed(jobmanager: str, path: str, what: str, timeout: float) -> Dict[st
     raise FlinkError(f"{what} did not complete within {timeout:g} s")
 
 
+def _absolute(path: Optional[str]) -> Optional[str]:
+    return path if not path or "://" in path else os.path.abspath(path)
+
+
 def job_spec(bootstrap: str, warehouse: str, config: Dict[str, Any], identity_store: str, parallelism: int = 2,
              checkpoint_ms: int = 5000, until: Optional[int] = None, bounded: bool = False) -> Dict[str, Any]:
     """What the job runs with, read now from the warehouse and the configuration.
@@ -135,6 +139,7 @@ def job_spec(bootstrap: str, warehouse: str, config: Dict[str, Any], identity_st
     """
     from cdpflow.core import governance
     from cdpflow.core.identity import sqlite_path
+    from cdpflow.models.registry import registry_for
     from cdpflow.schemas.topics import DEAD_LETTERS, PROFILE_CHANGES, RAW_EVENTS, SEGMENT_CHANGES, WAREHOUSE_ROWS
     from cdpflow.stack.flink import connector_jars, flink_venv
     from cdpflow.warehouse import open_warehouse
@@ -161,6 +166,9 @@ def job_spec(bootstrap: str, warehouse: str, config: Dict[str, Any], identity_st
         "clv_model": json.loads(json.dumps(model, default=str)) if model else None, "until": until, "bounded": bounded,
         "reference": reference,
         "identity_store": identity_store, "config": config, "parallelism": parallelism,
+        # the cluster models' registry, its promoted pointer followed on the workers (an absolute
+        # path or gs://: TaskManagers read it themselves)
+        "registry": _absolute(registry_for(config, warehouse)),
         "checkpoint_ms": checkpoint_ms,
         "governance": {"suppressed": sorted(state.suppressed), "separations": sorted(state.separations)},
         "suppression_secret": key.secret.decode() if key.secret else None,

@@ -14,7 +14,9 @@ venv); it can also be run by hand:
       -> key by node key -> IdentifierState   an identifier's events, handed over on merges
       -> key by profile -> ProfileFeatures    rows on event-time timers    (cdpflow.core.stream_state)
       -> PredictCustomerValue   the CLV model, each row as it comes            (cdpflow.models.clv)
-      -> key by profile -> AssignSegments   enters and exits               (cdpflow.core.segments)
+      -> key by bucket -> ScoreClusters   the promoted cluster model, in batches, followed
+                                                              (cdpflow.models.registry)
+      -> key by profile -> AssignSegments   enters and exits; rules followed (cdpflow.core.segments)
       -> one exactly-once Kafka sink: cdp.warehouse.rows (events with their profile, lifecycle
          transitions), cdp.profiles.changes (keyed by profile; a tombstone for a profile that is
          gone), cdp.segments.changes (keyed by profile, idempotency key header),
@@ -443,18 +445,61 @@ def build(env, spec: Dict[str, Any]):
             self.counts.inc("scored", scored)
             yield out
 
-    class Memberships(KeyedProcessFunction):
-        """Keyed by profile: `cdpflow.core.segments.MembershipMachine` over Flink state."""
+    class ScoreClusters(Batching):
+        """Keyed by profile bucket: rows scored in batches by the registry's promoted model, followed.
+
+        The model is loaded once per worker in its portable form (NumPy arrays; this venv's
+        scikit-learn is not the one it was trained with, and nothing here is unpickled), checked
+        from the registry's pointer down, and the pointer re-read every `models.reload_seconds`:
+        a promotion or a rollback reaches the running job. A row is buffered until its batch
+        fills, 200 ms pass or the watermark passes it (`Batching`, checkpointed list state);
+        rows of one profile stay in one bucket, in order. Deletion rows pass unscored.
+        """
+
+        def __init__(self, registry: str, every_s: float):
+            super().__init__("rows", batch_size=500)
+            self.registry, self.every_s = registry, every_s
 
         def open(self, runtime_context):
-            from cdpflow.core.segments import MembershipMachine
+            from cdpflow.models.registry import follow_models
+            self.models = follow_models(self.registry, self.every_s)
+            self.open_buffer(runtime_context, "scored", "shadow_scored")
+
+        def handle(self, items):
+            promoted, shadow = self.models.get()
+            live = [i for i, row in enumerate(items) if not row.get("deleted")]
+            if promoted is not None and live:
+                rows = [items[i] for i in live]
+                scored = [promoted.portable.scored(s) for s in promoted.scores(rows)]
+                if shadow is not None:
+                    for one, s in zip(scored, shadow.scores(rows)):
+                        one["shadow"] = shadow.portable.scored(s)
+                    self.counts.inc("shadow_scored", len(rows))
+                for i, one in zip(live, scored):
+                    items[i] = dict(items[i], _clusters=one)
+                self.counts.inc("scored", len(rows))
+            yield from items
+
+    class Memberships(KeyedProcessFunction):
+        """Keyed by profile: `cdpflow.core.segments.MembershipMachine` over Flink state, with the
+        rules followed (a rules file named by `segments.file` is re-read every
+        `segments.reload_seconds` on each worker)."""
+
+        def open(self, runtime_context):
+            from cdpflow.config import read_bytes
+            from cdpflow.core.segments import MembershipMachine, follow_rules
             self.machine = MembershipMachine(config["segments"], config["lifecycle"])
+            path = config["segments"].get("file")
+            self.rules = follow_rules(config["segments"], (lambda: read_bytes(path)) if path else None)
             self.held = runtime_context.get_state(ValueStateDescriptor("memberships", BYTES))
-            self.counts = _Counts(runtime_context, "entered", "exited")
+            self.counts = _Counts(runtime_context, "entered", "exited", "shadow_would_move", "rules_refused")
 
         def process_element(self, row, ctx):
-            held, changes = self.machine.on_row(row["profile_id"], row, _decoded(self.held))
+            held, changes = self.machine.on_row(row["profile_id"], row, _decoded(self.held), self.rules.get())
             self.held.update(encode_state(held))
+            self.counts.set("rules_refused", self.rules.failures)
+            if self.machine.shadow_would_move(row, held):
+                self.counts.inc("shadow_would_move")
             for change in changes:
                 self.counts.inc("entered" if change["direction"] == "enter" else "exited")
                 yield change
@@ -488,6 +533,10 @@ def build(env, spec: Dict[str, Any]):
                 .process(ProfileFeatures(), output_type=PICKLED).uid("profile-features").name("ProfileFeatures"))
     profiles = (features.process(ScoreRows(spec.get("clv_model") or {"status": "no model", "model_id": None}),
                                  output_type=PICKLED).uid("score-clv").name("PredictCustomerValue"))
+    if spec.get("registry"):
+        profiles = (profiles.key_by(lambda r: zlib.crc32(r["profile_id"].encode()) % BUCKETS, key_type=Types.INT())
+                    .process(ScoreClusters(spec["registry"], float(config["models"]["reload_seconds"])),
+                             output_type=PICKLED).uid("score-clusters").name("ScoreClusters"))
     changes = (profiles.key_by(lambda r: r["profile_id"], key_type=Types.STRING())
                .process(Memberships(), output_type=PICKLED).uid("segments").name("AssignSegments"))
     dead = checked.get_side_output(dead_tag).union(unique.get_side_output(dead_tag),

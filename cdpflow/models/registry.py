@@ -22,11 +22,13 @@ import hashlib
 import io
 import time
 import uuid
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import orjson
 
-from cdpflow.core.clusters import PortableModel
+from cdpflow.core.clusters import PortableModel, feature_vector
+from cdpflow.core.follow import Followed
 from cdpflow.errors import BadInput
 
 FILES = ("model.joblib", "portable.json")
@@ -214,23 +216,66 @@ def promoted_document(registry: Optional[str]) -> Optional[Dict[str, Any]]:
     return model.to_dict() if model is not None else None
 
 
+class Scorer:
+    """One loaded model version: its portable form, and (where it is loaded) its scikit-learn Pipeline.
+
+    `scores(rows)` gives the same n x k matrix whichever does the work (squared centroid distances
+    for KMeans, component probabilities for a mixture; a test checks they agree): the Beam stream
+    scores with the Pipeline it unpickled (after its checksum matched), the Flink job and the API
+    with the arrays.
+    """
+
+    def __init__(self, portable: PortableModel, pipeline=None):
+        self.portable, self.pipeline, self.version = portable, pipeline, portable.version
+
+    def scores(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        vectors = np.asarray([feature_vector(row, self.portable.features) for row in rows], dtype=float)
+        vectors = vectors.reshape(-1, len(self.portable.features))
+        if self.pipeline is None:
+            return self.portable.scores(vectors)
+        if self.portable.algorithm == "kmeans":
+            return self.pipeline.transform(vectors) ** 2
+        return self.pipeline.predict_proba(vectors)
+
+
+Models = Tuple[Optional[Scorer], Optional[Scorer]]  # (promoted, shadow)
+
+
+def follow_models(registry: str, every_s: float = 10.0, pipelines: bool = False) -> Followed[Models]:
+    """The registry's promoted and shadow models, followed: the pointers are re-read at most every
+    `every_s` seconds, and a version a pointer moved to (a promotion, a rollback, a new shadow) is
+    loaded, its checksums checked from the pointer down. `pipelines`: also unpickle the joblib
+    Pipeline (the Beam venv, where it was trained); otherwise the portable arrays only.
+
+    A version that fails its checks keeps the models in force (logged); a registry unreadable
+    before anything was loaded raises (`cdpflow.core.follow.Followed`)."""
+    store = ModelRegistry(registry)
+    loaded: Dict[Tuple[str, str], Scorer] = {}
+
+    def key(pointer):
+        return (pointer["version"], pointer["metadata_sha256"]) if pointer else None
+
+    def one(k) -> Optional[Scorer]:
+        if k is None:
+            return None
+        if k not in loaded:
+            portable = store.load_portable(*k)
+            if len(loaded) > 4:
+                loaded.clear()  # a long run's promotions do not pile up
+            loaded[k] = Scorer(portable, store.load_pipeline(*k) if pipelines else None)
+        return loaded[k]
+
+    return Followed(lambda: (key(store.promoted()), key(store.shadow())),
+                    lambda keys: (one(keys[0]), one(keys[1])), every_s, f"model registry {registry}")
+
+
 class PromotedModel:
-    """The promoted model, followed: the pointer is re-read at most every `every_s` seconds, and a
-    new version (a promotion or a rollback) is loaded, checked, when the pointer moves. What a
-    long-running service (the profile API) assigns with; None while nothing is promoted."""
+    """The promoted model's portable form, followed (`follow_models`): what a long-running service
+    (the profile API) assigns with; None while nothing is promoted."""
 
     def __init__(self, registry: str, every_s: float = 10.0):
-        self.registry, self.every_s = ModelRegistry(registry), every_s
-        self.at, self.pointer, self.model = 0.0, None, None
+        self.followed = follow_models(registry, every_s)
 
     def get(self) -> Optional[PortableModel]:
-        now = time.monotonic()
-        if now - self.at >= self.every_s:
-            self.at = now
-            pointer = self.registry.promoted()
-            key = (pointer or {}).get("version"), (pointer or {}).get("metadata_sha256")
-            if key != ((self.pointer or {}).get("version"), (self.pointer or {}).get("metadata_sha256")):
-                self.model = (self.registry.load_portable(pointer["version"], pointer["metadata_sha256"])
-                              if pointer else None)
-                self.pointer = pointer
-        return self.model
+        promoted, _ = self.followed.get()
+        return promoted.portable if promoted is not None else None

@@ -5,7 +5,7 @@
 
     ReadKafkaTopic(cdp.events.raw) -> the streaming graph of `replay` (`build_stream`)
     ReadKafkaTopic(cdp.control) -> ApplyControl (split commands: moves into the feature state)
-        -> AssignSegmentsStream -> WriteToKafka:
+        -> AssignSegmentsStream (clusters: RunInference with the promoted model; rules) -> WriteToKafka:
              cdp.profiles.changes   profile rows (a tombstone when a profile is absorbed)
              cdp.segments.changes   enter/exit changes, with idempotency keys
              cdp.events.deadletter  dead letters
@@ -30,6 +30,14 @@ a change re-sent for a re-read event carries the key it had, and the loader skip
 `--until` ends a run: the source stops at records received after that time, every profile gets
 a last row as of it, and the command returns when the loader has committed everything (a
 bounded catch-up run, and how the tests compare the stream with `cdpflow run --as-of`).
+
+Clusters and rules follow their sources while the stream runs: the promoted model of the
+registry (`models.registry`, else `<warehouse>.models`) scores each profile row through
+RunInference (`cdpflow.transforms.clusters`), its pointer re-read every `models.reload_seconds`,
+so `cdpflow models promote|rollback` reaches the running stream; a rules file named by
+`segments.file` is re-read every `segments.reload_seconds`. A change applies to each profile
+from its next row on (an event, a lifecycle timer, the last row at --until); `cdpflow run`
+re-assigns everyone at once.
 
 Runner: Prism (`make prism`); the BundleBased DirectRunner rejects the Kafka source's
 splittable DoFn. On Dataflow the same graph is submitted with this source; Beam's
@@ -91,8 +99,9 @@ def _lines(record):
 
 def build_live(pipeline: beam.Pipeline, bootstrap: str, config: Dict[str, Any], identity_store: str, rules,
                history, model, seeds, start: str, until: Optional[int], group: str = STREAM_GROUP,
-               warehouse: Optional[str] = None):
-    """Wires the live graph: Kafka in, the streaming graph, segment assignment, Kafka out."""
+               warehouse: Optional[str] = None, registry: Optional[str] = None):
+    """Wires the live graph: Kafka in, the streaming graph, segment assignment (clusters by the
+    promoted model of `registry`, followed), Kafka out."""
     source = (pipeline
               | "ReadRaw" >> ReadKafkaTopic(bootstrap, RAW_EVENTS.name, start=start, group=group,
                                             stop_after_us=until)
@@ -108,8 +117,9 @@ def build_live(pipeline: beam.Pipeline, bootstrap: str, config: Dict[str, Any], 
                            clv_model=model, until=until, routed_out=True,
                            governance=WarehouseGovernance(warehouse, config) if warehouse else None,
                            control=control)
-    changes = outputs[PROFILES] | "AssignSegments" >> AssignSegmentsStream(config["segments"], config["lifecycle"],
-                                                                            seeds)
+    changes = outputs[PROFILES] | "AssignSegments" >> AssignSegmentsStream(
+        config["segments"], config["lifecycle"], seeds, registry=registry,
+        every_s=float(config["models"]["reload_seconds"]))
     records = (
         outputs[PROFILES] | "ProfileRecords" >> beam.Map(profile_record),
         changes | "SegmentRecords" >> beam.Map(segment_record),
@@ -210,8 +220,9 @@ def run_stream(bootstrap: str, warehouse: str, config: Dict[str, Any], runner: s
             pipeline = beam.Pipeline(runner=runner_obj, options=PipelineOptions(args, streaming=True))
         else:
             pipeline = streaming_pipeline(runner, list(pipeline_args))
+        from cdpflow.models.registry import registry_for
         build_live(pipeline, bootstrap, config, store_uri, rules, history, model, seeds, start, until,
-                   warehouse=warehouse)
+                   warehouse=warehouse, registry=registry_for(config, warehouse))
         result = pipeline.run()
         result.wait_until_finish()
     finally:

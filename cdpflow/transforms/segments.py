@@ -23,8 +23,8 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
-from cdpflow.core.clusters import PortableModel, feature_vector
-from cdpflow.core.segments import MembershipMachine, parse_rules, segment_change, segments_of
+from cdpflow.core.clusters import PortableModel, cluster_name, feature_vector
+from cdpflow.core.segments import MembershipMachine, follow_rules, parse_rules, segment_change, segments_of
 from cdpflow.core.timeutil import format_ts
 from cdpflow.transforms.stream_features import StateCoder
 
@@ -68,8 +68,8 @@ class _DiffMembershipsFn(beam.DoFn):
         found = segments_of(self.rules, self.lifecycle, profile)
         if self.model is not None and found and profile.get("_cluster_scores") is not None:
             # hysteresis: the cluster it is in now (any model version's, by name) may keep it
-            held = next((self.model.cluster_named(r["segment"]) for r in previous_rows
-                         if r["exited_at"] is None and r["source"] == "model"), None)
+            held = next((cluster_name(r["segment"]) for r in previous_rows
+                         if r["exited_at"] is None and cluster_name(r["segment"])), None)
             cluster, _ = self.model.choose(profile["_cluster_scores"], held)
             found[self.model.segment_of(cluster)] = ("model", self.model.version)
         return found
@@ -143,21 +143,35 @@ class AssignSegments(beam.PTransform):
 
 
 # ------------------------------------------------------------------------------------ streaming
+def _read_file(path: str):
+    # the rules file through Beam's FileSystems: a local path, or gs://... on Dataflow's workers
+    from cdpflow.config import read_bytes
+    return lambda: read_bytes(path)
+
+
 class _StreamMembershipsFn(beam.DoFn):
-    """Keyed by profile: the open memberships in state, a change out for each enter and exit."""
+    """Keyed by profile: the open memberships in state, a change out for each enter and exit.
+
+    The rules are followed (`cdpflow.core.segments.follow_rules`): a rules file named by the
+    configuration is re-read every `segments.reload_seconds` on each worker.
+    """
 
     HELD = ReadModifyWriteStateSpec("memberships", StateCoder())
 
     def __init__(self, rules_document: Mapping[str, Any], lifecycle: Mapping[str, int],
                  seeds: Optional[Mapping[str, Any]] = None):
-        self.rules_document, self.lifecycle = rules_document, dict(lifecycle)
+        self.rules_document, self.lifecycle = dict(rules_document), dict(lifecycle)
         self.seeds = dict(seeds or {})
-        self.machine = None
+        self.machine = self.rules = None
         self.entered = Metrics.counter(self.__class__, "entered")
         self.exited = Metrics.counter(self.__class__, "exited")
+        self.shadow_scored = Metrics.counter(self.__class__, "shadow_scored")
+        self.shadow_would_move = Metrics.counter(self.__class__, "shadow_would_move")
 
     def setup(self):
         self.machine = MembershipMachine(self.rules_document, self.lifecycle)
+        path = self.rules_document.get("file")
+        self.rules = follow_rules(self.rules_document, _read_file(path) if path else None)
 
     def process(self, element, held=beam.DoFn.StateParam(HELD)):
         profile_id, row = element
@@ -165,8 +179,13 @@ class _StreamMembershipsFn(beam.DoFn):
         if current is None:
             # A stream that resumes on a warehouse starts from the memberships it holds.
             current = self.seeds.get(profile_id)
-        now, changes = self.machine.on_row(profile_id, row, current)
+        now, changes = self.machine.on_row(profile_id, row, current, self.rules.get())
         held.write(now)
+        moved = self.machine.shadow_would_move(row, now)
+        if moved is not None:
+            self.shadow_scored.inc()
+            if moved:
+                self.shadow_would_move.inc()
         for change in changes:
             (self.entered if change["direction"] == "enter" else self.exited).inc()
             yield change
@@ -176,17 +195,24 @@ class AssignSegmentsStream(beam.PTransform):
     """PCollection[profile rows and deletion rows] -> PCollection[segment changes], as they happen.
 
     Args:
-      rules_document: the parsed `segments` configuration.
+      rules_document: the parsed `segments` configuration (its rules file, if it names one, is
+        followed while the stream runs).
       lifecycle: the lifecycle thresholds.
       seeds: profile id -> `held_from_memberships(...)` of the warehouse the stream resumes on.
+      registry: the model registry whose promoted model assigns `cluster:<name>` segments
+        (followed every `every_s` seconds), or None for no clusters.
     """
 
-    def __init__(self, rules_document, lifecycle, seeds=None):
+    def __init__(self, rules_document, lifecycle, seeds=None, registry: Optional[str] = None, every_s: float = 10.0):
         super().__init__()
         parse_rules(rules_document)  # fail while building the graph, not on a worker
         self.rules_document, self.lifecycle, self.seeds = rules_document, dict(lifecycle), seeds
+        self.registry, self.every_s = registry, every_s
 
     def expand(self, rows):
+        if self.registry:
+            from cdpflow.transforms.clusters import ScoreClustersStream  # scikit-learn only when scoring
+            rows = rows | "ScoreClusters" >> ScoreClustersStream(self.registry, self.every_s)
         return (rows
                 | "KeyByProfile" >> beam.Map(lambda r: (r["profile_id"], r)).with_output_types(Tuple[str, Any])
                 | "Memberships" >> beam.ParDo(_StreamMembershipsFn(self.rules_document, self.lifecycle, self.seeds)))

@@ -351,3 +351,68 @@ def test_the_flink_job_keeps_forgotten_people_out_whether_forgotten_before_or_wh
     assert profiles and profiles <= {r["profile_id"].encode() for r in events}, profiles
     text = b"".join((r.value or b"") + (r.key or b"") for r in records)
     assert before[1].encode() not in text and during[1].encode() not in text
+
+
+def test_the_flink_job_follows_a_promotion_and_a_rules_edit_while_it_runs(tmp_path, broker, flink_cluster, redis_url):
+    # A warehouse from a batch run, two cluster models trained on it, the first promoted, and a
+    # rules file: the job scores in batches with the first model's arrays. While it runs the
+    # second model is promoted and the rules file edited; a person who arrives after that gets
+    # the second model's cluster and the edited rules' segment, with their versions, from the
+    # same job (never restarted); one who arrived before got the first's.
+    from tests.stream.test_live_models import two_models_and_a_rules_file
+    jobmanager = flink_cluster.address
+    sample = tmp_path / "sample"
+    generate(sample, customers=20, days=60, seed=44)
+    warehouse, registry, first, second, rules, config = two_models_and_a_rules_file(
+        tmp_path, sample, 4, "version: rules-before\nsegments:\n  - name: visitors\n    when: {orders_365d: {eq: 0}}\n")
+    store = f"{redis_url}?prefix=flink:{uuid.uuid4().hex}"
+
+    def visit(tag):
+        # the visitor's events a minute back, and a later event of someone else, so the watermark
+        # (bounded out-of-orderness) passes the visitor's and their profile row is made
+        now = int(time.time() * 1_000_000)
+        path = tmp_path / f"{tag}.jsonl"
+        lines = [{"type": "identify", "messageId": f"{tag}-1", "anonymousId": f"{tag}-device",
+                  "traits": {"email": f"{tag}@shop.example"}, "timestamp": format_ts(now - 60_000_000)},
+                 {"type": "page", "name": "Home", "messageId": f"{tag}-2", "anonymousId": f"{tag}-device",
+                  "timestamp": format_ts(now - 59_000_000)},
+                 {"type": "page", "name": "Home", "messageId": f"{tag}-tick", "anonymousId": f"{tag}-ticker",
+                  "timestamp": format_ts(now)}]
+        path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+        send_live(None, broker, [(path, 5000)])
+
+    def enters_of(tag, timeout=120):
+        """The versions on the segment enters caused by the visitor's events (read_committed)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            changes = changes_on_topic(broker)
+            mine = {c["profile_id"] for c in changes if c["cause_message_id"].startswith(f"{tag}-")
+                    and not c["cause_message_id"].endswith("-tick")}
+            found = {(c["source"], c["model_version"]) for c in changes
+                     if c["profile_id"] in mine and c["direction"] == "enter" and c["source"] != "lifecycle"}
+            if {source for source, _ in found} >= {"model", "rule"}:
+                return found
+            assert time.monotonic() < deadline, f"no cluster and rule enters for {tag}: {changes[-5:]}"
+            time.sleep(1)
+
+    visit("before")
+    job_id = _submit(broker, warehouse, store, jobmanager, tmp_path, "--config", str(config))
+    flink.wait_for(job_id, ("RUNNING",), jobmanager)
+    assert enters_of("before") == {("model", first), ("rule", "rules-before")}
+    assert main(["models", "promote", second, "--registry", registry.root]) == 0
+    rules.write_text("version: rules-after\nsegments:\n  - name: still_browsing\n    when: {orders_365d: {eq: 0}}\n")
+    time.sleep(3)  # both are looked at every second
+    visit("after")
+    assert enters_of("after") == {("model", second), ("rule", "rules-after")}
+    assert flink.rest(jobmanager, f"/jobs/{job_id}")["state"] == "RUNNING"  # the same job throughout
+    vertex = _vertex(jobmanager, job_id, "ScoreClusters")
+    deadline = time.monotonic() + 60
+    while True:  # the workers report their gauges every few seconds
+        scored = sum(_metric(jobmanager, job_id, vertex, s, "cdpflow.scored") or 0 for s in range(2))
+        if scored >= 4 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert scored >= 4  # both visitors' rows and the tickers', in batches
+    flink.cancel(job_id, jobmanager)
+    clusters = [c for c in changes_on_topic(broker) if c["segment"].startswith("cluster:")]
+    assert {c["model_version"] for c in clusters} == {first, second}

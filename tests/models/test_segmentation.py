@@ -69,6 +69,12 @@ def test_the_portable_form_scores_as_the_pipeline_predicts(data, algorithm):
     assert 4 <= fitted.k <= 6 and set(fitted.scores) == {4, 5, 6}
     portable = PortableModel.from_dict(json.loads(json.dumps(describe(fitted, "v1", FEATURES).to_dict())))
     assert (portable.best(portable.scores(x)) == fitted.pipeline.predict(x)).all()
+    # what the Beam stream scores with (the Pipeline) and what Flink and the API score with (the
+    # arrays) give the same score matrix, so hysteresis decides alike on every path
+    from cdpflow.models.registry import Scorer
+    rows = _rows(warehouse)
+    np.testing.assert_allclose(Scorer(portable, fitted.pipeline).scores(rows), Scorer(portable).scores(rows),
+                               rtol=1e-6, atol=1e-9)
     names = [c.name for c in portable.components]
     assert len(set(names)) == len(names) and all(n and n.replace("_", "").isalnum() for n in names)
 
@@ -106,6 +112,36 @@ def test_train_promote_and_the_run_assigns_every_profile_one_cluster_with_its_ve
     enters = [c for c in changes if c["source"] == "model"]
     assert enters and all(c["model_version"] == pointer["version"] and c["segment"].startswith("cluster:")
                           for c in enters)
+
+
+def test_the_streams_assignment_stage_scores_through_run_inference_with_the_promoted_version(trained_run, tmp_path):
+    # The Beam stream's stage over the batch run's final profile rows (on the DirectRunner): each
+    # profile enters the cluster the batch run put it in (same model, same features), the enter
+    # carrying the promoted version.
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that
+
+    from cdpflow.config import load_config
+    from cdpflow.core.clusters import micros
+    from cdpflow.transforms.segments import AssignSegmentsStream
+    folder, warehouse, version, _ = trained_run
+    root = str(folder / "cdp.models")
+    config = load_config(None)
+    with open_warehouse(str(warehouse), read_only=True) as wh:
+        # as the stream's rows come: times in microseconds
+        rows = [dict(r, as_of=micros(r["as_of"]), updated_at=1, _cause_message_id="m") for r in wh.profiles()]
+    batch = dict(query(warehouse, "SELECT profile_id, segment FROM segment_memberships "
+                                  "WHERE source = 'model' AND exited_at IS NULL"))
+
+    def check(changes):
+        enters = {c["profile_id"]: (c["segment"], c["model_version"]) for c in changes
+                  if c["direction"] == "enter" and c["source"] == "model"}
+        assert enters == {pid: (segment, version) for pid, segment in batch.items()}
+
+    with beam.Pipeline("DirectRunner") as pipeline:
+        changes = (pipeline | beam.Create(rows)
+                   | AssignSegmentsStream(config["segments"], config["lifecycle"], registry=root, every_s=60))
+        assert_that(changes, check)
 
 
 def test_a_checksum_mismatch_refuses_to_load_and_nothing_is_unpickled(data, tmp_path, monkeypatch):
