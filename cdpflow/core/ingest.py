@@ -37,6 +37,30 @@ def received_at_of(event: Any) -> int:
     return int(time.time() * 1_000_000)
 
 
+# Deeper JSON is refused at parse: a record nested hundreds of levels deep overflowed Python's
+# recursion while a runner pickled it (the run stopped), and BigQuery's JSON type refuses
+# nesting past 500; no tracking SDK nests events more than a few levels.
+MAX_DEPTH = 64
+
+
+def nesting(value) -> int:
+    """How deeply a parsed JSON value nests objects and arrays (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        current, depth = stack.pop()
+        if isinstance(current, dict):
+            children = current.values()
+        elif isinstance(current, list):
+            children = current
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if depth > MAX_DEPTH:
+            return depth
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def parse_line(line: Union[bytes, str], validator: EventValidator) -> Union[ParsedEvent, DeadLetter]:
     """One raw line: UTF-8, JSON, and the JSON Schema of its kind (stages `parse`, `validate`)."""
     if isinstance(line, bytes):
@@ -50,6 +74,10 @@ def parse_line(line: Union[bytes, str], validator: EventValidator) -> Union[Pars
         event = orjson.loads(raw)
     except orjson.JSONDecodeError as err:
         return DeadLetter(raw, "parse", f"not valid JSON: {err}", None, received_at_of(None))
+    depth = nesting(event)
+    if depth > MAX_DEPTH:
+        return DeadLetter(raw, "parse", f"nested more than {MAX_DEPTH} levels deep: cdpflow accepts at most {MAX_DEPTH}", None,
+                          received_at_of(event if isinstance(event, dict) else None))
     try:
         version = validator.validate(event)
     except SchemaViolation as err:

@@ -71,15 +71,30 @@ def normalize_phone(value: str, default_region: str = "US") -> Optional[str]:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
+# Money beyond this is refused: no order is worth 10^15 in any currency, and the warehouses'
+# NUMERIC (38 digits, 9 after the point; BigQuery's too) must hold sums of amounts converted at
+# any rate. Without it an amount such as 1e30 stopped the whole run (the features overflowed).
+MAX_AMOUNT = Decimal(10) ** 15
+
+
 def parse_money(value: Any) -> Optional[Decimal]:
-    """A JSON number or decimal string as Decimal (None when absent)."""
+    """A JSON number or decimal string as Decimal (None when absent).
+
+    Raises:
+      NormalizationError: not an amount, not finite, or beyond `MAX_AMOUNT`.
+    """
     if value is None or isinstance(value, bool):
         return None
     try:
         # str() first so that floats keep the digits they were written with (49.9, not 49.89999...).
-        return Decimal(str(value).strip())
+        amount = Decimal(str(value).strip())
     except InvalidOperation:
         raise NormalizationError(f"not an amount: {value!r}") from None
+    if not amount.is_finite():
+        raise NormalizationError(f"not an amount: {value!r}")
+    if abs(amount) >= MAX_AMOUNT:
+        raise NormalizationError(f"amount {value!r} is beyond what cdpflow accepts (under 10^15)")
+    return amount
 
 
 def event_time(event: Dict[str, Any]) -> Tuple[int, int]:
