@@ -20,8 +20,16 @@ KAFKA_LIBS := .cache/kafka/libs
 # Flink runs cdpflow's own PyFlink job from a venv of its own (PyFlink pins an older Beam).
 FLINK_VENV := .cache/flink-venv
 FLINK_JARS := .cache/flink/jars
+# The BigQuery emulator runs in a venv of its own (it needs Python 3.13); DuckDB, under it, finds
+# its extensions in a home folder of their own (.cache/bigquery-home).
+# (a python3.13 that runs; else pyenv's 3.13 when pyenv has one installed but another selected)
+PY313 ?= $(shell python3.13 -c 'import sys; print(sys.executable)' 2>/dev/null || \
+	{ command -v pyenv >/dev/null && PYENV_VERSION=$$(pyenv versions --bare | grep '^3\.13' | tail -1) \
+	  pyenv which python3.13; } 2>/dev/null)
+BQ_VENV := .cache/bigquery-venv
+BQ_HOME := .cache/bigquery-home
 
-.PHONY: venv run test test-fast bench prism redis-server chromium java mvn kafka flink stack stack-down clean
+.PHONY: venv run test test-fast bench prism redis-server chromium java mvn kafka flink bigquery-emulator stack stack-down clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PY) -m venv $(VENV)
@@ -45,10 +53,10 @@ run: venv
 	@echo "and in another terminal (the demo's API key is kept in $(basename $(WAREHOUSE)).api.key):"
 	@echo "  curl -s -H \"Authorization: Bearer \$$(cat $(basename $(WAREHOUSE)).api.key)\" http://127.0.0.1:8090/v1/segments"
 
-test: venv prism redis-server kafka flink chromium
+test: venv prism redis-server kafka flink chromium bigquery-emulator
 	$(BIN)/python -m pytest tests
 
-test-fast: venv prism redis-server kafka flink chromium
+test-fast: venv prism redis-server kafka flink chromium bigquery-emulator
 	$(BIN)/python -m pytest -m "not e2e" tests
 
 bench: venv prism redis-server kafka flink
@@ -115,8 +123,24 @@ $(FLINK_JARS)/.fetched: cdpflow/stack/flink-pom.xml | mvn
 		-DexcludeTransitive=true -DoutputDirectory=$(CURDIR)/$(FLINK_JARS)
 	touch $@
 
+# The BigQuery emulator (PyPI's local-bigquery) in its own Python 3.13 venv, with DuckDB 1.5.5 and
+# the extension files it loads (icu, ducklake, spatial) copied from their PyPI wheels into its
+# home, so nothing is downloaded when it runs (deploy/bigquery/requirements.txt says why).
+bigquery-emulator: $(BQ_VENV)/.installed
+$(BQ_VENV)/.installed: deploy/bigquery/requirements.txt
+	@test -n "$(PY313)" || { echo "the BigQuery emulator needs Python 3.13 (python3.13 on PATH, or make PY313=...)"; exit 1; }
+	rm -rf $(BQ_VENV) $(BQ_HOME)
+	$(PY313) -m venv $(BQ_VENV)
+	$(BQ_VENV)/bin/pip install --quiet --upgrade pip
+	$(BQ_VENV)/bin/pip install --quiet -r deploy/bigquery/requirements.txt
+	$(BQ_VENV)/bin/pip install --quiet --no-deps local-bigquery==0.4.0
+	mkdir -p $(BQ_HOME)/.duckdb/extensions/v1.5.5/linux_amd64
+	cp $(BQ_VENV)/lib/python3.13/site-packages/duckdb_extension_*/extensions/v1.5.5/*.duckdb_extension \
+		$(BQ_HOME)/.duckdb/extensions/v1.5.5/linux_amd64/
+	touch $@
+
 # The local services on 127.0.0.1 (default set: redis, kafka), data under .stack/; see README "Local services".
-stack: venv redis-server kafka flink
+stack: venv redis-server kafka flink bigquery-emulator
 	$(BIN)/cdpflow stack up
 
 stack-down: venv

@@ -168,6 +168,13 @@ def _parser() -> argparse.ArgumentParser:
     dest.add_argument("--config", help="YAML configuration merged over the defaults (its activation section)")
     _activation_arguments(dest)
 
+    bq = sub.add_parser("bq", help="BigQuery as the warehouse: create or evolve its dataset and tables")
+    bq_sub = bq.add_subparsers(dest="bq_command", required=True)
+    bq_init = bq_sub.add_parser("init", help="create the dataset and every table (idempotent); add columns a "
+                                             "newer cdpflow has")
+    bq_init.add_argument("--warehouse", required=True,
+                         help="bigquery://PROJECT/DATASET[?endpoint=URL] (an emulator's URL, or CDPFLOW_BIGQUERY_ENDPOINT)")
+
     flink = sub.add_parser("flink", help="the stream as a native PyFlink job: submit, list, cancel, savepoint")
     flink_sub = flink.add_subparsers(dest="flink_command", required=True)
     fsub = flink_sub.add_parser("submit", help="submit the job to a Flink cluster")
@@ -503,6 +510,22 @@ def cmd_load(args) -> int:
                       + ("" if args.until_caught_up else " (Ctrl-C stops it)"))
     loaded = run_loader(args.bootstrap, args.warehouse, config, args.identity_store, args.until_caught_up)
     _print_loaded(f"cdpflow load -> {args.warehouse}", loaded)
+    return 0
+
+
+def cmd_bq(args) -> int:
+    from cdpflow.warehouse.base import WarehouseError
+    from cdpflow.warehouse.bigquery import BigQueryWarehouse
+    if not str(args.warehouse).startswith("bigquery://"):
+        raise WarehouseError(f"--warehouse {args.warehouse}: `cdpflow bq` takes bigquery://PROJECT/DATASET")
+    warehouse = BigQueryWarehouse(args.warehouse, read_only=True)
+    done = warehouse.init()
+    for name in done["created"]:
+        console.print(f"created {warehouse.project}.{warehouse.dataset}.{name}")
+    for column in done["evolved"]:
+        console.print(f"added column {column}")
+    if not done["created"] and not done["evolved"]:
+        console.print(f"{warehouse.project}.{warehouse.dataset}: every table as the contract says; nothing to do")
     return 0
 
 
@@ -983,7 +1006,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     handlers = {"generate": cmd_generate, "run": cmd_run, "replay": cmd_replay, "export": cmd_export,
                 "profile": cmd_profile, "identity": cmd_identity, "forget": cmd_forget, "publish": cmd_publish,
                 "stack": cmd_stack, "serve": cmd_serve, "import": cmd_import, "send": cmd_send,
-                "stream": cmd_stream, "load": cmd_load, "flink": cmd_flink,
+                "stream": cmd_stream, "load": cmd_load, "flink": cmd_flink, "bq": cmd_bq,
                 "destinations": cmd_destinations, "train": cmd_train, "models": cmd_models, "report": cmd_report}
     from cdpflow.core.governance import GovernanceError
     from cdpflow.errors import BadInput

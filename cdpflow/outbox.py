@@ -23,7 +23,6 @@ import orjson
 
 from cdpflow import faults
 from cdpflow.core.segments import SEGMENT_CHANGES_TOPIC
-from cdpflow.errors import BadInput
 
 
 class Publisher(abc.ABC):
@@ -101,12 +100,10 @@ def publish_pending(warehouse, publisher: Publisher, topic: str = SEGMENT_CHANGE
 
 
 def changes_file_for(warehouse_uri: str) -> str:
-    """The default JSON-lines destination of a warehouse's segment changes (beside its file)."""
-    from cdpflow.warehouse.base import warehouse_path
-    path = warehouse_path(warehouse_uri)
-    if path is None:
-        raise BadInput(f"{warehouse_uri} has no local file: give --changes-out FILE")
-    return os.path.splitext(path)[0] + ".segment_changes.jsonl"
+    """The default JSON-lines destination of a warehouse's segment changes (beside its file;
+    for a remote warehouse, in the local state folder: `companion_path`)."""
+    from cdpflow.warehouse.base import companion_path
+    return companion_path(warehouse_uri, ".segment_changes.jsonl")
 
 
 def read_changes(path: str) -> Iterable[Dict[str, Any]]:

@@ -94,3 +94,18 @@ def flink_cluster(_flink_session):
     while not flink.healthy():
         assert time.monotonic() < deadline, "the Flink cluster did not get its two TaskManagers back"
         time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def bigquery_emulator(tmp_path_factory):
+    """The stack's BigQuery emulator (local-bigquery) on free ports for the session; tests reach it
+    with `bigquery_emulator.warehouse_uri(DATASET)` through the official client."""
+    from cdpflow.stack.bigquery import BigQueryEmulator
+    emulator = BigQueryEmulator(tmp_path_factory.mktemp("stack"), port=free_port(), grpc_port=free_port())
+    if emulator.executable() is None:
+        pytest.fail("the BigQuery emulator is not installed: run `make test`, which installs it before the suite")
+    emulator.up()
+    try:
+        yield emulator
+    finally:
+        emulator.down()

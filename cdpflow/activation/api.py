@@ -198,8 +198,8 @@ def keys_from_config(config: Mapping[str, Any], demo_key_file: Optional[str] = N
 
 def demo_key_file(warehouse: str) -> str:
     """Where the embedded demo keeps its generated API key: beside the warehouse."""
-    from cdpflow.warehouse import warehouse_path
-    return os.path.splitext(warehouse_path(warehouse) or warehouse)[0] + ".api.key"
+    from cdpflow.warehouse.base import companion_path
+    return companion_path(warehouse, ".api.key")
 
 
 # --------------------------------------------------------------------------- the app

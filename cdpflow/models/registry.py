@@ -185,13 +185,12 @@ def registry_for(config: Mapping[str, Any], warehouse: Optional[str] = None) -> 
     beside an embedded warehouse when that folder exists, else None."""
     import os
 
-    from cdpflow.warehouse import warehouse_path
+    from cdpflow.warehouse.base import companion_path
     configured = (config.get("models") or {}).get("registry")
     if configured:
         return str(configured)
-    local = warehouse_path(warehouse) if warehouse else None
-    if local:
-        beside = os.path.splitext(local)[0] + ".models"
+    if warehouse:
+        beside = companion_path(warehouse, ".models")
         if os.path.isdir(beside):
             return beside
     return None
@@ -199,13 +198,8 @@ def registry_for(config: Mapping[str, Any], warehouse: Optional[str] = None) -> 
 
 def default_registry(warehouse: str) -> str:
     """Where `cdpflow train` stores models when neither --registry nor `models.registry` says."""
-    import os
-
-    from cdpflow.warehouse import warehouse_path
-    local = warehouse_path(warehouse)
-    if not local:
-        raise BadInput("a warehouse that is not a local file needs --registry (or models.registry in the configuration)")
-    return os.path.splitext(local)[0] + ".models"
+    from cdpflow.warehouse.base import companion_path
+    return companion_path(warehouse, ".models")
 
 
 def promoted_document(registry: Optional[str]) -> Optional[Dict[str, Any]]:

@@ -303,7 +303,8 @@ def pipeline_options(runner: str, pipeline_args: Sequence[str]) -> Tuple[Any, Pi
 
 def identity_store_path(warehouse: str) -> str:
     """Where the identity graph of a warehouse's latest run is kept (beside the warehouse)."""
-    return os.path.splitext(warehouse_path(warehouse) or warehouse)[0] + ".identity.sqlite"
+    from cdpflow.warehouse.base import companion_path
+    return companion_path(warehouse, ".identity.sqlite")
 
 
 def keep_identity_store(store_path: str, destination: str, version: int) -> None:

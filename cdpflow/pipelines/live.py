@@ -80,11 +80,10 @@ STREAM_GROUP = "cdpflow-stream"
 
 
 def stream_identity_store(warehouse: str) -> str:
-    """The stream's identity store beside an embedded warehouse (kept across runs of the stream)."""
-    local = warehouse_path(warehouse)
-    if local is None:
-        raise BadInput(f"--warehouse {warehouse}: give --identity-store (a redis:// URI) for a remote warehouse")
-    return "sqlite://" + os.path.abspath(os.path.splitext(local)[0] + ".stream-identity.sqlite")
+    """The stream's identity store kept with the warehouse (across runs of the stream): a SQLite file
+    beside an embedded warehouse, or in the local state folder for a remote one (`companion_path`)."""
+    from cdpflow.warehouse.base import companion_path
+    return "sqlite://" + os.path.abspath(companion_path(warehouse, ".stream-identity.sqlite"))
 
 
 def event_record(routed):

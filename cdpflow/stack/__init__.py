@@ -6,8 +6,8 @@
 
 Everything listens on 127.0.0.1. Data lives under `.stack/` at the project root (git-ignored),
 one folder per component, or under `CDPFLOW_STACK_DIR`. Installing the programs is `make`'s job
-(`make stack`, `make test`), never this package's. Redis, Kafka and Flink are the components so
-far; the BigQuery emulator joins the registry below as a `Component` of its own.
+(`make stack`, `make test`), never this package's. Redis, Kafka, Flink and the BigQuery
+emulator are the components.
 """
 from __future__ import annotations
 
@@ -18,13 +18,15 @@ from typing import Dict, List, Optional, Sequence, Type
 from cdpflow.errors import BadInput
 from cdpflow.stack.base import (RUNNING, STOPPED, UNHEALTHY, Component, ComponentStatus, StackError,
                                 project_root)
+from cdpflow.stack.bigquery import BigQueryEmulator
 from cdpflow.stack.flink import Flink
 from cdpflow.stack.kafka import Kafka
 from cdpflow.stack.redis import Redis
 
 # In start order; `down` stops them in the reverse order (a consumer before what it consumes).
-COMPONENTS: Dict[str, Type[Component]] = {"redis": Redis, "kafka": Kafka, "flink": Flink}
-# Flink takes 5 GiB and three JVMs: started when asked for (`cdpflow stack up flink`).
+COMPONENTS: Dict[str, Type[Component]] = {"redis": Redis, "kafka": Kafka, "flink": Flink, "bigquery": BigQueryEmulator}
+# Flink takes 5 GiB and three JVMs, the BigQuery emulator half a GiB: started when asked for
+# (`cdpflow stack up flink bigquery`).
 DEFAULT_COMPONENTS = ("redis", "kafka")
 
 __all__ = ["COMPONENTS", "DEFAULT_COMPONENTS", "RUNNING", "STOPPED", "UNHEALTHY", "Component", "ComponentStatus",

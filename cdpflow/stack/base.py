@@ -144,6 +144,10 @@ class ProcessComponent(Component):
     def logfile(self) -> Path:
         return self.folder / f"{self.name}.log"
 
+    def executable(self) -> Optional[str]:
+        """The program's path (default: looked up on PATH), or None when it is not installed."""
+        return shutil.which(self.program)
+
     @abc.abstractmethod
     def _launch(self, executable: str) -> None:
         """Starts the daemon, which writes `pidfile` itself; returns once it has been handed off."""
@@ -178,7 +182,7 @@ class ProcessComponent(Component):
             # Running already (perhaps still starting): never a second process over the same data.
             self._wait_healthy(timeout, "is running but does not answer its health check")
             return False
-        executable = shutil.which(self.program)
+        executable = self.executable()
         if executable is None:
             raise StackError(f"{self.program} is not installed: run `make stack` (or `make test`), which installs it")
         for purpose, port in self.ports.items():

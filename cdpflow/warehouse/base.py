@@ -1,7 +1,7 @@
 """The `Warehouse` interface: what every path reads from and writes to, whatever the backend.
 
 A backend is chosen by URI (`open_warehouse`): `duckdb:///path/cdp.duckdb` (or a plain path)
-is the embedded DuckDB file; `bigquery://PROJECT/DATASET` joins later through the same table
+is the embedded DuckDB file; `bigquery://PROJECT/DATASET` is BigQuery, through the same table
 contract (`cdpflow.schemas.tables`). One module per backend, as feast keeps its online stores.
 
 The contract every backend keeps:
@@ -17,6 +17,8 @@ The contract every backend keeps:
 from __future__ import annotations
 
 import abc
+import os
+import re
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from cdpflow.core.governance import GovernanceState, SuppressionKey
@@ -141,6 +143,22 @@ class Warehouse(abc.ABC):
                expected_version: Optional[int] = None) -> Optional[Dict[str, Any]]:
         """Deletes a person everywhere in the warehouse and keeps keyed hashes of their identifiers."""
 
+    def profiles_holding(self, identifier: str) -> List[str]:
+        """Every profile holding an identifier that exactly equals `identifier` (typed, or bare and normalised)."""
+        raise NotImplementedError
+
+    def forget_target(self, identifier: str) -> Optional[str]:
+        """The profile a forget of `identifier` deletes (None: no profile holds it).
+
+        Raises:
+          WarehouseError: a bare value that names several profiles.
+        """
+        holders = self.profiles_holding(identifier)
+        if len(holders) > 1:
+            raise WarehouseError(f"{identifier!r} names {len(holders)} profiles ({', '.join(holders)}): "
+                                 "say which with type:value, e.g. email:ann@example.org or user_id:42")
+        return holders[0] if holders else self.resolve_profile_id(identifier)
+
     @abc.abstractmethod
     def add_separations(self, pairs, now_us: int, reason: str, expected_version: Optional[int] = None) -> int:
         """Records pairs of identifiers that must stay apart; returns how many were new."""
@@ -160,7 +178,8 @@ class Warehouse(abc.ABC):
 
 
 def open_warehouse(uri: str, read_only: bool = False, lock_timeout: Optional[float] = None) -> Warehouse:
-    """Opens a warehouse by URI: `duckdb:///path/file.duckdb`, or a plain path (DuckDB).
+    """Opens a warehouse by URI: `duckdb:///path/file.duckdb`, a plain path (DuckDB), or
+    `bigquery://PROJECT/DATASET[?endpoint=URL]` (`cdpflow.warehouse.bigquery`).
 
     Raises:
       WarehouseError: unknown scheme, or the warehouse cannot be opened.
@@ -171,7 +190,37 @@ def open_warehouse(uri: str, read_only: bool = False, lock_timeout: Optional[flo
     if scheme == "duckdb":
         from cdpflow.warehouse.embedded import DuckDBWarehouse
         return DuckDBWarehouse(rest, read_only=read_only, lock_timeout=lock_timeout)
-    raise WarehouseError(f"unknown warehouse URI {uri!r}: use duckdb:///path/cdp.duckdb or a file path")
+    if scheme == "bigquery":
+        from cdpflow.warehouse.bigquery import BigQueryWarehouse
+        return BigQueryWarehouse(str(uri), read_only=read_only)
+    raise WarehouseError(f"unknown warehouse URI {uri!r}: use duckdb:///path/cdp.duckdb, a file path, or "
+                         "bigquery://PROJECT/DATASET")
+
+
+def identifier_candidates(identifier: str):
+    """(type or None, exact values to look up) for an identifier as typed by a user: `type:value`
+    normalised by its type, or a bare value as typed and as an email or a phone would be."""
+    from cdpflow.core.normalize import normalize_email, normalize_phone
+    if ":" in identifier and not identifier.startswith("p_"):
+        id_type, value = identifier.split(":", 1)
+        id_type = id_type.strip().lower()
+        normalised = {"email": normalize_email(value), "phone": normalize_phone(value)}.get(id_type)
+        return id_type, [normalised or value.strip()]
+    values = [identifier] + [c for c in (normalize_email(identifier), normalize_phone(identifier)) if c]
+    return None, list(dict.fromkeys(values))
+
+
+def companion_path(uri: str, suffix: str) -> str:
+    """Where a warehouse's local companions live (the demo's generated keys, the identity stores kept
+    with it, its segment-changes file, its model registry): beside an embedded warehouse's file,
+    `<name><suffix>`; for a remote warehouse, under `$CDPFLOW_STATE_DIR` (default `.cdpflow` in the
+    working directory), named after its URI."""
+    local = warehouse_path(uri)
+    if local:
+        return os.path.splitext(local)[0] + suffix
+    scheme, _, rest = str(uri).partition("://")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", rest.split("?")[0]).strip("_")
+    return os.path.join(os.environ.get("CDPFLOW_STATE_DIR", ".cdpflow"), f"{scheme}_{name}{suffix}")
 
 
 def warehouse_path(uri: str) -> Optional[str]:

@@ -24,12 +24,11 @@ import orjson
 import pyarrow as pa
 
 from cdpflow.core.governance import LEGACY_KEY_ID, GovernanceState, SuppressionKey, identifiers_of_raw
-from cdpflow.core.normalize import normalize_email, normalize_phone
 from cdpflow.core.segments import idempotency_key, outbox_message, segment_change
 from cdpflow.core.timeutil import format_ts
 from cdpflow.schemas.tables import ALL_TABLES, Table, duckdb_column
 from cdpflow.core.segments import SEGMENT_CHANGES_TOPIC
-from cdpflow.warehouse.base import ConcurrentWriteError, Warehouse, WarehouseError
+from cdpflow.warehouse.base import ConcurrentWriteError, Warehouse, WarehouseError, identifier_candidates
 
 _ARROW = {
     "STRING": pa.string(), "INT64": pa.int64(), "FLOAT64": pa.float64(),
@@ -493,15 +492,9 @@ class DuckDBWarehouse(Warehouse):
         self.con.execute(f"COPY (SELECT * FROM \"{table}\") TO '{escaped}' ({options})")
         return self.count(table)
 
-    def _candidates(self, identifier: str):
-        """(type or None, exact values to look up) for an identifier as typed by a user."""
-        if ":" in identifier and not identifier.startswith("p_"):
-            id_type, value = identifier.split(":", 1)
-            id_type = id_type.strip().lower()
-            normalised = {"email": normalize_email(value), "phone": normalize_phone(value)}.get(id_type)
-            return id_type, [normalised or value.strip()]
-        values = [identifier] + [c for c in (normalize_email(identifier), normalize_phone(identifier)) if c]
-        return None, list(dict.fromkeys(values))
+    @staticmethod
+    def _candidates(identifier: str):
+        return identifier_candidates(identifier)
 
     def profiles_holding(self, identifier: str) -> List[str]:
         """Every profile holding an identifier that exactly equals `identifier` (typed, or bare and normalised)."""
@@ -580,11 +573,7 @@ class DuckDBWarehouse(Warehouse):
           WarehouseError: a bare value that names several profiles.
           ConcurrentWriteError: the warehouse is no longer at `expected_version`.
         """
-        holders = self.profiles_holding(identifier)
-        if len(holders) > 1:
-            raise WarehouseError(f"{identifier!r} names {len(holders)} profiles ({', '.join(holders)}): "
-                                 "say which with type:value, e.g. email:ann@example.org or user_id:42")
-        profile_id = holders[0] if holders else self.resolve_profile_id(identifier)
+        profile_id = self.forget_target(identifier)
         if profile_id is not None:
             identifiers = [(r["identifier_type"], r["identifier_value"]) for r in self.query(
                 "SELECT identifier_type, identifier_value FROM identity_links WHERE profile_id = ?", [profile_id])]

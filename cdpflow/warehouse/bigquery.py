@@ -1,0 +1,617 @@
+"""The BigQuery warehouse backend: `bigquery://PROJECT/DATASET`, the same table contract as DuckDB's.
+
+    cdpflow bq init --warehouse bigquery://my-project/cdp           # dataset and tables, idempotent
+    cdpflow run --warehouse bigquery://my-project/cdp ...            # a batch run commits here
+    bigquery://local/cdp?endpoint=http://127.0.0.1:9050              # the stack's emulator
+                                                                     # (or CDPFLOW_BIGQUERY_ENDPOINT)
+
+Through the official client (google-cloud-bigquery): Beam's WriteToBigQuery has no endpoint
+option, so it cannot be proven against an emulator, and the commit below needs a transaction
+across tables anyway. Against real BigQuery the client uses Application Default Credentials;
+with an endpoint, anonymous ones (the emulator).
+
+Tables come from `cdpflow.schemas.tables` (`bigquery_schema`): `events` partitioned by event
+day and clustered by profile_id and event, `dead_letters` partitioned by the day received; the
+tables looked up by profile are clustered by it. `init` creates what is missing and adds the
+columns a newer contract has (never drops or retypes one).
+
+How the `Warehouse` contract maps (docs/bigquery.md):
+- a commit loads each staged table into a staging table of its own (a load job: no insertAll,
+  so no row ever sits in the streaming buffer, where DML could not touch it), then runs one
+  multi-statement transaction: it checks the version row (RAISE if another commit moved it:
+  `ConcurrentWriteError`, nothing written), replaces or appends (an append skips keys already
+  there, so a replay or a retried commit never duplicates a row), writes the outbox and the new
+  version, and commits. The staging tables are dropped after (and expire in a day regardless).
+- upserts are `UPDATE ... FROM staging` then `INSERT ... WHERE NOT EXISTS`: the MERGE they
+  stand for, in a form the emulator also runs inside a transaction (its MERGE opens a
+  transaction of its own and fails inside one).
+- a transaction that loses a race with another (BigQuery aborts one of two that touch the same
+  table) is also a `ConcurrentWriteError`: run the command again.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import time
+import uuid
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from urllib.parse import parse_qs
+
+import orjson
+
+from cdpflow.core.governance import LEGACY_KEY_ID, GovernanceState, SuppressionKey
+from cdpflow.core.segments import SEGMENT_CHANGES_TOPIC, outbox_message
+from cdpflow.core.timeutil import format_ts
+from cdpflow.schemas.tables import ALL_TABLES, Table
+from cdpflow.warehouse.base import (ConcurrentWriteError, Warehouse, WarehouseError, companion_path,
+                                    identifier_candidates)
+
+ENDPOINT_VARIABLE = "CDPFLOW_BIGQUERY_ENDPOINT"
+VERSION_CONFLICT = "cdpflow-version-conflict"
+# (partitioned by the day of, clustered by): cost follows what queries filter on
+LAYOUT = {
+    "events": ("timestamp", ["profile_id", "event"]),
+    "dead_letters": ("received_at", ["stage"]),
+    "profiles": (None, ["profile_id"]),
+    "identity_links": (None, ["profile_id"]),
+    "segment_memberships": (None, ["profile_id", "segment"]),
+    "lifecycle_transitions": (None, ["profile_id"]),
+    "outbox": (None, ["topic"]),
+}
+
+
+def parse_uri(uri: str) -> Tuple[str, str, Optional[str]]:
+    """(project, dataset, endpoint) of `bigquery://PROJECT/DATASET[?endpoint=URL]`.
+
+    Raises:
+      WarehouseError: not of that form.
+    """
+    rest = str(uri).partition("://")[2]
+    path, _, query = rest.partition("?")
+    parts = [p for p in path.split("/") if p]
+    if len(parts) != 2:
+        raise WarehouseError(f"{uri!r}: a BigQuery warehouse is bigquery://PROJECT/DATASET")
+    endpoint = (parse_qs(query).get("endpoint") or [None])[0] or os.environ.get(ENDPOINT_VARIABLE) or None
+    return parts[0], parts[1], endpoint
+
+
+def _bq_value(column, value):
+    """A staged value (timestamps as µs, money as numbers or strings) as the load job's JSON takes it."""
+    if value is None:
+        return [] if column.mode == "REPEATED" else None
+    if column.mode == "REPEATED":
+        return list(value)
+    if column.type == "TIMESTAMP":
+        if isinstance(value, datetime):
+            return value.astimezone(timezone.utc).isoformat()
+        return format_ts(int(value))
+    if column.type == "NUMERIC":
+        return str(Decimal(str(value)).quantize(Decimal("0.000000001")))
+    if column.type == "JSON":
+        # a JSON column takes an object or an array; the raw event arrives as its text
+        return orjson.loads(value) if isinstance(value, (str, bytes)) else value
+    if column.type == "BOOL":
+        return bool(value)
+    return value
+
+
+def load_rows(table: Table, rows: Iterable[Mapping[str, Any]]) -> bytes:
+    """Rows (staged form) as newline-delimited JSON for a load job, by the contract's columns."""
+    return b"".join(orjson.dumps({c.name: _bq_value(c, r.get(c.name)) for c in table.columns}) + b"\n"
+                    for r in rows)
+
+
+def _plain(value):
+    # What the DuckDB backend gives back, so readers see one warehouse whatever the backend: JSON
+    # as its text, timestamps as aware datetimes, money as Decimal.
+    if isinstance(value, (dict, list)):
+        return orjson.dumps(value).decode()
+    return value
+
+
+class BigQueryWarehouse(Warehouse):
+    """A dataset in BigQuery (or the stack's emulator) holding the contract's tables.
+
+    Args:
+      uri: `bigquery://PROJECT/DATASET[?endpoint=URL]`.
+      read_only: readers never create anything.
+    """
+
+    def __init__(self, uri: str, read_only: bool = False, client=None):
+        from google.cloud import bigquery
+        self.bigquery = bigquery
+        self.project, self.dataset, self.endpoint = parse_uri(uri)
+        self.uri = f"bigquery://{self.project}/{self.dataset}" + (f"?endpoint={self.endpoint}" if self.endpoint else "")
+        if client is None:
+            if self.endpoint:
+                from google.auth.credentials import AnonymousCredentials
+                client = bigquery.Client(project=self.project, credentials=AnonymousCredentials(),
+                                         client_options={"api_endpoint": self.endpoint})
+            else:
+                client = bigquery.Client(project=self.project)
+        self.client = client
+        self._tables: Optional[set] = None
+        if not read_only:
+            self.init()
+
+    # Schema ------------------------------------------------------------------------------------
+    def _ref(self, name: str) -> str:
+        return f"{self.project}.{self.dataset}.{name}"
+
+    def _q(self, name: str) -> str:
+        return f"`{self.project}.{self.dataset}.{name}`"
+
+    def _schema(self, table: Table):
+        fields = self.bigquery.SchemaField
+        return [fields(c["name"], c["type"], mode=c["mode"], description=c["description"] or None)
+                for c in table.bigquery_schema()]
+
+    def init(self) -> Dict[str, List[str]]:
+        """Creates the dataset and every missing table, and adds the columns a table lacks.
+
+        Returns:
+          {"created": [tables], "evolved": ["table.column", ...]}.
+        """
+        from google.api_core.exceptions import NotFound
+        self.client.create_dataset(self.bigquery.Dataset(f"{self.project}.{self.dataset}"), exists_ok=True)
+        created, evolved = [], []
+        for table in ALL_TABLES.values():
+            try:
+                existing = self.client.get_table(self._ref(table.name))
+            except NotFound:
+                spec = self.bigquery.Table(self._ref(table.name), schema=self._schema(table))
+                spec.description = table.description
+                partition, cluster = LAYOUT.get(table.name, (None, None))
+                if partition:
+                    spec.time_partitioning = self.bigquery.TimePartitioning(
+                        type_=self.bigquery.TimePartitioningType.DAY, field=partition)
+                if cluster:
+                    spec.clustering_fields = cluster
+                self.client.create_table(spec, exists_ok=True)
+                created.append(table.name)
+                continue
+            have = {f.name for f in existing.schema}
+            missing = [f for f in self._schema(table) if f.name not in have]
+            if missing:
+                # an added column is nullable (old rows have none); REPEATED stays REPEATED
+                existing.schema = list(existing.schema) + [
+                    self.bigquery.SchemaField(f.name, f.field_type, mode="REPEATED" if f.mode == "REPEATED" else "NULLABLE",
+                                              description=f.description) for f in missing]
+                self.client.update_table(existing, ["schema"])
+                evolved.extend(f"{table.name}.{f.name}" for f in missing)
+        self._tables = None
+        return {"created": created, "evolved": evolved}
+
+    def has_table(self, name: str) -> bool:
+        if self._tables is None:
+            try:
+                self._tables = {t.table_id for t in self.client.list_tables(f"{self.project}.{self.dataset}")}
+            except Exception:  # noqa: BLE001 (no dataset yet: nothing in it)
+                self._tables = set()
+        return name in self._tables
+
+    # Queries -----------------------------------------------------------------------------------
+    def _params(self, params: Mapping[str, Any]):
+        out = []
+        for name, value in params.items():
+            if isinstance(value, (list, tuple)):
+                out.append(self.bigquery.ArrayQueryParameter(name, "STRING", [str(v) for v in value]))
+            elif isinstance(value, bool):
+                out.append(self.bigquery.ScalarQueryParameter(name, "BOOL", value))
+            elif isinstance(value, int):
+                out.append(self.bigquery.ScalarQueryParameter(name, "INT64", value))
+            elif isinstance(value, datetime):
+                out.append(self.bigquery.ScalarQueryParameter(name, "TIMESTAMP", value))
+            else:
+                out.append(self.bigquery.ScalarQueryParameter(name, "STRING", value))
+        return out
+
+    def _run(self, sql: str, params: Optional[Mapping[str, Any]] = None):
+        config = self.bigquery.QueryJobConfig(query_parameters=self._params(params or {}))
+        return self.client.query(sql.replace("`ds`.", f"`{self.project}.{self.dataset}`."), job_config=config).result()
+
+    def query(self, sql: str, params: Optional[Mapping[str, Any]] = None) -> List[Dict[str, Any]]:
+        """Rows of a query (tables named `ds`.name; named @parameters), values as the DuckDB backend gives them."""
+        return [{k: _plain(v) for k, v in row.items()} for row in self._run(sql, params)]
+
+    def _scalar(self, sql: str, params: Optional[Mapping[str, Any]] = None):
+        rows = list(self._run(sql, params))
+        return rows[0][0] if rows else None
+
+    # Reading -----------------------------------------------------------------------------------
+    def version(self) -> int:
+        if not self.has_table("warehouse_meta"):
+            return 0
+        return int(self._scalar("SELECT MAX(value) FROM `ds`.warehouse_meta WHERE name = 'version'") or 0)
+
+    def count(self, name: str) -> int:
+        return int(self._scalar(f"SELECT COUNT(*) FROM `ds`.{name}")) if self.has_table(name) else 0
+
+    def accepted_events(self) -> List[str]:
+        if not self.has_table("events"):
+            return []
+        return [r[0] for r in self._run("SELECT TO_JSON_STRING(raw) FROM `ds`.events ORDER BY message_id")]
+
+    def identity_history(self) -> List[tuple]:
+        if not self.has_table("events"):
+            return []
+        return [(int(r[0]), r[1], tuple(tuple(i) for i in orjson.loads(r[2] or "[]"))) for r in self._run(
+            "SELECT UNIX_MICROS(timestamp), message_id, TO_JSON_STRING(identifiers) FROM `ds`.events "
+            "ORDER BY timestamp, message_id")]
+
+    def latest_clv_model(self) -> Optional[Dict[str, Any]]:
+        rows = self.query("SELECT * FROM `ds`.clv_models WHERE status = 'fitted' ORDER BY as_of DESC, fitted_at DESC "
+                          "LIMIT 1") if self.has_table("clv_models") else []
+        return rows[0] if rows else None
+
+    def memberships(self) -> List[Dict[str, Any]]:
+        if not self.has_table("segment_memberships"):
+            return []
+        return self.query("SELECT profile_id, segment, source, UNIX_MICROS(entered_at) AS entered_at, "
+                          "UNIX_MICROS(exited_at) AS exited_at, model_version FROM `ds`.segment_memberships "
+                          "ORDER BY profile_id, segment, entered_at")
+
+    def profiles(self) -> List[Dict[str, Any]]:
+        return self.query("SELECT * FROM `ds`.profiles ORDER BY profile_id") if self.has_table("profiles") else []
+
+    def open_segment_sizes(self) -> Dict[str, int]:
+        if not self.has_table("segment_memberships"):
+            return {}
+        return {r[0]: int(r[1]) for r in self._run("SELECT segment, COUNT(*) FROM `ds`.segment_memberships "
+                                                     "WHERE exited_at IS NULL GROUP BY segment ORDER BY segment")}
+
+    def identity_links(self) -> List[Dict[str, Any]]:
+        if not self.has_table("identity_links"):
+            return []
+        return self.query("SELECT identifier_type, identifier_value, profile_id FROM `ds`.identity_links")
+
+    def pending_outbox(self, topic: str = SEGMENT_CHANGES_TOPIC) -> List[Dict[str, Any]]:
+        if not self.has_table("outbox"):
+            return []
+        return [{"idempotency_key": r[0], "message_key": r[1], "payload": orjson.loads(r[2])} for r in self._run(
+            "SELECT idempotency_key, message_key, TO_JSON_STRING(payload) FROM `ds`.outbox WHERE topic = @topic "
+            "AND published_at IS NULL ORDER BY warehouse_version, idempotency_key", {"topic": topic})]
+
+    def governance(self) -> GovernanceState:
+        if not self.has_table("identity_suppressions"):
+            return GovernanceState()
+        suppressed = frozenset((r[1] or LEGACY_KEY_ID, r[0]) for r in self._run(
+            "SELECT identifier_hash, key_id FROM `ds`.identity_suppressions"))
+        separations = frozenset(((r[0], r[1]), (r[2], r[3])) for r in self._run(
+            "SELECT left_type, left_value, right_type, right_value FROM `ds`.identity_separations"))
+        return GovernanceState(suppressed, separations)
+
+    def demo_key_file(self) -> Optional[str]:
+        return companion_path(self.uri, ".suppression.key")
+
+    def default_identity_store(self) -> Optional[str]:
+        path = companion_path(self.uri, ".identity.sqlite")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return "sqlite://" + os.path.abspath(path)
+
+    # Writing -----------------------------------------------------------------------------------
+    def _stage(self, name: str, rows: Sequence[Mapping[str, Any]], tag: str) -> str:
+        """Loads rows into a staging table of their own (a load job); returns its name."""
+        table = ALL_TABLES[name]
+        staging = f"_staging_{tag}_{name}"
+        config = self.bigquery.LoadJobConfig(source_format=self.bigquery.SourceFormat.NEWLINE_DELIMITED_JSON,
+                                             schema=self._schema(table),
+                                             write_disposition=self.bigquery.WriteDisposition.WRITE_TRUNCATE)
+        job = self.client.load_table_from_file(io.BytesIO(load_rows(table, rows)), self._ref(staging),
+                                               job_config=config)
+        try:
+            job.result()
+        except Exception as err:  # noqa: BLE001 (the load job's own errors say which row)
+            raise WarehouseError(f"loading {name} into BigQuery failed: {err}; {job.errors}") from None
+        try:
+            staged = self.client.get_table(self._ref(staging))
+            staged.expires = datetime.fromtimestamp(time.time() + 86400, tz=timezone.utc)
+            self.client.update_table(staged, ["expires"])
+        except Exception:  # noqa: BLE001 (an expiry is a safety net; the commit drops it anyway)
+            pass
+        return staging
+
+    def _drop(self, staging: Iterable[str]) -> None:
+        for name in staging:
+            self.client.delete_table(self._ref(name), not_found_ok=True)
+
+    def _transaction(self, statements: Sequence[str], expected_version: Optional[int],
+                     params: Optional[Mapping[str, Any]] = None) -> int:
+        """Runs statements in one transaction that checks and raises the version; returns the new version.
+
+        Raises:
+          ConcurrentWriteError: the version is not `expected_version`, or another transaction won
+            a race on the same tables (nothing was written).
+        """
+        found = self.version()
+        if expected_version is not None and found != expected_version:
+            raise ConcurrentWriteError(expected_version, found)
+        new = found + 1
+        script = "\n".join([
+            "BEGIN TRANSACTION;",
+            # read again inside the transaction: a commit between the read above and here loses
+            f"IF (SELECT COALESCE(MAX(value), 0) FROM `ds`.warehouse_meta WHERE name = 'version') != {found} THEN",
+            f"  ROLLBACK TRANSACTION; RAISE USING MESSAGE = '{VERSION_CONFLICT}';",
+            "END IF;",
+            *[s.rstrip().rstrip(";") + ";" for s in statements],
+            "DELETE FROM `ds`.warehouse_meta WHERE name = 'version';",
+            f"INSERT INTO `ds`.warehouse_meta (name, value, updated_at) VALUES ('version', {new}, CURRENT_TIMESTAMP());",
+            "COMMIT TRANSACTION;",
+        ])
+        try:
+            self._run(script, params)
+        except Exception as err:  # noqa: BLE001 (the client's error types vary by cause)
+            text = str(err)
+            if VERSION_CONFLICT in text or "concurrent" in text.lower() or "Failed to commit" in text:
+                raise ConcurrentWriteError(found, self.version()) from None
+            raise WarehouseError(f"BigQuery refused the commit: {text}") from None
+        return new
+
+    def _columns(self, name: str) -> str:
+        return ", ".join(f"`{c}`" for c in ALL_TABLES[name].column_names)
+
+    def _append_new(self, name: str, staging: str, key: Optional[str]) -> str:
+        """The statement appending a staging table's rows whose key the table does not hold yet."""
+        cols = self._columns(name)
+        if key is None:
+            return f"INSERT INTO `ds`.{name} ({cols}) SELECT {cols} FROM `ds`.{staging}"
+        return (f"INSERT INTO `ds`.{name} ({cols}) SELECT {cols} FROM `ds`.{staging} s "
+                f"WHERE s.`{key}` NOT IN (SELECT `{key}` FROM `ds`.{name}) "
+                f"QUALIFY ROW_NUMBER() OVER (PARTITION BY s.`{key}` ORDER BY s.`{key}`) = 1")
+
+    def commit(self, staging_dir: str, replace: Iterable[str], append_unique: Mapping[str, str],
+               outbox: Sequence[Mapping[str, Any]] = (), expected_version: Optional[int] = None,
+               suppressed: Optional[Callable[[Sequence[Sequence[str]]], bool]] = None) -> Dict[str, int]:
+        """Loads a run's staged tables and its outbox in one transaction, checking the version (see module)."""
+        from cdpflow.warehouse.embedded import read_staged
+        tag = uuid.uuid4().hex[:12]
+        staged, statements, written = [], [], {}
+        try:
+            for name in replace:
+                rows = read_staged(staging_dir, name)
+                staging = self._stage(name, rows, tag)
+                staged.append(staging)
+                cols = self._columns(name)
+                statements += [f"DELETE FROM `ds`.{name} WHERE TRUE",
+                               f"INSERT INTO `ds`.{name} ({cols}) SELECT {cols} FROM `ds`.{staging}"]
+                written[name] = len(rows)
+            for name, key in append_unique.items():
+                rows = read_staged(staging_dir, name)
+                if not rows:
+                    written[name] = 0
+                    continue
+                staging = self._stage(name, rows, tag)
+                staged.append(staging)
+                statements.append(self._append_new(name, staging, key))
+                written[name] = len({r[key] for r in rows} - self._keys(name, key)) if key else len(rows)
+            if suppressed is not None:
+                gone = self._dead_letters_where(suppressed)
+                if gone:
+                    statements.append("DELETE FROM `ds`.dead_letters WHERE dead_letter_id IN UNNEST(@forgotten_letters)")
+                written["dead_letters_forgotten"] = len(gone)
+            else:
+                gone = []
+            if outbox:
+                staging, count = self._stage_outbox(outbox, tag, self.version() + 1)
+                staged.append(staging)
+                statements.append(self._append_new("outbox", staging, "idempotency_key"))
+                written["outbox"] = count
+            self._transaction(statements, expected_version, {"forgotten_letters": gone} if gone else None)
+        finally:
+            self._drop(staged)
+        return written
+
+    def _keys(self, name: str, key: str) -> set:
+        return {r[0] for r in self._run(f"SELECT `{key}` FROM `ds`.{name}")} if self.has_table(name) else set()
+
+    def _stage_outbox(self, messages: Sequence[Mapping[str, Any]], tag: str, version: int) -> Tuple[str, int]:
+        now = int(time.time() * 1_000_000)
+        rows = [{"idempotency_key": m["idempotency_key"], "topic": m.get("topic", SEGMENT_CHANGES_TOPIC),
+                 "message_key": m.get("message_key"), "payload": m["payload"], "created_at": now,
+                 "warehouse_version": version, "published_at": None} for m in messages]
+        new = len({r["idempotency_key"] for r in rows} - self._keys("outbox", "idempotency_key"))
+        return self._stage("outbox", rows, tag), new
+
+    def mark_published(self, idempotency_keys: Sequence[str], now_us: int) -> None:
+        if idempotency_keys:
+            self._run("UPDATE `ds`.outbox SET published_at = TIMESTAMP_MICROS(@now) "
+                      "WHERE idempotency_key IN UNNEST(@keys)", {"now": now_us, "keys": list(idempotency_keys)})
+
+    # Export and look-up --------------------------------------------------------------------------
+    def export(self, table: str, fmt: str, out: str) -> int:
+        """Copies a table to a local file as jsonl, csv or parquet (written as the embedded backend writes them)."""
+        from cdpflow.warehouse.embedded import EXPORT_FORMATS
+        if table not in ALL_TABLES:
+            raise WarehouseError(f"unknown table {table!r}; tables: {', '.join(ALL_TABLES)}")
+        if fmt not in EXPORT_FORMATS:
+            raise WarehouseError(f"unknown format {fmt!r}; formats: {', '.join(EXPORT_FORMATS)}")
+        import duckdb
+        arrow = self._run(f"SELECT * FROM `ds`.{table}").to_arrow(create_bqstorage_client=False)
+        options = {"jsonl": "FORMAT JSON", "csv": "FORMAT CSV, HEADER", "parquet": "FORMAT PARQUET"}[fmt]
+        con = duckdb.connect()
+        try:
+            con.register("exported", arrow)
+            con.execute(f"COPY (SELECT * FROM exported) TO '{out.replace(chr(39), chr(39) * 2)}' ({options})")
+        finally:
+            con.close()
+        return arrow.num_rows
+
+    @staticmethod
+    def _candidates(identifier: str):
+        return identifier_candidates(identifier)
+
+    def profiles_holding(self, identifier: str) -> List[str]:
+        if not self.has_table("identity_links"):
+            return []
+        id_type, values = self._candidates(identifier)
+        sql = "SELECT DISTINCT profile_id FROM `ds`.identity_links WHERE identifier_value IN UNNEST(@values)"
+        params: Dict[str, Any] = {"values": values}
+        if id_type:
+            sql += " AND identifier_type = @type"
+            params["type"] = id_type
+        return sorted(r[0] for r in self._run(sql, params))
+
+    def resolve_profile_id(self, identifier: str) -> Optional[str]:
+        found = self.profiles_holding(identifier)
+        if found:
+            return found[0]
+        if not self.has_table("profiles"):
+            return None
+        profile_id = identifier
+        for _ in range(1000):  # merges form chains survivor <- absorbed; follow them to the end
+            survivor = self._scalar("SELECT survivor_id FROM `ds`.profile_merges WHERE absorbed_id = @id AND "
+                                    "undone_at IS NULL ORDER BY merged_at DESC LIMIT 1", {"id": profile_id})
+            if survivor is None:
+                break
+            profile_id = survivor
+        exists = self._scalar("SELECT COUNT(*) FROM `ds`.profiles WHERE profile_id = @id", {"id": profile_id})
+        return profile_id if exists else None
+
+    def profile(self, identifier: str) -> Optional[Dict[str, Any]]:
+        profile_id = self.resolve_profile_id(identifier)
+        if profile_id is None:
+            return None
+        at = {"id": profile_id}
+        rows = self.query("SELECT * FROM `ds`.profiles WHERE profile_id = @id", at)
+        return {
+            "profile": rows[0] if rows else {"profile_id": profile_id},
+            "identifiers": self.query("SELECT identifier_type, identifier_value, first_seen, last_seen FROM "
+                                      "`ds`.identity_links WHERE profile_id = @id ORDER BY identifier_type, "
+                                      "identifier_value", at),
+            "segments": self.query("SELECT segment, source, entered_at, model_version FROM `ds`.segment_memberships "
+                                   "WHERE profile_id = @id AND exited_at IS NULL ORDER BY segment", at),
+            "merges": self.query("SELECT survivor_id, absorbed_id, cause_message_id, reason, merged_at FROM "
+                                 "`ds`.profile_merges WHERE survivor_id = @id ORDER BY merged_at", at),
+        }
+
+    def merges_into(self, profile_id: str) -> List[Dict[str, Any]]:
+        found, frontier = [], [profile_id]
+        while frontier:
+            current = frontier.pop()
+            rows = self.query("SELECT survivor_id, absorbed_id, cause_message_id, reason FROM `ds`.profile_merges "
+                              "WHERE survivor_id = @id AND undone_at IS NULL", {"id": current})
+            found.extend(rows)
+            frontier.extend(r["absorbed_id"] for r in rows)
+        return found
+
+    # Governance ----------------------------------------------------------------------------------
+    def _dead_letters_where(self, test) -> List[str]:
+        if not self.has_table("dead_letters"):
+            return []
+        return [r[0] for r in self._run("SELECT dead_letter_id, TO_JSON_STRING(identifiers) FROM `ds`.dead_letters "
+                                        "WHERE identifiers IS NOT NULL")
+                if test([tuple(i) for i in orjson.loads(r[1])])]
+
+    def forget(self, identifier: str, now_us: int, key: SuppressionKey,
+               expected_version: Optional[int] = None) -> Optional[Dict[str, Any]]:
+        """As `DuckDBWarehouse.forget`: the person deleted from every table, their identifiers kept as
+        keyed hashes, the exits of their open memberships in the outbox, in one transaction."""
+        from cdpflow.warehouse.embedded import _exit_of_span
+        profile_id = self.forget_target(identifier)
+        if profile_id is not None:
+            at = {"id": profile_id}
+            identifiers = [(r["identifier_type"], r["identifier_value"]) for r in self.query(
+                "SELECT identifier_type, identifier_value FROM `ds`.identity_links WHERE profile_id = @id", at)]
+            closed = self.query("SELECT m.profile_id, m.segment, m.source, m.model_version, (SELECT COUNT(*) FROM "
+                                "`ds`.segment_memberships s WHERE s.profile_id = m.profile_id AND s.segment = m.segment) "
+                                "AS entries FROM `ds`.segment_memberships m WHERE m.profile_id = @id AND "
+                                "m.exited_at IS NULL", at)
+            ids = [profile_id] + [r[0] for r in self._run(
+                "SELECT absorbed_id FROM `ds`.profile_merges WHERE survivor_id = @id", at)]
+        else:
+            id_type, values = self._candidates(identifier)
+            if id_type is None:
+                return None
+            identifiers = [(id_type, values[0])]
+            if not self._dead_letters_where(lambda found: identifiers[0] in found):
+                return None
+            closed, ids = [], []
+        request_id = hashlib.sha256(f"{profile_id or identifiers[0]}\x00{now_us}".encode()).hexdigest()[:16]
+        wanted = {tuple(i) for i in identifiers}
+        letters = self._dead_letters_where(lambda found: any(i in wanted for i in found))
+        exits = [outbox_message(_exit_of_span(row, now_us, request_id)) for row in closed]
+        tag = uuid.uuid4().hex[:12]
+        staged, statements = [], []
+        counts = {table: self.count_where(table, "profile_id IN UNNEST(@ids)", {"ids": ids}) if ids else 0
+                  for table in ("events", "identity_links", "profiles", "segment_memberships", "lifecycle_transitions")}
+        try:
+            hashes = [{"identifier_hash": key.hash(i), "suppressed_at": now_us, "request_id": request_id,
+                       "key_id": key.key_id} for i in identifiers]
+            staging = self._stage("identity_suppressions", hashes, tag)
+            staged.append(staging)
+            statements.append(self._append_new("identity_suppressions", staging, "identifier_hash"))
+            if ids:
+                for table in counts:
+                    statements.append(f"DELETE FROM `ds`.{table} WHERE profile_id IN UNNEST(@ids)")
+                statements += [
+                    "DELETE FROM `ds`.profile_merges WHERE survivor_id IN UNNEST(@ids) OR absorbed_id IN UNNEST(@ids)",
+                    "DELETE FROM `ds`.identity_conflicts WHERE EXISTS (SELECT 1 FROM UNNEST(profiles) p "
+                    "WHERE p IN UNNEST(@ids))",
+                    "DELETE FROM `ds`.outbox WHERE message_key IN UNNEST(@ids)"]
+            for n, (id_type, value) in enumerate(identifiers):
+                statements.append(f"DELETE FROM `ds`.identity_conflicts WHERE identifier_type = @t{n} AND "
+                                  f"identifier_value = @v{n}")
+            if letters:
+                statements.append("DELETE FROM `ds`.dead_letters WHERE dead_letter_id IN UNNEST(@letters)")
+            if exits:
+                staging, _ = self._stage_outbox(exits, tag, self.version() + 1)
+                staged.append(staging)
+                statements.append(self._append_new("outbox", staging, "idempotency_key"))
+            params: Dict[str, Any] = {"ids": ids, "letters": letters}
+            for n, (id_type, value) in enumerate(identifiers):
+                params[f"t{n}"], params[f"v{n}"] = id_type, value
+            self._transaction(statements, expected_version, params)
+        finally:
+            self._drop(staged)
+        counts["dead_letters"] = len(letters)
+        return {"profile_id": profile_id, "request_id": request_id, "identifiers": identifiers,
+                "deleted": counts, "closed_memberships": closed, "exits": len(exits)}
+
+    def count_where(self, table: str, condition: str, params: Mapping[str, Any]) -> int:
+        return int(self._scalar(f"SELECT COUNT(*) FROM `ds`.{table} WHERE {condition}", params) or 0)
+
+    def identifier_of(self, identifier: str) -> Optional[tuple]:
+        id_type, values = self._candidates(identifier)
+        if id_type is not None:
+            return (id_type, values[0])
+        found = {(r[0], r[1]) for r in self._run("SELECT identifier_type, identifier_value FROM `ds`.identity_links "
+                                                 "WHERE identifier_value IN UNNEST(@values)", {"values": values})}
+        return found.pop() if len(found) == 1 else None
+
+    def suppress(self, identifiers, now_us: int, key: SuppressionKey) -> int:
+        request_id = hashlib.sha256(f"{sorted(identifiers)}\x00{now_us}".encode()).hexdigest()[:16]
+        rows = [{"identifier_hash": key.hash(tuple(i)), "suppressed_at": now_us, "request_id": request_id,
+                 "key_id": key.key_id} for i in identifiers]
+        new = len({r["identifier_hash"] for r in rows} - self._keys("identity_suppressions", "identifier_hash"))
+        staging = self._stage("identity_suppressions", rows, uuid.uuid4().hex[:12])
+        try:
+            self._transaction([self._append_new("identity_suppressions", staging, "identifier_hash")], None)
+        finally:
+            self._drop([staging])
+        return new
+
+    def add_separations(self, pairs, now_us: int, reason: str, expected_version: Optional[int] = None) -> int:
+        have = {((r[0], r[1]), (r[2], r[3])) for r in self._run(
+            "SELECT left_type, left_value, right_type, right_value FROM `ds`.identity_separations")}
+        rows = [{"left_type": lt, "left_value": lv, "right_type": rt, "right_value": rv, "created_at": now_us,
+                 "reason": reason} for (lt, lv), (rt, rv) in pairs if ((lt, lv), (rt, rv)) not in have]
+        if not rows:
+            self._transaction([], expected_version)
+            return 0
+        staging = self._stage("identity_separations", rows, uuid.uuid4().hex[:12])
+        try:
+            self._transaction([self._append_new("identity_separations", staging, None)], expected_version)
+        finally:
+            self._drop([staging])
+        return len(rows)
+
+    # The stream's loader ------------------------------------------------------------------------
+    def stream_offsets(self) -> Dict[tuple, int]:
+        raise WarehouseError("`cdpflow load` (the stream's loader) writes to the embedded DuckDB warehouse only so "
+                             "far: run the stream with --warehouse PATH.duckdb, and batch runs into BigQuery")
+
+    def load_stream_batch(self, records, identity, now_us: int, suppressed=None) -> Dict[str, int]:
+        return self.stream_offsets()
