@@ -189,7 +189,8 @@ SEGMENT_MEMBERSHIPS = Table("segment_memberships", "Segment membership spans; an
 DEAD_LETTERS = Table("dead_letters", "Records that could not be accepted, with their raw payload.", (
     _c("dead_letter_id", "STRING", "Hash of stage and raw payload, so replays do not repeat a row.", "REQUIRED"),
     _c("raw", "STRING", "The record exactly as read.", "REQUIRED"),
-    _c("stage", "STRING", "The stage that refused it: parse, validate, normalize, lateness, future, dedup, identity.", "REQUIRED"),
+    _c("stage", "STRING", "The stage that refused it: parse, validate, normalize, lateness, future, dedup, identity, "
+       "warehouse (a row BigQuery refused).", "REQUIRED"),
     _c("error", "STRING", "What was wrong, in words.", "REQUIRED"),
     _c("schema_version", "STRING", "The schema applied (none if the kind was unknown)."),
     _c("identifiers", "JSON", "The normalised identifiers the record carries, as far as it could be read: "

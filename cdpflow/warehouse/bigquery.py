@@ -293,26 +293,73 @@ class BigQueryWarehouse(Warehouse):
         return "sqlite://" + os.path.abspath(path)
 
     # Writing -----------------------------------------------------------------------------------
-    def _stage(self, name: str, rows: Sequence[Mapping[str, Any]], tag: str) -> str:
-        """Loads rows into a staging table of their own (a load job); returns its name."""
+    def _stage(self, name: str, rows: Sequence[Mapping[str, Any]], tag: str,
+               refused: Optional[List[Tuple[Mapping[str, Any], str]]] = None) -> str:
+        """Loads rows into a staging table of their own (load jobs); returns its name.
+
+        `refused`: where rows BigQuery refuses go, each with BigQuery's reason (a load job is all
+        or nothing: a failed one is split in halves until the refused rows stand alone); without
+        it a refused row fails the commit.
+        """
         table = ALL_TABLES[name]
         staging = f"_staging_{tag}_{name}"
+        spec = self.bigquery.Table(self._ref(staging), schema=self._schema(table))
+        # a safety net: the commit drops it, but a crash in between must not leave it for good
+        spec.expires = datetime.fromtimestamp(time.time() + 86400, tz=timezone.utc)
+        self.client.create_table(spec, exists_ok=True)
+        ready = []
+        for row in rows:
+            try:
+                ready.append((row, load_rows(table, [row])))
+            except (ValueError, TypeError, ArithmeticError, orjson.JSONDecodeError) as err:
+                if refused is None:
+                    raise WarehouseError(f"a {name} row BigQuery cannot take: {err}") from None
+                refused.append((row, f"not a value BigQuery takes: {err}"))
+        self._load(table, staging, ready, refused)
+        return staging
+
+    def _load(self, table: Table, staging: str, rows: Sequence[Tuple[Mapping[str, Any], bytes]],
+              refused: Optional[List[Tuple[Mapping[str, Any], str]]]) -> None:
+        if not rows:
+            return
         config = self.bigquery.LoadJobConfig(source_format=self.bigquery.SourceFormat.NEWLINE_DELIMITED_JSON,
                                              schema=self._schema(table),
-                                             write_disposition=self.bigquery.WriteDisposition.WRITE_TRUNCATE)
-        job = self.client.load_table_from_file(io.BytesIO(load_rows(table, rows)), self._ref(staging),
+                                             write_disposition=self.bigquery.WriteDisposition.WRITE_APPEND)
+        job = self.client.load_table_from_file(io.BytesIO(b"".join(line for _, line in rows)), self._ref(staging),
                                                job_config=config)
         try:
             job.result()
-        except Exception as err:  # noqa: BLE001 (the load job's own errors say which row)
-            raise WarehouseError(f"loading {name} into BigQuery failed: {err}; {job.errors}") from None
-        try:
-            staged = self.client.get_table(self._ref(staging))
-            staged.expires = datetime.fromtimestamp(time.time() + 86400, tz=timezone.utc)
-            self.client.update_table(staged, ["expires"])
-        except Exception:  # noqa: BLE001 (an expiry is a safety net; the commit drops it anyway)
-            pass
-        return staging
+            return
+        except Exception as err:  # noqa: BLE001 (the load job's errors say what it refused)
+            from google.api_core.exceptions import BadRequest
+            if refused is None or not isinstance(err, BadRequest):
+                raise WarehouseError(f"loading {table.name} into BigQuery failed: {err}") from None
+            reason = str(err)
+        if len(rows) == 1:
+            refused.append((rows[0][0], reason))
+            return
+        middle = len(rows) // 2
+        self._load(table, staging, rows[:middle], refused)
+        self._load(table, staging, rows[middle:], refused)
+
+    @staticmethod
+    def refused_letters(name: str, refused: Sequence[Tuple[Mapping[str, Any], str]]) -> List[Dict[str, Any]]:
+        """Dead letters (stage `warehouse`) of rows BigQuery refused: an event's raw payload and identifiers
+        as the event came, another table's row as its JSON."""
+        from cdpflow.core.rows import dead_letter_row
+        from cdpflow.schemas.records import DeadLetter
+        letters = []
+        for row, reason in refused:
+            raw = row.get("raw") if name == "events" and isinstance(row.get("raw"), str) else \
+                orjson.dumps({"table": name, "row": row}, default=str).decode()
+            received = row.get("received_at") if isinstance(row.get("received_at"), int) else int(time.time() * 1e6)
+            letter = DeadLetter(raw, "warehouse", f"BigQuery refused the {name} row: {reason}",
+                                row.get("schema_version") if name == "events" else None, received)
+            identifiers = row.get("identifiers") if name == "events" else None
+            if isinstance(identifiers, str):
+                identifiers = orjson.loads(identifiers)
+            letters.append(dead_letter_row(letter, [tuple(i) for i in identifiers] if identifiers else None))
+        return letters
 
     def _drop(self, staging: Iterable[str]) -> None:
         for name in staging:
@@ -369,24 +416,39 @@ class BigQueryWarehouse(Warehouse):
         from cdpflow.warehouse.embedded import read_staged
         tag = uuid.uuid4().hex[:12]
         staged, statements, written = [], [], {}
+        letters: List[Dict[str, Any]] = []
         try:
             for name in replace:
                 rows = read_staged(staging_dir, name)
-                staging = self._stage(name, rows, tag)
+                refused: List[Tuple[Mapping[str, Any], str]] = []
+                staging = self._stage(name, rows, tag, refused)
+                letters += self.refused_letters(name, refused)
                 staged.append(staging)
                 cols = self._columns(name)
                 statements += [f"DELETE FROM `ds`.{name} WHERE TRUE",
                                f"INSERT INTO `ds`.{name} ({cols}) SELECT {cols} FROM `ds`.{staging}"]
                 written[name] = len(rows)
-            for name, key in append_unique.items():
+            appended = dict(append_unique)
+            for name, key in appended.items():
                 rows = read_staged(staging_dir, name)
+                if name == "dead_letters":
+                    continue  # last: with the rows BigQuery refused
                 if not rows:
                     written[name] = 0
                     continue
-                staging = self._stage(name, rows, tag)
+                refused = []
+                staging = self._stage(name, rows, tag, refused)
+                letters += self.refused_letters(name, refused)
                 staged.append(staging)
                 statements.append(self._append_new(name, staging, key))
                 written[name] = len({r[key] for r in rows} - self._keys(name, key)) if key else len(rows)
+            dead = (read_staged(staging_dir, "dead_letters") if "dead_letters" in appended else []) + letters
+            if dead:
+                staging = self._stage("dead_letters", dead, tag)
+                staged.append(staging)
+                statements.append(self._append_new("dead_letters", staging, "dead_letter_id"))
+            written["dead_letters"] = len({r["dead_letter_id"] for r in dead} - self._keys("dead_letters", "dead_letter_id"))
+            written["refused_by_bigquery"] = len(letters)
             if suppressed is not None:
                 gone = self._dead_letters_where(suppressed)
                 if gone:

@@ -194,3 +194,37 @@ def test_a_person_forgotten_in_bigquery_is_gone_from_every_table_and_a_replay_do
     assert held and sorted(exits) == sorted(("exit", segment) for segment in held)
     _run(traffic, uri)  # the same input again, the forgotten person's events in it
     assert set(traces().values()) == {0}
+
+
+def test_rows_bigquery_refuses_become_dead_letters_and_the_rest_land_once(bigquery_emulator, tmp_path):
+    # Through the backend's commit: five staged events, one without its messageId (a REQUIRED
+    # column: the load job refuses it, and is split until it stands alone) and one whose revenue
+    # no NUMERIC holds. The three others land; the two are dead letters of stage `warehouse`, with
+    # their raw payload and identifiers (so a forget still finds them); a second commit of the
+    # same rows adds nothing.
+    from cdpflow.warehouse.bigquery import BigQueryWarehouse
+    client = _client(bigquery_emulator)
+    staged = tmp_path / "tables" / "events"
+    staged.mkdir(parents=True)
+    rows = []
+    for n in range(5):
+        raw = {"type": "track", "event": "Order Completed", "messageId": f"m{n}", "userId": f"u{n}"}
+        rows.append({"message_id": f"m{n}", "profile_id": f"p_{n}", "type": "track", "event": "Order Completed",
+                     "timestamp": 1_790_000_000_000_000 + n, "received_at": 1_790_000_000_000_000 + n,
+                     "revenue": "10.5", "currency": "USD", "identifiers": [["user_id", f"u{n}"]],
+                     "raw": orjson.dumps(raw).decode()})
+    rows[1]["message_id"] = None
+    rows[3]["revenue"] = "1e40"
+    staged.joinpath("part-0.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    warehouse = BigQueryWarehouse(bigquery_emulator.warehouse_uri("refused_test"))
+    for attempt in range(2):
+        written = warehouse.commit(str(tmp_path / "tables"), [], {"events": "message_id",
+                                                                  "dead_letters": "dead_letter_id"})
+        assert written["refused_by_bigquery"] == 2
+        events = sorted(r[0] for r in client.query("SELECT message_id FROM `local.refused_test.events`").result())
+        letters = [dict(r.items()) for r in client.query("SELECT * FROM `local.refused_test.dead_letters`").result()]
+        assert events == ["m0", "m2", "m4"], attempt
+        assert len(letters) == 2 and {r["stage"] for r in letters} == {"warehouse"}, attempt
+        assert sorted(orjson.loads(r["raw"])["messageId"] for r in letters) == ["m1", "m3"]
+        assert sorted(r["identifiers"][0][1] for r in letters) == ["u1", "u3"]
+        assert all("BigQuery refused the events row" in r["error"] for r in letters)
