@@ -22,9 +22,10 @@ How the `Warehouse` contract maps (docs/bigquery.md):
   `ConcurrentWriteError`, nothing written), replaces or appends (an append skips keys already
   there, so a replay or a retried commit never duplicates a row), writes the outbox and the new
   version, and commits. The staging tables are dropped after (and expire in a day regardless).
-- upserts are `UPDATE ... FROM staging` then `INSERT ... WHERE NOT EXISTS`: the MERGE they
-  stand for, in a form the emulator also runs inside a transaction (its MERGE opens a
-  transaction of its own and fails inside one).
+- the tables a run re-derives whole are replaced with DELETE then INSERT inside that transaction;
+  no MERGE, which the emulator cannot run inside a transaction (it opens one of its own).
+- rows a load job refuses are found by splitting the load in halves, and become dead letters
+  (stage `warehouse`) in the same commit; the rest lands.
 - a transaction that loses a race with another (BigQuery aborts one of two that touch the same
   table) is also a `ConcurrentWriteError`: run the command again.
 """

@@ -123,28 +123,40 @@ def test_bq_init_creates_every_table_partitioned_and_clustered_and_adds_missing_
     assert [(r[0], r[1]) for r in kept] == [("p_old", None)]
 
 
+@pytest.fixture(scope="module")
+def loaded(bigquery_emulator, traffic, tmp_path_factory):
+    """The same input run into a DuckDB file and into the BigQuery dataset `cdp` (the analysts' name)."""
+    folder = tmp_path_factory.mktemp("loaded")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CDPFLOW_STATE_DIR", str(folder / "state"))
+    local = folder / "cdp.duckdb"
+    uri = bigquery_emulator.warehouse_uri("cdp")
+    _run(traffic, local)
+    _run(traffic, uri)
+    yield uri, local
+    mp.undo()
+
+
 def test_a_batch_run_into_bigquery_holds_the_rows_of_the_same_run_into_duckdb_and_a_replay_adds_none(
-        bigquery_emulator, traffic, tmp_path, monkeypatch):
+        bigquery_emulator, traffic, loaded, tmp_path, monkeypatch):
     # No insertAll anywhere (load jobs and DML only), so nothing relies on insertIds, whose memory
     # is a minute in BigQuery and does not survive the emulator's restart: a replay is kept from
     # duplicating by the keys the commit checks.
-    monkeypatch.setenv("CDPFLOW_STATE_DIR", str(tmp_path / "state"))
+    uri, local = loaded
+    monkeypatch.setenv("CDPFLOW_STATE_DIR", str(local.parent / "state"))
     client = _client(bigquery_emulator)
-    uri = bigquery_emulator.warehouse_uri("run_test")
-    local = tmp_path / "cdp.duckdb"
-    _run(traffic, local)
-    _run(traffic, uri)
-    ours, theirs = bigquery_tables(client, "run_test"), duckdb_tables(local)
+    ours, theirs = bigquery_tables(client, "cdp"), duckdb_tables(local)
     assert ours.keys() == theirs.keys()
     for name in theirs:
         assert ours[name] == theirs[name], f"{name}: {len(ours[name])} rows in BigQuery, {len(theirs[name])} in DuckDB"
     assert len(theirs["events"]) > 300 and theirs["dead_letters"] and theirs["segment_memberships"]
     # the same input again (a replay of the warehouse's events with it): not one row more
     _run(traffic, uri)
-    again = bigquery_tables(client, "run_test")
-    for name in ("events", "dead_letters", "identity_links", "profiles", "clv_models", "identity_conflicts"):
+    again = bigquery_tables(client, "cdp")
+    for name in ("events", "dead_letters", "identity_links", "profiles", "clv_models", "identity_conflicts",
+                 "segment_memberships"):
         assert again[name] == ours[name], name
-    versions = [r[0] for r in client.query("SELECT value FROM `local.run_test.warehouse_meta` "
+    versions = [r[0] for r in client.query("SELECT value FROM `local.cdp.warehouse_meta` "
                                            "WHERE name = 'version'").result()]
     assert versions == [2]
     # what a user reads back through cdpflow: a profile, and an export
@@ -155,15 +167,63 @@ def test_a_batch_run_into_bigquery_holds_the_rows_of_the_same_run_into_duckdb_an
     assert len(out.read_text().splitlines()) == len(theirs["events"])
 
 
-def test_a_person_forgotten_in_bigquery_is_gone_from_every_table_and_a_replay_does_not_bring_them_back(
-        bigquery_emulator, traffic, tmp_path, monkeypatch):
-    monkeypatch.setenv("CDPFLOW_STATE_DIR", str(tmp_path / "state"))
+def analyst_queries():
+    """(title, BigQuery SQL, DuckDB SQL) of every query in docs/analyst-sql.md."""
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[2] / "docs" / "analyst-sql.md").read_text()
+    found = []
+    for section in re.split(r"^## ", text, flags=re.M)[1:]:
+        title = section.splitlines()[0].strip()
+        blocks = dict((dialect or "both", body) for dialect, body in
+                      re.findall(r"```sql ?(bigquery|duckdb)?\n(.*?)```", section, flags=re.S))
+        found.append((title, blocks.get("bigquery", blocks.get("both")), blocks.get("duckdb", blocks.get("both"))))
+    return found
+
+
+def _answer_value(value):
+    from datetime import date
+    if isinstance(value, datetime):
+        delta = value - datetime(1970, 1, 1, tzinfo=timezone.utc)
+        return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value.normalize())
+    if isinstance(value, float):
+        return round(value, 9)
+    return value
+
+
+def test_every_query_for_analysts_gives_the_same_answer_on_bigquery_and_duckdb(bigquery_emulator, loaded):
+    uri, local = loaded
     client = _client(bigquery_emulator)
-    uri = bigquery_emulator.warehouse_uri("forget_test")
-    _run(traffic, uri)
+    queries = analyst_queries()
+    assert len(queries) == 5 and all(bq and duck for _, bq, duck in queries), [q[0] for q in queries]
+    # someone with memberships stands in for the example email
+    con = duckdb.connect()
+    con.execute(f"ATTACH '{local}' AS cdp (READ_ONLY)")
+    email = con.execute("SELECT l.identifier_value FROM cdp.identity_links l JOIN cdp.segment_memberships m "
+                        "USING (profile_id) WHERE l.identifier_type = 'email' AND m.segment = 'high_value' "
+                        "ORDER BY 1 LIMIT 1").fetchone()[0]
+    for title, bq_sql, duck_sql in queries:
+        bq_sql, duck_sql = (q.replace("ann@example.com", email) for q in (bq_sql, duck_sql))
+        ours = [tuple(_answer_value(v) for v in row.values()) for row in client.query(bq_sql).result()]
+        theirs = [tuple(_answer_value(v) for v in row) for row in con.execute(duck_sql).fetchall()]
+        assert ours, f"{title}: no rows (the test data should give some)"
+        assert ours == theirs, title
+    con.close()
+
+
+def test_a_person_forgotten_in_bigquery_is_gone_from_every_table_and_a_replay_does_not_bring_them_back(
+        bigquery_emulator, traffic, loaded, monkeypatch):
+    # (after the tests that compare the loaded warehouses: this one forgets someone in it)
+    uri, local = loaded
+    monkeypatch.setenv("CDPFLOW_STATE_DIR", str(local.parent / "state"))
+    client = _client(bigquery_emulator)
 
     def sql(text):
-        return [tuple(r.values()) for r in client.query(text.replace("ds.", "`local.forget_test`.")).result()]
+        return [tuple(r.values()) for r in client.query(text.replace("ds.", "`local.cdp`.")).result()]
 
     # someone with an email, orders and open memberships
     profile_id, email = sql("SELECT l.profile_id, l.identifier_value FROM ds.identity_links l JOIN ds.profiles p "
