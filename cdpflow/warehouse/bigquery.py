@@ -51,6 +51,7 @@ from cdpflow.warehouse.base import (ConcurrentWriteError, Warehouse, WarehouseEr
                                     identifier_candidates)
 
 ENDPOINT_VARIABLE = "CDPFLOW_BIGQUERY_ENDPOINT"
+_READY: set = set()  # warehouses this process has checked the tables of
 VERSION_CONFLICT = "cdpflow-version-conflict"
 # (partitioned by the day of, clustered by): cost follows what queries filter on
 LAYOUT = {
@@ -135,8 +136,10 @@ class BigQueryWarehouse(Warehouse):
                 client = bigquery.Client(project=self.project)
         self.client = client
         self._tables: Optional[set] = None
-        if not read_only:
+        if not read_only and self.uri not in _READY:
+            # once per process: the loader opens the warehouse for every micro-batch
             self.init()
+            _READY.add(self.uri)
 
     # Schema ------------------------------------------------------------------------------------
     def _ref(self, name: str) -> str:
@@ -673,8 +676,184 @@ class BigQueryWarehouse(Warehouse):
 
     # The stream's loader ------------------------------------------------------------------------
     def stream_offsets(self) -> Dict[tuple, int]:
-        raise WarehouseError("`cdpflow load` (the stream's loader) writes to the embedded DuckDB warehouse only so "
-                             "far: run the stream with --warehouse PATH.duckdb, and batch runs into BigQuery")
+        """(topic, partition) -> the first offset the loader has not loaded yet."""
+        if not self.has_table("stream_offsets"):
+            return {}
+        return {(r[0], int(r[1])): int(r[2]) for r in self._run(
+            "SELECT topic, `partition`, next_offset FROM `ds`.stream_offsets")}
 
-    def load_stream_batch(self, records, identity, now_us: int, suppressed=None) -> Dict[str, int]:
-        return self.stream_offsets()
+    def _stage_pairs(self, name: str, fields: Sequence[Tuple[str, str]], rows: Sequence[Mapping[str, Any]],
+                     tag: str) -> str:
+        """A staging table of a shape of its own (not a contract table): keys of a statement."""
+        staging = f"_staging_{tag}_{name}"
+        schema = [self.bigquery.SchemaField(n, t) for n, t in fields]
+        spec = self.bigquery.Table(self._ref(staging), schema=schema)
+        spec.expires = datetime.fromtimestamp(time.time() + 86400, tz=timezone.utc)
+        self.client.create_table(spec, exists_ok=True)
+        data = b"".join(orjson.dumps({n: (format_ts(r[n]) if t == "TIMESTAMP" and isinstance(r[n], int) else r[n])
+                                      for n, t in fields}) + b"\n" for r in rows)
+        config = self.bigquery.LoadJobConfig(source_format=self.bigquery.SourceFormat.NEWLINE_DELIMITED_JSON,
+                                             schema=schema, write_disposition=self.bigquery.WriteDisposition.WRITE_APPEND)
+        self.client.load_table_from_file(io.BytesIO(data), self._ref(staging), job_config=config).result()
+        return staging
+
+    def load_stream_batch(self, records: Sequence[Mapping[str, Any]], identity: Mapping[str, Any],
+                          now_us: int, suppressed=None) -> Dict[str, int]:
+        """What the stream put on its topics, with the offsets, in one transaction: the same rows the
+        DuckDB backend's `load_stream_batch` writes, as set statements over staging tables (a
+        micro-batch's changes are worked out here first, then applied at once)."""
+        from cdpflow.warehouse.loading import plan_stream_batch
+        counts: Dict[str, int] = {}
+        plan = plan_stream_batch(records, identity, self.stream_offsets(), suppressed)
+        counts["skipped"] = plan.skipped
+        tag = uuid.uuid4().hex[:12]
+        staged: List[str] = []
+        statements: List[str] = []
+        params: Dict[str, Any] = {}
+
+        def stage(name, rows, key=None, append=True):
+            staging = self._stage(name, rows, f"{tag}{len(staged)}")
+            staged.append(staging)
+            if append:
+                statements.append(self._append_new(name, staging, key))
+            return staging
+
+        try:
+            if plan.events:
+                counts["events"] = len({e["message_id"] for e in plan.events} - self._keys_in(
+                    "events", "message_id", [e["message_id"] for e in plan.events]))
+                stage("events", plan.events, "message_id")
+            # Identity tables: the store's read-out replaces them (the store is the graph).
+            for name, part in (("identity_links", "links"), ("profile_merges", "merges"),
+                               ("identity_conflicts", "conflicts")):
+                rows = identity[part]
+                statements.append(f"DELETE FROM `ds`.{name} WHERE TRUE")
+                if rows:
+                    stage(name, rows, None)
+                counts[name] = len(rows)
+            # Events of profiles a merge absorbed (or a split moved) follow their identifiers.
+            holders = sorted({r["profile_id"] for r in identity["links"]})
+            moved = [r[0] for r in self._run("SELECT message_id FROM `ds`.events WHERE profile_id NOT IN "
+                                             "UNNEST(@holders)", {"holders": holders})] if self.has_table("events") else []
+            if moved:
+                pairs = [{"message_id": m, "profile_id": p} for m, p in identity["final"](moved).items() if p is not None]
+                if pairs:
+                    table = self._stage_pairs("moves", (("message_id", "STRING"), ("profile_id", "STRING")), pairs, tag)
+                    staged.append(table)
+                    statements.append(f"UPDATE `ds`.events e SET profile_id = m.profile_id FROM `ds`.{table} m "
+                                      "WHERE e.message_id = m.message_id")
+                counts["events_moved"] = len(moved)
+            if plan.gone:
+                statements.append("DELETE FROM `ds`.profiles WHERE profile_id IN UNNEST(@gone)")
+                params["gone"] = plan.gone
+            if plan.tombstones:
+                # a tombstone that overtook a newer row on the way deletes nothing
+                table = self._stage_pairs("tombstones", (("profile_id", "STRING"), ("as_of", "TIMESTAMP")),
+                                          [{"profile_id": p, "as_of": at} for p, at in plan.tombstones], tag)
+                staged.append(table)
+                statements.append(f"DELETE FROM `ds`.profiles p WHERE EXISTS (SELECT 1 FROM `ds`.{table} t "
+                                  "WHERE t.profile_id = p.profile_id AND p.as_of <= t.as_of)")
+            if plan.upserts:
+                table = stage("profiles", plan.upserts, append=False)
+                cols = self._columns("profiles")
+                statements += [
+                    f"DELETE FROM `ds`.profiles p WHERE EXISTS (SELECT 1 FROM `ds`.{table} s WHERE s.profile_id = "
+                    "p.profile_id AND (s.as_of > p.as_of OR (s.as_of = p.as_of AND s.updated_at >= p.updated_at)))",
+                    f"INSERT INTO `ds`.profiles ({cols}) SELECT {cols} FROM `ds`.{table} WHERE profile_id NOT IN "
+                    "(SELECT profile_id FROM `ds`.profiles)"]
+            counts["profiles"], counts["profiles_deleted"] = len(plan.upserts), len(plan.gone) + len(plan.tombstones)
+            counts["segment_changes"] = self._stage_changes(plan.changes, now_us, tag, staged, statements)
+            # Lifecycle transitions: the last word on each (profile, time, stage) decides.
+            last: Dict[tuple, Mapping[str, Any]] = {}
+            for row in plan.transitions:
+                last[(row["profile_id"], row["transitioned_at"], row["to_stage"])] = row
+            if last:
+                table = stage("lifecycle_transitions", list(last.values()), append=False)
+                statements.append(f"DELETE FROM `ds`.lifecycle_transitions t WHERE EXISTS (SELECT 1 FROM `ds`.{table} k "
+                                  "WHERE k.profile_id = t.profile_id AND k.transitioned_at = t.transitioned_at "
+                                  "AND k.to_stage = t.to_stage)")
+                kept = [r for r in last.values() if not r.get("retracted")]
+                if kept:
+                    stage("lifecycle_transitions", kept, None)
+            counts["lifecycle_transitions"] = len(plan.transitions)
+            counts["dead_letters"] = len({d["dead_letter_id"] for d in plan.letters} - self._keys_in(
+                "dead_letters", "dead_letter_id", [d["dead_letter_id"] for d in plan.letters]))
+            if plan.letters:
+                stage("dead_letters", plan.letters, "dead_letter_id")
+            # The offsets, in the same transaction as the rows they produced.
+            if plan.ends:
+                table = stage("stream_offsets", [{"topic": t, "partition": p, "next_offset": o, "updated_at": now_us}
+                                                 for (t, p), o in plan.ends.items()], append=False)
+                statements += [
+                    f"DELETE FROM `ds`.stream_offsets o WHERE EXISTS (SELECT 1 FROM `ds`.{table} s WHERE "
+                    "s.topic = o.topic AND s.`partition` = o.`partition`)",
+                    f"INSERT INTO `ds`.stream_offsets ({self._columns('stream_offsets')}) SELECT "
+                    f"{self._columns('stream_offsets')} FROM `ds`.{table}"]
+            self._transaction(statements, None, params or None)
+        finally:
+            self._drop(staged)
+        return counts
+
+    def _keys_in(self, name: str, key: str, values: Sequence[str]) -> set:
+        if not self.has_table(name) or not values:
+            return set()
+        return {r[0] for r in self._run(f"SELECT `{key}` FROM `ds`.{name} WHERE `{key}` IN UNNEST(@values)",
+                                        {"values": list(values)})}
+
+    def _stage_changes(self, changes: Sequence[Mapping[str, Any]], now_us: int, tag: str, staged: List[str],
+                       statements: List[str]) -> int:
+        """The membership spans a micro-batch's segment changes make, worked out here as the DuckDB
+        backend applies them one by one (each idempotency key once; an enter opens a span unless
+        one is open; an exit closes the open one, and without one is not recorded), staged, and
+        applied by three statements: close spans that were open, add new spans, record the keys."""
+        from cdpflow.core.timeutil import parse_ts
+        if not changes:
+            return 0
+        done = self._keys_in("outbox", "idempotency_key", [c["idempotency_key"] for c in changes])
+        pids = sorted({c["profile_id"] for c in changes})
+        open_now = {(r[0], r[1]) for r in self._run(
+            "SELECT profile_id, segment FROM `ds`.segment_memberships WHERE exited_at IS NULL AND "
+            "profile_id IN UNNEST(@pids)", {"pids": pids})} if self.has_table("segment_memberships") else set()
+        closures: Dict[tuple, int] = {}
+        spans: List[Dict[str, Any]] = []
+        opened: Dict[tuple, Dict[str, Any]] = {}
+        outbox: List[Dict[str, Any]] = []
+        version = self.version() + 1
+        for change in sorted(changes, key=lambda c: (c["profile_id"], c["segment"], c.get("ordinal", 0),
+                                                      c["direction"] == "exit")):
+            key = change["idempotency_key"]
+            if key in done:
+                continue
+            place, at = (change["profile_id"], change["segment"]), parse_ts(change["at"])
+            if change["direction"] == "enter":
+                if place not in opened and not (place in open_now and place not in closures):
+                    opened[place] = {"profile_id": place[0], "segment": place[1], "source": change["source"],
+                                     "entered_at": at, "exited_at": None, "model_version": change.get("model_version")}
+                    spans.append(opened[place])
+            elif place in opened:
+                opened.pop(place)["exited_at"] = at
+            elif place in open_now and place not in closures:
+                closures[place] = at
+            else:
+                continue  # nothing open (a forget closed it, or it never loaded): nothing to record
+            done.add(key)
+            outbox.append({"idempotency_key": key, "topic": SEGMENT_CHANGES_TOPIC, "message_key": change["profile_id"],
+                           "payload": dict(change), "created_at": now_us, "warehouse_version": version,
+                           "published_at": now_us})
+        if closures:
+            table = self._stage_pairs("closures", (("profile_id", "STRING"), ("segment", "STRING"),
+                                                   ("exited_at", "TIMESTAMP")),
+                                      [{"profile_id": p, "segment": s, "exited_at": at} for (p, s), at in closures.items()],
+                                      tag)
+            staged.append(table)
+            statements.append(f"UPDATE `ds`.segment_memberships m SET exited_at = c.exited_at FROM `ds`.{table} c "
+                              "WHERE m.profile_id = c.profile_id AND m.segment = c.segment AND m.exited_at IS NULL")
+        if spans:
+            table = self._stage("segment_memberships", spans, tag + "seg")
+            staged.append(table)
+            statements.append(self._append_new("segment_memberships", table, None))
+        if outbox:
+            table = self._stage("outbox", outbox, tag + "out")
+            staged.append(table)
+            statements.append(self._append_new("outbox", table, "idempotency_key"))
+        return len(outbox)

@@ -84,16 +84,6 @@ def _exit_of_span(row: Mapping[str, Any], now_us: int, request_id: str) -> Dict[
     return change
 
 
-def _dead_letter_row(record: Mapping[str, Any]) -> Dict[str, Any]:
-    """A `cdp.events.deadletter` record as a dead_letters row: the stream's are rows already; an
-    importer's (`cdpflow import --to kafka`) name their file and row, and are keyed by their id."""
-    value = dict(record["value"])
-    if "row" in value and "file" in value:
-        value["error"] = f"{value.get('source') or 'import'} {value['file']} row {value['row']}: {value.get('error')}"
-    value.setdefault("dead_letter_id", record["key"])
-    return value
-
-
 class DuckDBWarehouse(Warehouse):
     """A DuckDB warehouse file.
 
@@ -329,26 +319,14 @@ class DuckDBWarehouse(Warehouse):
         Returns:
           Rows written or changed per table, and "skipped" (records loaded before).
         """
-        from cdpflow.schemas.topics import DEAD_LETTERS as DL, PROFILE_CHANGES, SEGMENT_CHANGES, WAREHOUSE_ROWS
+        from cdpflow.warehouse.loading import plan_stream_batch
         counts: Dict[str, int] = {}
         with self._transaction(None):
-            stored = self.stream_offsets()
-            fresh = [r for r in records if r["offset"] >= stored.get((r["topic"], r["partition"]), 0)]
-            counts["skipped"] = len(records) - len(fresh)
-            known = identity["profiles"]
-            by_topic: Dict[str, list] = {}
-            for record in fresh:
-                if not record.get("skip"):
-                    by_topic.setdefault(record["topic"], []).append(record)
+            plan = plan_stream_batch(records, identity, self.stream_offsets(), suppressed)
+            counts["skipped"] = plan.skipped
             # Accepted events: new message ids only, each with the profile it belongs to now.
-            events = [r["value"]["row"] for r in by_topic.get(WAREHOUSE_ROWS.name, ()) if r["value"]["table"] == "events"]
-            if suppressed is not None:
-                events = [e for e in events if not suppressed([tuple(i) for i in e.get("identifiers") or ()])]
-            if events:
-                final = identity["final"]([e["message_id"] for e in events])
-                for event in events:
-                    event["profile_id"] = final.get(event["message_id"], event.get("profile_id"))
-                counts["events"] = self._insert_new("events", "message_id", events)
+            if plan.events:
+                counts["events"] = self._insert_new("events", "message_id", plan.events)
             # Identity tables: the store's read-out replaces them (the store is the graph).
             for name in ("identity_links", "profile_merges", "identity_conflicts"):
                 rows = identity[{"identity_links": "links", "profile_merges": "merges",
@@ -368,55 +346,33 @@ class DuckDBWarehouse(Warehouse):
                 counts["events_moved"] = len(moved)
             # Profiles: the newest row per profile wins; a tombstone deletes; a profile the
             # identity store no longer knows (forgotten, absorbed) is not loaded.
-            newest: Dict[str, Mapping[str, Any]] = {}
-            for record in by_topic.get(PROFILE_CHANGES.name, ()):
-                pid = record["key"]
-                if pid not in newest or tuple(record["order"]) >= tuple(newest[pid]["order"]):
-                    newest[pid] = record
-            upserts = [r["value"] for pid, r in newest.items() if r["value"] is not None and pid in known]
-            gone = [pid for pid in newest if pid not in known]  # forgotten or absorbed: whatever the rows say
-            tombstones = [(pid, r["order"][0]) for pid, r in newest.items() if r["value"] is None and pid in known]
-            deletes = gone + [pid for pid, _ in tombstones]
-            if gone:
-                self.con.executemany("DELETE FROM profiles WHERE profile_id = ?", [(p,) for p in gone])
-            if tombstones:
+            if plan.gone:
+                self.con.executemany("DELETE FROM profiles WHERE profile_id = ?", [(p,) for p in plan.gone])
+            if plan.tombstones:
                 # a tombstone that overtook a newer row on the way deletes nothing
                 self.con.executemany("DELETE FROM profiles WHERE profile_id = ? AND as_of <= make_timestamp(?)",
-                                     tombstones)
-            if upserts:
-                self.con.register("staged", arrow_table(ALL_TABLES["profiles"], upserts))
+                                     plan.tombstones)
+            if plan.upserts:
+                self.con.register("staged", arrow_table(ALL_TABLES["profiles"], plan.upserts))
                 self.con.execute("DELETE FROM profiles WHERE profile_id IN (SELECT s.profile_id FROM staged s "
                                  "JOIN profiles p USING (profile_id) WHERE s.as_of > p.as_of OR (s.as_of = p.as_of AND s.updated_at >= p.updated_at))")
                 self.con.execute("INSERT INTO profiles BY NAME SELECT * FROM staged WHERE profile_id NOT IN "
                                  "(SELECT profile_id FROM profiles)")
                 self.con.unregister("staged")
-            counts["profiles"], counts["profiles_deleted"] = len(upserts), len(deletes)
+            counts["profiles"], counts["profiles_deleted"] = len(plan.upserts), len(plan.gone) + len(plan.tombstones)
             # Segment changes, once each by idempotency key (kept in the outbox as published).
-            counts["segment_changes"] = self._apply_changes(
-                [r["value"] for r in by_topic.get(SEGMENT_CHANGES.name, ()) if r["value"]["profile_id"] in known
-                 or r["value"]["direction"] == "exit"], now_us)
+            counts["segment_changes"] = self._apply_changes(plan.changes, now_us)
             # Lifecycle transitions: added, or taken back when a late event superseded them.
-            # (a retraction always applies: it comes under the id of a profile a merge absorbed)
-            transitions = [r["value"]["row"] for r in by_topic.get(WAREHOUSE_ROWS.name, ())
-                           if r["value"]["table"] == "lifecycle_transitions"
-                           and (r["value"]["row"]["profile_id"] in known or r["value"]["row"].get("retracted"))]
-            for row in sorted(transitions, key=lambda t: t["as_of"]):
+            for row in plan.transitions:
                 self.con.execute("DELETE FROM lifecycle_transitions WHERE profile_id = ? AND transitioned_at = "
                                  "make_timestamp(?) AND to_stage = ?",
                                  [row["profile_id"], row["transitioned_at"], row["to_stage"]])
                 if not row.get("retracted"):
                     self._insert_new("lifecycle_transitions", None, [row])
-            counts["lifecycle_transitions"] = len(transitions)
-            letters = [_dead_letter_row(r) for r in by_topic.get(DL.name, ())]
-            if suppressed is not None:
-                letters = [d for d in letters if not suppressed([tuple(i) for i in d.get("identifiers") or ()])]
-            counts["dead_letters"] = self._insert_new("dead_letters", "dead_letter_id", letters) if letters else 0
+            counts["lifecycle_transitions"] = len(plan.transitions)
+            counts["dead_letters"] = self._insert_new("dead_letters", "dead_letter_id", plan.letters) if plan.letters else 0
             # The offsets, in the same transaction as the rows they produced.
-            ends: Dict[tuple, int] = {}
-            for record in fresh:
-                place = (record["topic"], record["partition"])
-                ends[place] = max(ends.get(place, 0), record["offset"] + 1)
-            for (topic, partition), offset in ends.items():
+            for (topic, partition), offset in plan.ends.items():
                 self.con.execute('DELETE FROM stream_offsets WHERE topic = ? AND "partition" = ?', [topic, partition])
                 self.con.execute('INSERT INTO stream_offsets BY NAME SELECT ? AS topic, ? AS "partition", '
                                  '? AS next_offset, make_timestamp(?) AS updated_at', [topic, partition, offset, now_us])
