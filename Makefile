@@ -59,7 +59,7 @@ test: venv prism redis-server kafka flink chromium bigquery-emulator
 test-fast: venv prism redis-server kafka flink chromium bigquery-emulator
 	$(BIN)/python -m pytest -m "not e2e" tests
 
-bench: venv prism redis-server kafka flink
+bench: venv prism redis-server kafka flink bigquery-emulator
 	$(BIN)/python benchmarks/pipeline_vs_reference.py
 	$(BIN)/python benchmarks/features.py
 	$(BIN)/python benchmarks/identity_store.py
@@ -69,6 +69,8 @@ bench: venv prism redis-server kafka flink
 	$(BIN)/python benchmarks/sidecar.py
 	$(BIN)/python benchmarks/api.py
 	$(BIN)/python benchmarks/live.py --engine flink --rates 25 50 100 200 400 --seconds 20
+	$(BIN)/python benchmarks/segmentation.py
+	$(BIN)/python benchmarks/bigquery.py --micro-batch 5000
 
 # Prism, Beam's portable local runner, built from the Go module proxy (used by --runner prism).
 prism: .cache/bin/prism
