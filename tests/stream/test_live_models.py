@@ -70,7 +70,7 @@ def test_a_promotion_and_a_rules_edit_reach_the_running_stream_without_a_restart
     send_live(sample, broker)
 
     started = time.monotonic()
-    until = (int(time.time() * 1_000_000) + 65_000_000) // 1_000_000 * 1_000_000
+    until = (int(time.time() * 1_000_000) + 50_000_000) // 1_000_000 * 1_000_000
     env = dict(os.environ, CDPFLOW_PRISM=os.path.abspath(".cache/bin/prism"))
     log_path = tmp_path / "stream.log"
     with open(log_path, "wb") as log_file:
