@@ -58,6 +58,13 @@ def read_bytes(path: str) -> bytes:
         raise OSError(str(err)) from None
 
 
+def rules_reader(segments: Dict[str, Any]):
+    """What reads the rules file a `segments` section names, through `read_bytes` (a local path or
+    gs://...): how a stream's workers follow it (`cdpflow.core.segments.follow_rules`); None without one."""
+    path = segments.get("file")
+    return (lambda: read_bytes(path)) if path else None
+
+
 def with_rules_file(config: Dict[str, Any]) -> Dict[str, Any]:
     """The configuration with `segments.file`'s rules in place of its own (the path made absolute,
     so a stream's workers read the same file); unchanged without a file.

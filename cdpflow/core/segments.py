@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from cdpflow.core.clusters import choose_scored, cluster_name
-from cdpflow.core.follow import Followed, file_digest
+from cdpflow.core.follow import Followed, file_digest, local_reader
 from cdpflow.core.timeutil import format_ts
 from cdpflow.errors import BadInput
 from cdpflow.schemas.topics import SEGMENT_CHANGES
@@ -201,10 +201,7 @@ def follow_rules(document: Mapping[str, Any], read: Optional[Callable[[], bytes]
     path = document.get("file")
     if not path:
         return Followed(lambda: None, lambda _: rules, float("inf"), "segment rules", initial=rules)
-    if read is None:
-        def read():
-            with open(path, "rb") as handle:
-                return handle.read()
+    read = read or local_reader(path)
 
     def load(_digest):
         return parse_rules(rules_file_document(read(), path))
@@ -273,6 +270,11 @@ def held_from_memberships(rows: Sequence[Mapping[str, Any]]) -> Held:
     return held
 
 
+def _current_cluster(held: Held) -> Optional[str]:
+    """The name of the cluster a profile's open memberships put it in (None: none)."""
+    return next((cluster_name(s) for s in sorted(held["open"]) if cluster_name(s)), None)
+
+
 class MembershipMachine:
     """One profile's open memberships in a stream, and the enters and exits each new row makes.
 
@@ -307,8 +309,7 @@ class MembershipMachine:
                 "last": order}
         now = segments_of(rules or self.rules, self.lifecycle, row)
         if now and row.get("_clusters"):
-            current = next((cluster_name(s) for s in sorted(held["open"]) if cluster_name(s)), None)
-            name, version = choose_scored(row["_clusters"], current)
+            name, version = choose_scored(row["_clusters"], _current_cluster(held))
             now[f"cluster:{name}"] = ("model", version)
         at = row.get("as_of")
         cause = row.get("_cause_message_id") or f"deleted@{at}"
@@ -332,7 +333,7 @@ class MembershipMachine:
         scored = (row.get("_clusters") or {}).get("shadow")
         if not scored or row.get("deleted"):
             return None
-        current = next((cluster_name(s) for s in sorted(held["open"]) if cluster_name(s)), None)
+        current = _current_cluster(held)
         name, _ = choose_scored(scored, current)
         return name != current
 

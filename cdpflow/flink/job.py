@@ -466,18 +466,16 @@ def build(env, spec: Dict[str, Any]):
             self.open_buffer(runtime_context, "scored", "shadow_scored")
 
         def handle(self, items):
-            promoted, shadow = self.models.get()
+            from cdpflow.models.registry import score_rows
             live = [i for i, row in enumerate(items) if not row.get("deleted")]
-            if promoted is not None and live:
-                rows = [items[i] for i in live]
-                scored = [promoted.portable.scored(s) for s in promoted.scores(rows)]
-                if shadow is not None:
-                    for one, s in zip(scored, shadow.scores(rows)):
-                        one["shadow"] = shadow.portable.scored(s)
-                    self.counts.inc("shadow_scored", len(rows))
+            models = self.models.get()
+            scored = score_rows(models, [items[i] for i in live]) if live else None
+            if scored is not None:
                 for i, one in zip(live, scored):
                     items[i] = dict(items[i], _clusters=one)
-                self.counts.inc("scored", len(rows))
+                self.counts.inc("scored", len(live))
+                if models[1] is not None:
+                    self.counts.inc("shadow_scored", len(live))
             yield from items
 
     class Memberships(KeyedProcessFunction):
@@ -486,11 +484,10 @@ def build(env, spec: Dict[str, Any]):
         `segments.reload_seconds` on each worker)."""
 
         def open(self, runtime_context):
-            from cdpflow.config import read_bytes
+            from cdpflow.config import rules_reader
             from cdpflow.core.segments import MembershipMachine, follow_rules
             self.machine = MembershipMachine(config["segments"], config["lifecycle"])
-            path = config["segments"].get("file")
-            self.rules = follow_rules(config["segments"], (lambda: read_bytes(path)) if path else None)
+            self.rules = follow_rules(config["segments"], rules_reader(config["segments"]))
             self.held = runtime_context.get_state(ValueStateDescriptor("memberships", BYTES))
             self.counts = _Counts(runtime_context, "entered", "exited", "shadow_would_move", "rules_refused")
 

@@ -235,6 +235,20 @@ class Scorer:
 Models = Tuple[Optional[Scorer], Optional[Scorer]]  # (promoted, shadow)
 
 
+def score_rows(models: Models, rows: Sequence[Mapping[str, Any]]) -> Optional[List[Dict[str, Any]]]:
+    """A batch of profile rows scored by the promoted model, the shadow's scores beside each
+    (`PortableModel.scored`, with `shadow`): what a stream's scoring stage attaches as `_clusters`
+    (the Beam stream's RunInference and the Flink job's ScoreClusters). None while nothing is promoted."""
+    promoted, shadow = models
+    if promoted is None:
+        return None
+    out = [promoted.portable.scored(s) for s in promoted.scores(rows)]
+    if shadow is not None:
+        for one, s in zip(out, shadow.scores(rows)):
+            one["shadow"] = shadow.portable.scored(s)
+    return out
+
+
 def follow_models(registry: str, every_s: float = 10.0, pipelines: bool = False) -> Followed[Models]:
     """The registry's promoted and shadow models, followed: the pointers are re-read at most every
     `every_s` seconds, and a version a pointer moved to (a promotion, a rollback, a new shadow) is

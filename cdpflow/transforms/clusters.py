@@ -14,20 +14,14 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam.ml.inference.sklearn_inference import ModelFileType, SklearnModelHandlerNumpy
 
-from cdpflow.models.registry import follow_models
+from cdpflow.models.registry import follow_models, score_rows
 
 
 def _score_rows(followed, batch, inference_args=None):
     """The inference function: a batch of profile rows scored by the promoted model (and the shadow
     one beside it), each result `PortableModel.scored` (None while nothing is promoted)."""
-    promoted, shadow = followed.get()
-    if promoted is None:
-        return [None] * len(batch)
-    out = [promoted.portable.scored(row) for row in promoted.scores(batch)]
-    if shadow is not None:
-        for scored, row in zip(out, shadow.scores(batch)):
-            scored["shadow"] = shadow.portable.scored(row)
-    return out
+    scored = score_rows(followed.get(), batch)
+    return scored if scored is not None else [None] * len(batch)
 
 
 class PromotedClusterModelHandler(SklearnModelHandlerNumpy):

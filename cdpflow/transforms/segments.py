@@ -143,12 +143,6 @@ class AssignSegments(beam.PTransform):
 
 
 # ------------------------------------------------------------------------------------ streaming
-def _read_file(path: str):
-    # the rules file through Beam's FileSystems: a local path, or gs://... on Dataflow's workers
-    from cdpflow.config import read_bytes
-    return lambda: read_bytes(path)
-
-
 class _StreamMembershipsFn(beam.DoFn):
     """Keyed by profile: the open memberships in state, a change out for each enter and exit.
 
@@ -170,8 +164,8 @@ class _StreamMembershipsFn(beam.DoFn):
 
     def setup(self):
         self.machine = MembershipMachine(self.rules_document, self.lifecycle)
-        path = self.rules_document.get("file")
-        self.rules = follow_rules(self.rules_document, _read_file(path) if path else None)
+        from cdpflow.config import rules_reader  # (a gs:// rules file on Dataflow's workers too)
+        self.rules = follow_rules(self.rules_document, rules_reader(self.rules_document))
 
     def process(self, element, held=beam.DoFn.StateParam(HELD)):
         profile_id, row = element

@@ -445,13 +445,13 @@ class BigQueryWarehouse(Warehouse):
                 letters += self.refused_letters(name, refused)
                 staged.append(staging)
                 statements.append(self._append_new(name, staging, key))
-                written[name] = len({r[key] for r in rows} - self._keys(name, key)) if key else len(rows)
+                written[name] = self._new_keys(name, key, rows) if key else len(rows)
             dead = (read_staged(staging_dir, "dead_letters") if "dead_letters" in appended else []) + letters
             if dead:
                 staging = self._stage("dead_letters", dead, tag)
                 staged.append(staging)
                 statements.append(self._append_new("dead_letters", staging, "dead_letter_id"))
-            written["dead_letters"] = len({r["dead_letter_id"] for r in dead} - self._keys("dead_letters", "dead_letter_id"))
+            written["dead_letters"] = self._new_keys("dead_letters", "dead_letter_id", dead)
             written["refused_by_bigquery"] = len(letters)
             if suppressed is not None:
                 gone = self._dead_letters_where(suppressed)
@@ -470,15 +470,17 @@ class BigQueryWarehouse(Warehouse):
             self._drop(staged)
         return written
 
-    def _keys(self, name: str, key: str) -> set:
-        return {r[0] for r in self._run(f"SELECT `{key}` FROM `ds`.{name}")} if self.has_table(name) else set()
+    def _new_keys(self, name: str, key: str, rows: Sequence[Mapping[str, Any]]) -> int:
+        """How many distinct keys of `rows` the table does not hold yet (only those keys are read back)."""
+        keys = {r[key] for r in rows}
+        return len(keys - self._keys_in(name, key, [k for k in keys if k is not None]))
 
     def _stage_outbox(self, messages: Sequence[Mapping[str, Any]], tag: str, version: int) -> Tuple[str, int]:
         now = int(time.time() * 1_000_000)
         rows = [{"idempotency_key": m["idempotency_key"], "topic": m.get("topic", SEGMENT_CHANGES_TOPIC),
                  "message_key": m.get("message_key"), "payload": m["payload"], "created_at": now,
                  "warehouse_version": version, "published_at": None} for m in messages]
-        new = len({r["idempotency_key"] for r in rows} - self._keys("outbox", "idempotency_key"))
+        new = self._new_keys("outbox", "idempotency_key", rows)
         return self._stage("outbox", rows, tag), new
 
     def mark_published(self, idempotency_keys: Sequence[str], now_us: int) -> None:
@@ -651,7 +653,7 @@ class BigQueryWarehouse(Warehouse):
         request_id = hashlib.sha256(f"{sorted(identifiers)}\x00{now_us}".encode()).hexdigest()[:16]
         rows = [{"identifier_hash": key.hash(tuple(i)), "suppressed_at": now_us, "request_id": request_id,
                  "key_id": key.key_id} for i in identifiers]
-        new = len({r["identifier_hash"] for r in rows} - self._keys("identity_suppressions", "identifier_hash"))
+        new = self._new_keys("identity_suppressions", "identifier_hash", rows)
         staging = self._stage("identity_suppressions", rows, uuid.uuid4().hex[:12])
         try:
             self._transaction([self._append_new("identity_suppressions", staging, "identifier_hash")], None)
@@ -720,8 +722,7 @@ class BigQueryWarehouse(Warehouse):
 
         try:
             if plan.events:
-                counts["events"] = len({e["message_id"] for e in plan.events} - self._keys_in(
-                    "events", "message_id", [e["message_id"] for e in plan.events]))
+                counts["events"] = self._new_keys("events", "message_id", plan.events)
                 stage("events", plan.events, "message_id")
             # Identity tables: the store's read-out replaces them (the store is the graph).
             for name, part in (("identity_links", "links"), ("profile_merges", "merges"),
@@ -776,8 +777,7 @@ class BigQueryWarehouse(Warehouse):
                 if kept:
                     stage("lifecycle_transitions", kept, None)
             counts["lifecycle_transitions"] = len(plan.transitions)
-            counts["dead_letters"] = len({d["dead_letter_id"] for d in plan.letters} - self._keys_in(
-                "dead_letters", "dead_letter_id", [d["dead_letter_id"] for d in plan.letters]))
+            counts["dead_letters"] = self._new_keys("dead_letters", "dead_letter_id", plan.letters)
             if plan.letters:
                 stage("dead_letters", plan.letters, "dead_letter_id")
             # The offsets, in the same transaction as the rows they produced.
