@@ -34,7 +34,9 @@ BQ_HOME := .cache/bigquery-home
 $(VENV)/.installed: setup.py constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	# Without setuptools' warning that an editable install's folder may shadow the package (it is
+	# that folder): a first `make run` prints only what cdpflow says.
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	# Only for its data: the CDNOW files the CLV tests reproduce the published fit on.
 	$(BIN)/pip install --quiet --no-deps lifetimes==0.11.3
 	touch $@

@@ -17,8 +17,11 @@ INSTALL_REQUIRES = [
     f"apache-beam=={BEAM_VERSION}",
     "duckdb==1.5.5",
     "fastjsonschema>=2.20,<3",
-    "fastapi>=0.110",
-    "google-cloud-bigquery>=3.20,<4",  # the BigQuery warehouse backend (the official client)  # the collector's HTTP API (with uvicorn)
+    "fastapi>=0.110",  # the collector's HTTP API and the profile API (with uvicorn)
+    "google-cloud-bigquery>=3.20,<4",  # the BigQuery warehouse backend (the official client)
+    # Beam's FileSystems for gs:// paths (a model registry on Cloud Storage); without it Beam also
+    # warns "Failed to import GCSFileSystem" on every command.
+    "google-cloud-storage>=2.14,<3",
     "kafka-python>=3.0.12,<4",  # `cdpflow stack`'s broker check and topics; the collector's producer
     "orjson>=3.10,<4",
     "phonenumbers>=8.13,<10",

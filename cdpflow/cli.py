@@ -88,10 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--config", help="YAML configuration merged over the defaults")
 
     exp = sub.add_parser("export", help="write a warehouse table to a file")
-    exp.add_argument("table", help="events, identity_links, profiles, profile_merges, segment_memberships, dead_letters")
+    from cdpflow.schemas.tables import ALL_TABLES
+    exp.add_argument("table", choices=list(ALL_TABLES), metavar="TABLE",
+                     help=f"one of the warehouse's tables: {', '.join(ALL_TABLES)}")
     exp.add_argument("--warehouse", required=True)
-    exp.add_argument("--format", default="jsonl", choices=("jsonl", "csv", "parquet"))
-    exp.add_argument("--out", help="output file (default TABLE.FORMAT)")
+    exp.add_argument("--format", default="jsonl", choices=("jsonl", "csv", "parquet"),
+                     help="jsonl (default), csv (with a header) or parquet")
+    exp.add_argument("--out", help="output file (default TABLE.FORMAT in the working folder; its folder must exist)")
 
     prof = sub.add_parser("profile", help="show one unified profile")
     prof.add_argument("identifier", help="an email, phone, user id, 'type:value', or a profile id")
@@ -310,7 +313,7 @@ def cmd_split(args) -> int:
     from cdpflow.core.identity import profile_id_for
     from cdpflow.pipelines.batch import reference_overrides, run_batch
     from cdpflow.warehouse import open_warehouse
-    with open_warehouse(args.warehouse) as wh:
+    with open_warehouse(args.warehouse, must_exist=True) as wh:
         profile_id = wh.resolve_profile_id(args.profile)
         if profile_id is None:
             err_console.print(f"no profile holds {args.profile!r}")
@@ -373,7 +376,7 @@ def cmd_publish(args) -> int:
     from cdpflow.outbox import JsonLinesPublisher, changes_file_for, publish_pending
     from cdpflow.warehouse import open_warehouse
     changes_file = args.changes_out or changes_file_for(args.warehouse)
-    with open_warehouse(args.warehouse) as wh:
+    with open_warehouse(args.warehouse, must_exist=True) as wh:
         done = publish_pending(wh, JsonLinesPublisher(changes_file))
     console.print(f"{done['pending']} pending segment change(s); {done['published']} published to {changes_file}")
     return 0
@@ -382,9 +385,19 @@ def cmd_publish(args) -> int:
 def cmd_generate(args) -> int:
     from cdpflow.synthetic import NoiseRates, generate
     from cdpflow.core.timeutil import parse_ts, to_datetime
+    from cdpflow.errors import BadInput
+    if args.customers < 1 or args.days < 1:
+        raise BadInput(f"--customers and --days must be at least 1 (got {args.customers} and {args.days})")
+    if args.noise < 0:
+        raise BadInput(f"--noise must be 0 or more (got {args.noise})")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise BadInput(f"--out {args.out} is a file; give a folder (new, or one to write the sample into)")
     kwargs = {}
     if args.end:
-        kwargs["end"] = to_datetime(parse_ts(args.end if "T" in args.end else args.end + "T00:00:00Z"))
+        try:
+            kwargs["end"] = to_datetime(parse_ts(args.end if "T" in args.end else args.end + "T00:00:00Z"))
+        except ValueError:
+            raise BadInput(f"--end {args.end!r}: an ISO date such as 2026-11-01 (or a time, 2026-11-01T12:00:00Z)") from None
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console) as progress:
         progress.add_task(f"generating {args.customers} customers x {args.days} days", total=None)
         manifest = generate(args.out, customers=args.customers, days=args.days, seed=args.seed,
@@ -421,7 +434,11 @@ def cmd_run(args) -> int:
         ("events read", summary.read),
         ("  of which replayed from the warehouse", summary.replayed),
         ("accepted", summary.accepted),
-        ("dead letters", summary.dead_lettered),
+        # A line is refused each time it is read; the table keeps one row per distinct refused
+        # line (its dead_letter_id), so identical bad lines, and a re-run's, add no row.
+        ("dead letters (lines refused)", summary.dead_lettered),
+        ("  new rows in dead_letters", summary.written.get("dead_letters", 0)),
+        ("  rows in dead_letters (every run)", summary.dead_letter_rows),
         ("duplicates dropped", summary.deduplicated),
         ("profiles", summary.written.get("profiles", 0)),
         ("identifiers", summary.written.get("identity_links", 0)),
@@ -436,6 +453,9 @@ def cmd_run(args) -> int:
     for key, value in rows:
         table.add_row(key, str(value))
     console.print(table)
+    if summary.dead_lettered != summary.written.get("dead_letters", 0):
+        console.print("dead_letters keeps one row per distinct refused line: identical lines, and lines a "
+                      "run before this one refused, add no row")
     seg = Table(title="segment sizes (open memberships)")
     seg.add_column("segment")
     seg.add_column("profiles", justify="right")
@@ -530,8 +550,14 @@ def cmd_bq(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from cdpflow.errors import BadInput
     from cdpflow.warehouse import open_warehouse
     out = args.out or f"{args.table}.{args.format}"
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out):
+        raise BadInput(f"--out {out} is a folder; give a file, e.g. {os.path.join(out, args.table + '.' + args.format)}")
+    if not os.path.isdir(folder):
+        raise BadInput(f"--out {out}: the folder {os.path.dirname(out) or folder} does not exist; create it first")
     with open_warehouse(args.warehouse, read_only=True) as wh:
         count = wh.export(args.table, args.format, out)
     console.print(f"wrote {count} rows of {args.table} to {out}")
@@ -655,7 +681,7 @@ def cmd_import(args) -> int:
 
 
 def cmd_send(args) -> int:
-    from cdpflow.collector.send import send
+    from cdpflow.collector.send import SendFailed, send
     from cdpflow.errors import BadInput
     from cdpflow.pipelines.replay import arrival_order
     if args.batch_size < 1 or (args.rate is not None and args.rate <= 0):
@@ -665,7 +691,11 @@ def cmd_send(args) -> int:
         raise BadInput(f"no event lines in {', '.join(args.input)}")
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console) as progress:
         progress.add_task(f"sending {len(lines)} events to {args.collector}", total=None)
-        report = send(lines, args.collector, args.write_key, args.rate, args.batch_size, args.live)
+        try:
+            report = send(lines, args.collector, args.write_key, args.rate, args.batch_size, args.live)
+        except SendFailed as err:
+            err_console.print(f"[red]cdpflow send: {err}[/red]")
+            return 1
     table = Table(title=f"cdpflow send -> {args.collector}")
     table.add_column("what")
     table.add_column("value", justify="right")
@@ -1008,6 +1038,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "stack": cmd_stack, "serve": cmd_serve, "import": cmd_import, "send": cmd_send,
                 "stream": cmd_stream, "load": cmd_load, "flink": cmd_flink, "bq": cmd_bq,
                 "destinations": cmd_destinations, "train": cmd_train, "models": cmd_models, "report": cmd_report}
+    from kafka.errors import KafkaTimeoutError
     from cdpflow.core.governance import GovernanceError
     from cdpflow.errors import BadInput
     from cdpflow.stack import StackError
@@ -1020,6 +1051,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 3
     except (FileNotFoundError, BadInput, WarehouseError, GovernanceError) as err:
         err_console.print(f"[red]cdpflow {args.command}: {err}[/red]")
+        return 2
+    except KafkaTimeoutError as err:
+        # kafka-python's words for brokers that never answered the first request.
+        if "bootstrap" not in str(err).lower():
+            raise
+        err_console.print(f"[red]cdpflow {args.command}: no Kafka broker answers at {getattr(args, 'bootstrap', None)}: "
+                          f"is it running (`cdpflow stack up kafka`) and is --bootstrap right? ({err})[/red]")
         return 2
     except StackError as err:
         # A service that would not start or stop: said in words, with its log, not as a traceback.

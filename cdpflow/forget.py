@@ -33,7 +33,7 @@ def forget_person(warehouse: str, identifier: str, config: Mapping[str, Any],
     from cdpflow.warehouse import open_warehouse, warehouse_path
     now = int(time.time() * 1_000_000)
     changes_file = changes_out or changes_file_for(warehouse)
-    with open_warehouse(warehouse) as wh:
+    with open_warehouse(warehouse, must_exist=True) as wh:
         key = governance.suppression_key(config, wh.demo_key_file())
         governance.identity_rules(config, wh.governance(), key)  # refuses hashes of a key it cannot match
         before = wh.profile(identifier)  # the row and memberships the destinations are told to delete

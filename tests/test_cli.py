@@ -60,7 +60,9 @@ def test_profile_lookup_by_any_identifier_and_absorbed_id(warehouse, capsys):
 def test_clear_errors_for_bad_arguments(warehouse, tmp_path):
     root, _, wh = warehouse
     assert main(["run", "--input", str(tmp_path / "missing"), "--warehouse", str(tmp_path / "x.duckdb")]) == 2
-    assert main(["export", "nope", "--warehouse", str(wh)]) == 2
+    with pytest.raises(SystemExit) as refused:  # argparse: the table is one of the listed choices
+        main(["export", "nope", "--warehouse", str(wh)])
+    assert refused.value.code == 2
     assert main(["profile", "x", "--warehouse", str(tmp_path / "absent.duckdb")]) == 2
     bad_rules = tmp_path / "bad.yaml"
     bad_rules.write_text("segments: {segments: [{name: x, when: {age: {older: 1}}}]}\n")
@@ -75,6 +77,11 @@ def test_clear_errors_for_bad_arguments(warehouse, tmp_path):
     ("identity: {max_per_profile: {email: 0}}\n", "identity.max_per_profile.email"),
     ("identity: {mode: sometimes}\n", "identity.mode"),
     ("reporting_currency: dollars\n", "reporting_currency"),
+    # A typo is refused with its path and the nearest valid key, not ignored for the default.
+    ("dedup: {horizon_hourz: 24}\n", "unknown configuration key dedup.horizon_hourz; did you mean dedup.horizon_hours?"),
+    ("lifecycel: {active_days: 60}\n", "unknown configuration key lifecycel; did you mean lifecycle?"),
+    ("features: {engagement: {click_weigth: 2}}\n", "features.engagement.click_weigth; did you mean "
+                                                     "features.engagement.click_weight?"),
 ])
 def test_bad_configuration_is_refused_before_the_run_with_the_key_named(warehouse, tmp_path, capsys, config, fragment):
     root, _, _ = warehouse

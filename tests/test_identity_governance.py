@@ -208,7 +208,10 @@ def test_suppression_hashes_are_keyed_by_the_deployment_secret(base, tmp_path, m
     # another secret cannot match these hashes: every path refuses to start rather than let them back
     monkeypatch.setenv("CDPFLOW_SUPPRESSION_SECRET", "another secret")
     capsys.readouterr()
-    assert main(["run", "--input", str(wh).replace(".duckdb", ".none.jsonl"), "--warehouse", str(wh)]) == 2
+    one_event = tmp_path / "one.jsonl"
+    one_event.write_text('{"type": "track", "event": "Product Viewed", "userId": "u-new", "messageId": "m-new", '
+                         '"timestamp": "2026-10-01T10:00:00Z", "receivedAt": "2026-10-01T10:00:01Z"}\n')
+    assert main(["run", "--input", str(one_event), "--warehouse", str(wh)]) == 2
     assert key_id in capsys.readouterr().err
 
 

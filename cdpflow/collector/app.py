@@ -37,11 +37,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
 from cdpflow.collector.sink import Record, Sink, SinkUnavailable
+from cdpflow.core.ingest import MAX_EVENT_BYTES
 from cdpflow.errors import BadInput
 from cdpflow.schemas.topics import raw_event_key
 
 EVENT_TYPES = ("track", "identify", "page", "screen", "alias", "group")
-MAX_EVENT_BYTES = 32 * 1024
 MAX_REQUEST_BYTES = 500 * 1024
 RETRY_AFTER_S = 2
 

@@ -24,8 +24,13 @@ import orjson
 import requests
 
 from cdpflow.core.timeutil import format_ts, parse_ts
+from cdpflow.errors import BadInput
 
 TIME_FIELDS = ("timestamp", "originalTimestamp", "sentAt")
+
+
+class SendFailed(RuntimeError):
+    """The collector kept refusing (503/429) or stayed away past the send's patience."""
 
 
 @dataclass
@@ -67,16 +72,23 @@ class Sender:
       collector: the collector's base URL.
       write_key: sent as the HTTP Basic user.
       max_wait_s: how long one batch may keep being retried (503/429) before the send fails.
+      first_contact_s: how long to try a collector that has not answered once (refused
+        connections) before saying no collector is there.
     """
 
-    def __init__(self, collector: str, write_key: str, max_wait_s: float = 300.0):
+    def __init__(self, collector: str, write_key: str, max_wait_s: float = 300.0, first_contact_s: float = 5.0):
         self.url = collector.rstrip("/") + "/v1/batch"
         self.session = requests.Session()
         self.session.auth = (write_key, "")
         self.max_wait_s = max_wait_s
+        # A collector that never answered at all (a wrong address, nothing started) is a mistake
+        # to say soon; one that answered before and is now away (a restart) is waited for.
+        self.first_contact_s = first_contact_s
+        self.answered = False
 
     def _post(self, events: Sequence[Dict[str, Any]], report: SendReport) -> requests.Response:
-        deadline, backoff = time.monotonic() + self.max_wait_s, 0.5
+        begun = time.monotonic()
+        deadline, backoff = begun + self.max_wait_s, 0.5
         while True:
             started = time.perf_counter()
             try:
@@ -84,17 +96,26 @@ class Sender:
                                            headers={"Content-Type": "application/json"}, timeout=60)
             except requests.ConnectionError as err:
                 answer, failure = None, str(err)
+                if not self.answered and time.monotonic() - begun >= self.first_contact_s:
+                    raise BadInput(f"no collector answers at {self.url} (tried for {self.first_contact_s:.0f} s): "
+                                   f"is it running (`cdpflow serve collector`) and is the address right?") from None
+            except requests.RequestException as err:
+                raise BadInput(f"--collector {self.url}: {err}") from None
             else:
+                self.answered = True
                 failure = None
                 if answer.status_code not in (429, 503):
                     if answer.status_code == 200:
                         report.request_seconds.append(time.perf_counter() - started)
                     return answer
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the collector at {self.url} kept refusing for {self.max_wait_s:.0f} s: "
-                                   f"{failure or answer.status_code}")
+                raise SendFailed(f"the collector at {self.url} kept refusing for {self.max_wait_s:.0f} s: "
+                                 f"{failure or answer.status_code}; {report.accepted} event(s) were accepted before")
             report.retries += 1
             wait = float(answer.headers.get("Retry-After", backoff)) if answer is not None else backoff
+            if not self.answered:
+                # Never past the first-contact limit: the mistake is said when it is reached.
+                wait = min(wait, max(0.05, begun + self.first_contact_s - time.monotonic()))
             time.sleep(min(wait, 30.0))
             backoff = min(backoff * 2, 30.0)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 from importlib import resources
 from typing import Any, Dict, Optional
 
@@ -39,10 +40,39 @@ def load_config(path: Optional[str] = None, **overrides: Any) -> Dict[str, Any]:
                 raise BadInput(f"{path}: not valid YAML: {err}") from None
         if not isinstance(user, dict):
             raise BadInput(f"{path}: the configuration must be a YAML mapping")
+        refuse_unknown_keys(user, config, path)
         config = _merge(config, user)
     config = _merge(config, {k: v for k, v in overrides.items() if v is not None})
     validate(config, path or "the configuration")
     return with_rules_file(config)
+
+
+# Sections whose keys the user names (identifier types, write keys, destination and API key
+# names): any key is allowed there, and what is under it is checked by the code that reads it.
+OPEN_SECTIONS = frozenset({
+    ("identity", "max_per_profile"), ("identity", "blocked"), ("collector", "write_keys"),
+    ("activation", "destinations"), ("api", "keys"),
+})
+
+
+def refuse_unknown_keys(user: Dict[str, Any], defaults: Dict[str, Any], where: str, _at: tuple = ()) -> None:
+    """Refuses a key the configuration does not have (a typo such as `dedup.horizon_hourz` would
+    otherwise be ignored silently, and the default used), naming its path and the nearest valid key.
+
+    Raises:
+      BadInput: a key not among the defaults' keys at its place.
+    """
+    for key, value in user.items():
+        path = _at + (str(key),)
+        if _at in OPEN_SECTIONS:
+            continue
+        if key not in defaults:
+            near = difflib.get_close_matches(str(key), [str(k) for k in defaults], n=1, cutoff=0.6)
+            hint = f"; did you mean {'.'.join(_at + (near[0],))}?" if near else \
+                f"; valid keys{' of ' + '.'.join(_at) if _at else ''}: {', '.join(sorted(map(str, defaults)))}"
+            raise BadInput(f"{where}: unknown configuration key {'.'.join(path)}{hint}")
+        if isinstance(value, dict) and isinstance(defaults[key], dict):
+            refuse_unknown_keys(value, defaults[key], where, path)
 
 
 def read_bytes(path: str) -> bytes:

@@ -20,7 +20,10 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Dict, List, Mapping, Set, Tuple
 
+from cdpflow.errors import BadInput
 from cdpflow.schemas.records import Identifier
+
+TRUTH_COLUMNS = ("person_id", "identifier_type", "identifier_value")
 
 
 @dataclass
@@ -42,9 +45,23 @@ class IdentityReport:
 def load_truth(path: str) -> Dict[Identifier, Set[str]]:
     """truth/identities.csv (person_id,identifier_type,identifier_value) -> identifier -> persons."""
     truth: Dict[Identifier, Set[str]] = {}
-    with open(path, newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            truth.setdefault((row["identifier_type"], row["identifier_value"]), set()).add(row["person_id"])
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = [c for c in TRUTH_COLUMNS if c not in (reader.fieldnames or ())]
+            if missing:
+                raise BadInput(f"{path}: a truth file is CSV with the header {','.join(TRUTH_COLUMNS)} (as the "
+                               f"generator's truth/identities.csv); missing {', '.join(missing)}, found "
+                               f"{','.join(reader.fieldnames or ()) or 'no header'}")
+            for line, row in enumerate(reader, start=2):
+                values = [row.get(c) for c in TRUTH_COLUMNS]
+                if any(v is None or v == "" for v in values):
+                    raise BadInput(f"{path}:{line}: every row needs {', '.join(TRUTH_COLUMNS)}")
+                truth.setdefault((row["identifier_type"], row["identifier_value"]), set()).add(row["person_id"])
+    except UnicodeDecodeError as err:
+        raise BadInput(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); a truth file is UTF-8 CSV") from None
+    except IsADirectoryError:
+        raise BadInput(f"{path} is a folder; give the truth CSV (e.g. truth/identities.csv)") from None
     return truth
 
 

@@ -61,8 +61,31 @@ def nesting(value) -> int:
     return deepest
 
 
+# The largest event cdpflow accepts, in bytes: the collector refuses a bigger one (400), and a
+# file's or a topic's line past it is a dead letter, so every path holds the same limit.
+MAX_EVENT_BYTES = 32 * 1024
+# How much of an oversized line its dead letter keeps (the rest is dropped: a 30 MB line would
+# otherwise be stored whole in the dead-letter table).
+KEPT_OF_OVERSIZED = 4 * 1024
+
+
+def _oversized(line: Union[bytes, str], size: int) -> DeadLetter:
+    data = line if isinstance(line, bytes) else line.encode("utf-8", "surrogatepass")
+    kept = data[:KEPT_OF_OVERSIZED].decode("utf-8", "ignore")
+    return DeadLetter(kept, "parse", f"the line is {size:,} bytes: cdpflow accepts events of at most {MAX_EVENT_BYTES:,} "
+                      f"bytes (the collector's limit); its first {KEPT_OF_OVERSIZED:,} bytes are kept here", None,
+                      received_at_of(None))
+
+
+_JSON_KINDS = {str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
 def parse_line(line: Union[bytes, str], validator: EventValidator) -> Union[ParsedEvent, DeadLetter]:
-    """One raw line: UTF-8, JSON, and the JSON Schema of its kind (stages `parse`, `validate`)."""
+    """One raw line: its size, UTF-8, JSON, one object, and the JSON Schema of its kind (stages
+    `parse`, `validate`)."""
+    size = len(line) if isinstance(line, bytes) else len(line.encode("utf-8", "surrogatepass"))
+    if size > MAX_EVENT_BYTES:
+        return _oversized(line, size)
     if isinstance(line, bytes):
         try:
             line = line.decode("utf-8")
@@ -74,6 +97,12 @@ def parse_line(line: Union[bytes, str], validator: EventValidator) -> Union[Pars
         event = orjson.loads(raw)
     except orjson.JSONDecodeError as err:
         return DeadLetter(raw, "parse", f"not valid JSON: {err}", None, received_at_of(None))
+    if isinstance(event, list):
+        return DeadLetter(raw, "parse", f"expected JSON lines (one event object per line), found a JSON array of "
+                          f"{len(event)} item(s): write each event on its own line", None, received_at_of(None))
+    if not isinstance(event, dict):
+        return DeadLetter(raw, "parse", f"expected a JSON object (one event per line), found a JSON "
+                          f"{_JSON_KINDS.get(type(event), type(event).__name__)}", None, received_at_of(None))
     depth = nesting(event)
     if depth > MAX_DEPTH:
         return DeadLetter(raw, "parse", f"nested more than {MAX_DEPTH} levels deep: cdpflow accepts at most {MAX_DEPTH}", None,

@@ -43,7 +43,7 @@ from cdpflow.core.features import FeatureSettings
 from cdpflow.core.timeutil import parse_ts
 from cdpflow.runners.direct import runner_for
 from cdpflow.transforms import DEAD_LETTERS
-from cdpflow.transforms.capture import ReadEvents
+from cdpflow.transforms.capture import ReadEvents, expand_inputs, has_event_lines
 from cdpflow.transforms.dedup import UNIQUE, Dedup
 from cdpflow.transforms.enrich import Enrich, LoadReferenceData, rates_loader
 from cdpflow.transforms.clv import MODELS as CLV_MODELS, PROFILES as CLV_PROFILES, PredictCustomerValue
@@ -158,6 +158,7 @@ class RunSummary:
     as_of: Optional[int]
     segment_sizes: Dict[str, int] = field(default_factory=dict)
     changes_file: Optional[str] = None
+    dead_letter_rows: int = 0  # rows of the dead_letters table after the commit (every run's)
 
     def counter(self, step: str, name: str) -> int:
         return sum(v for k, v in self.counters.items() if k.endswith(f"{step}:{name}"))
@@ -230,6 +231,10 @@ def run_batch(inputs: Sequence[str], warehouse: str, config: Dict[str, Any], as_
     enrichment = config.get("enrichment") or {}
     load_catalog(enrichment.get("catalog"))
     Rates.load(enrichment.get("rates"), config["reporting_currency"])
+    # The inputs and the runner too, before the warehouse is opened (or created).
+    if inputs and not has_event_lines(expand_inputs(inputs)):
+        raise BadInput(f"no event lines in {', '.join(inputs)}")
+    runner_obj, options = pipeline_options(runner, pipeline_args)
     local = warehouse_path(warehouse)
     if local:
         os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
@@ -257,7 +262,6 @@ def run_batch(inputs: Sequence[str], warehouse: str, config: Dict[str, Any], as_
         with open(previous_path, "wb") as handle:
             for row in previous:
                 handle.write(orjson.dumps(row) + b"\n")
-        runner_obj, options = pipeline_options(runner, pipeline_args)
         pipeline = beam.Pipeline(runner=runner_obj, options=options)
         store_path = os.path.join(staging, IDENTITY_STORE)
         from cdpflow.models.registry import promoted_document, registry_for
@@ -283,9 +287,10 @@ def run_batch(inputs: Sequence[str], warehouse: str, config: Dict[str, Any], as_
                 keep_identity_store(store_path, sqlite_path(kept_store), committed)
             publish_pending(wh, JsonLinesPublisher(changes_file))
             sizes = wh.open_segment_sizes()
+            dead_letter_rows = wh.count("dead_letters")
         staged_as_of = [orjson.loads(line) for line in _staged_lines(tables, "as_of")]
         return RunSummary(counters, written, time.time() - started, replayed,
-                          staged_as_of[0]["as_of"] if staged_as_of else as_of, sizes, changes_file)
+                          staged_as_of[0]["as_of"] if staged_as_of else as_of, sizes, changes_file, dead_letter_rows)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -298,6 +303,13 @@ def pipeline_options(runner: str, pipeline_args: Sequence[str]) -> Tuple[Any, Pi
       pipeline_args: Beam pipeline options, as after `--` on the command line.
     """
     runner_obj, args = runner_for(runner, list(pipeline_args))
+    if isinstance(runner_obj, str):
+        from apache_beam.runners.runner import create_runner
+        try:
+            runner_obj = create_runner(runner_obj)
+        except (ValueError, ImportError) as err:
+            raise BadInput(f"--runner {runner!r}: direct, multiprocess, prism, or a Beam runner such as "
+                           f"DataflowRunner ({err})") from None
     return runner_obj, PipelineOptions(args)
 
 

@@ -170,6 +170,9 @@ def run_replay(inputs: Sequence[str], out_dir: str, config: dict, warehouse: Opt
     lines = arrival_order(inputs)
     if not lines:
         raise BadInput(f"no event lines in {', '.join(inputs)}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise BadInput(f"--out {out_dir} is a file; a replay writes a folder (profiles/, lifecycle_transitions/, "
+                       "dead_letters/)")
     os.makedirs(out_dir, exist_ok=True)
     for name in OUTPUTS:
         shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)

@@ -59,7 +59,10 @@ class Dedup(beam.PTransform):
 
     def expand(self, events):
         results = (events
-                   | "KeyByMessageId" >> beam.Map(lambda e: (e.message_id, e))
+                   # Typed, so the stateful step's keys get a deterministic coder (Beam checks the
+                   # input collection's type, not the ParDo's declared input).
+                   | "KeyByMessageId" >> beam.Map(lambda e: (e.message_id, e)).with_output_types(
+                       Tuple[str, NormalizedEvent])
                    | "GroupCopies" >> beam.GroupByKey()
                    | "PickFirst" >> beam.ParDo(_PickFirstFn(self.horizon_us)).with_outputs(DEAD_LETTERS, main=UNIQUE))
         return {UNIQUE: results[UNIQUE], DEAD_LETTERS: results[DEAD_LETTERS]}
@@ -116,7 +119,10 @@ class DedupStream(beam.PTransform):
 
     def expand(self, events):
         results = (events
-                   | "KeyByMessageId" >> beam.Map(lambda e: (e.message_id, e))
+                   # Typed, so the stateful step's keys get a deterministic coder (Beam checks the
+                   # input collection's type, not the ParDo's declared input).
+                   | "KeyByMessageId" >> beam.Map(lambda e: (e.message_id, e)).with_output_types(
+                       Tuple[str, NormalizedEvent])
                    | "FirstCopy" >> beam.ParDo(_FirstCopyFn(self.horizon_us, self.keep_us)).with_input_types(
                        Tuple[str, NormalizedEvent]).with_outputs(
                        DEAD_LETTERS, main=UNIQUE))

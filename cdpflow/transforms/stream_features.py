@@ -195,11 +195,16 @@ class StreamFeatures(beam.PTransform):
 
     def expand(self, inputs):
         routed, moves = inputs
-        tagged = ((routed | "TagEvents" >> beam.MapTuple(lambda key, value: (key, ("event", value))),
-                   moves | "TagMoves" >> beam.MapTuple(lambda key, value: (key, ("move", value))))
-                  | "IdentifierInputs" >> beam.Flatten())
+        # Typed (str keys), so the stateful steps' keys get a deterministic coder: Beam checks
+        # the input collection's type, not the ParDo's declared input.
+        tagged = ((routed | "TagEvents" >> beam.MapTuple(lambda key, value: (key, ("event", value))).with_output_types(
+                       Tuple[str, Any]),
+                   moves | "TagMoves" >> beam.MapTuple(lambda key, value: (key, ("move", value))).with_output_types(
+                       Tuple[str, Any]))
+                  | "IdentifierInputs" >> beam.Flatten().with_output_types(Tuple[str, Any]))
         to_profiles = tagged | "IdentifierState" >> beam.ParDo(
-            _IdentifierStateFn(self.settings.session_timeout_us)).with_input_types(Tuple[str, Any])
+            _IdentifierStateFn(self.settings.session_timeout_us)).with_input_types(Tuple[str, Any]).with_output_types(
+            Tuple[str, Any])
         results = to_profiles | "ProfileFeatures" >> beam.ParDo(
             _ProfileFeaturesFn(self.settings, self.until, self.identity_store)).with_input_types(Tuple[str, Any]).with_outputs(TRANSITIONS, main=PROFILES)
         # The models the batch job fitted over the warehouse, applied to the rows in batches

@@ -177,9 +177,14 @@ class Warehouse(abc.ABC):
         return None
 
 
-def open_warehouse(uri: str, read_only: bool = False, lock_timeout: Optional[float] = None) -> Warehouse:
+def open_warehouse(uri: str, read_only: bool = False, lock_timeout: Optional[float] = None,
+                   must_exist: bool = False) -> Warehouse:
     """Opens a warehouse by URI: `duckdb:///path/file.duckdb`, a plain path (DuckDB), or
     `bigquery://PROJECT/DATASET[?endpoint=URL]` (`cdpflow.warehouse.bigquery`).
+
+    A command that only changes an existing warehouse (forget, split, publish) passes
+    `must_exist`, so a mistyped path is an error instead of a new, empty warehouse; reading
+    (`read_only`) always needs one.
 
     Raises:
       WarehouseError: unknown scheme, or the warehouse cannot be opened.
@@ -189,6 +194,8 @@ def open_warehouse(uri: str, read_only: bool = False, lock_timeout: Optional[flo
         scheme, rest = "duckdb", str(uri)
     if scheme == "duckdb":
         from cdpflow.warehouse.embedded import DuckDBWarehouse
+        if must_exist and not read_only and not os.path.exists(rest):
+            raise WarehouseError(f"no warehouse at {rest}; run `cdpflow run --warehouse {rest} ...` first")
         return DuckDBWarehouse(rest, read_only=read_only, lock_timeout=lock_timeout)
     if scheme == "bigquery":
         from cdpflow.warehouse.bigquery import BigQueryWarehouse

@@ -84,6 +84,30 @@ def _exit_of_span(row: Mapping[str, Any], now_us: int, request_id: str) -> Dict[
     return change
 
 
+# Every DuckDB database file carries this magic at byte 8 of its first block.
+_DUCKDB_MAGIC = b"DUCK"
+
+
+def _refuse_foreign_file(path: str) -> None:
+    """Refuses a path that exists and is not a DuckDB database.
+
+    DuckDB opens any other file (JSON lines, CSV, Parquet) as an in-memory database with a view
+    over it: a run would then report its counts and save nothing, and the user's file is what the
+    warehouse path named. A folder is refused too.
+    """
+    if os.path.isdir(path):
+        raise WarehouseError(f"{path} is a folder, not a warehouse file; give a path such as {os.path.join(path, 'cdp.duckdb')}")
+    if not os.path.exists(path):
+        return
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if head[8:12] != _DUCKDB_MAGIC:
+        kind = "an empty file" if not head else f"a file that is not a DuckDB database (it starts {head[:12]!r})"
+        raise WarehouseError(f"{path} is not a cdpflow warehouse: it exists and is {kind}. cdpflow neither reads it "
+                             "as a warehouse nor writes over it; give the path of a cdpflow warehouse, or of a file "
+                             "that does not exist yet for a new one")
+
+
 class DuckDBWarehouse(Warehouse):
     """A DuckDB warehouse file.
 
@@ -100,6 +124,7 @@ class DuckDBWarehouse(Warehouse):
         self.uri = f"duckdb://{self.path}"
         if read_only and not os.path.exists(self.path):
             raise WarehouseError(f"no warehouse at {self.path}; run `cdpflow run --warehouse {self.path} ...` first")
+        _refuse_foreign_file(self.path)
         deadline = time.monotonic() + (lock_timeout if lock_timeout is not None
                                        else float(os.environ.get("CDPFLOW_LOCK_TIMEOUT", "60")))
         while True:
@@ -114,8 +139,23 @@ class DuckDBWarehouse(Warehouse):
                 if not busy or time.monotonic() > deadline:
                     raise WarehouseError(f"cannot open {self.path}: {err}") from None
                 time.sleep(0.2)
+        try:
+            self._refuse_foreign_database()
+        except WarehouseError:
+            self.con.close()
+            raise
         if not read_only:
             self._migrate(default_region)
+
+    def _refuse_foreign_database(self):
+        # A DuckDB database some other tool made: adding our tables to it would mix two owners'
+        # data, and reading it would show nothing. An empty one is a new warehouse.
+        tables = {r[0] for r in self.con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_catalog = current_database()").fetchall()}
+        if tables and not tables & (set(ALL_TABLES) | {"warehouse_meta"}):
+            shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+            raise WarehouseError(f"{self.path} is a DuckDB database but not a cdpflow warehouse (its tables: {shown}); "
+                                 "give the path of a cdpflow warehouse or of a file that does not exist yet")
 
     def _migrate(self, default_region: str):
         for table in ALL_TABLES.values():

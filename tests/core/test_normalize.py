@@ -1,5 +1,6 @@
 from decimal import Decimal
 
+import orjson
 import pytest
 
 from cdpflow.core.normalize import (NormalizationError, event_time, extract_identifiers, normalize_email,
@@ -95,3 +96,23 @@ def test_amounts_past_what_a_numeric_holds_and_json_nested_too_deep_are_refused(
         cursor["a"] = {}
         cursor = cursor["a"]
     assert nesting(deep) > MAX_DEPTH and nesting({"a": [1, {"b": 2}]}) == 3 and nesting(5) == 0
+
+
+def test_a_line_that_is_not_one_event_object_or_is_too_big_is_a_parse_dead_letter_that_says_so():
+    # The same function parses for the Beam pipelines and the Flink job (tests/core runs in both venvs).
+    from cdpflow.core.ingest import MAX_EVENT_BYTES, ParsedEvent, parse_line
+    from cdpflow.schemas import EventValidator
+    validator = EventValidator()
+    event = {"type": "track", "event": "Order Completed", "userId": "u1", "messageId": "m1",
+             "timestamp": "2026-10-01T10:00:00Z", "receivedAt": "2026-10-01T10:00:01Z"}
+    array = parse_line(orjson.dumps([event, event]), validator)
+    assert (array.stage, array.error.split(" of ")[0]) == (
+        "parse", "expected JSON lines (one event object per line), found a JSON array")
+    assert "found a JSON string" in parse_line(b'"hello"', validator).error
+    padded = dict(event, properties={"blob": "x" * MAX_EVENT_BYTES})
+    line = orjson.dumps(padded)
+    letter = parse_line(line, validator)
+    assert letter.stage == "parse" and letter.error.startswith(f"the line is {len(line):,} bytes")
+    assert len(letter.raw.encode()) == 4096
+    fits = dict(event, properties={"blob": "x" * (MAX_EVENT_BYTES - 400)})
+    assert isinstance(parse_line(orjson.dumps(fits), validator), ParsedEvent)
