@@ -139,11 +139,37 @@ def _lookup(profile: Mapping[str, Any], key: str) -> Any:
     return traits.get(key, _MISSING) if key in traits else profile.get(key, _MISSING)
 
 
+def _fields(condition: Any) -> frozenset:
+    """The profile fields a (valid) condition reads."""
+    found = set()
+    for key, value in condition.items():
+        if key in ("all", "any"):
+            for part in value:
+                found |= _fields(part)
+        elif key == "not":
+            found |= _fields(value)
+        else:
+            found.add(key)
+    return frozenset(found)
+
+
+# Fields a profile row gets from the CLV models when it is scored, not from its events: a rule
+# on them can change only where the row is scored (the batch run's as-of time, the stream's row).
+PREDICTED_FIELDS = frozenset({"expected_purchases_30d", "expected_purchases_90d", "probability_alive",
+                              "expected_order_value", "clv_90d", "clv_model_id"})
+
+
 @dataclass(frozen=True)
 class Segment:
     name: str
     description: str
     matches: Callable[[Mapping[str, Any]], bool]
+    fields: frozenset = frozenset()
+
+    @property
+    def predicted(self) -> bool:
+        """True if the rule reads a predicted field (it is decided where rows are scored)."""
+        return bool(self.fields & PREDICTED_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -173,7 +199,8 @@ def parse_rules(document: Mapping[str, Any]) -> RuleSet:
         if name in names or name.startswith("lifecycle:"):
             raise RuleError(f"{where}: segment name {name!r} is repeated or reserved")
         names.add(name)
-        segments.append(Segment(name, str(spec.get("description", "")), _compile(spec["when"], f"{where}.when")))
+        segments.append(Segment(name, str(spec.get("description", "")), _compile(spec["when"], f"{where}.when"),
+                                _fields(spec["when"])))
     return RuleSet(str(document.get("version", "rules-v1")), tuple(segments))
 
 
@@ -254,6 +281,52 @@ def segments_of(rules: RuleSet, lifecycle: Mapping[str, int], profile: Optional[
     for name in rules.evaluate(profile):
         found[name] = ("rule", rules.version)
     return found
+
+
+def membership_timeline(events: Sequence[Any], settings: Any, rules: RuleSet, since: Optional[int], until: int
+                        ) -> List[Tuple[int, Dict[str, Tuple[str, str]], str]]:
+    """When a profile's lifecycle and rule segments changed, in event time, from its events.
+
+    The profile's features are recomputed at each moment they can change — each event's time,
+    and each window edge, lifecycle threshold or birthday after it (`next_change`) — and its
+    segments evaluated there (rules on predicted fields excepted: `Segment.predicted`). Returns
+    `(time, segments_of-like {segment: (source, version)}, cause message id)` at every moment in
+    (since, until] where the set differs from the moment before, the first such moment included;
+    `since` None is the whole history. The batch run records its memberships at these moments,
+    as the stream does at each row (its rows are as of the same events and edges).
+
+    Args:
+      events: the profile's NormalizedEvents (any order; those after `until` are left out).
+      settings: `cdpflow.core.features.FeatureSettings`.
+    """
+    from cdpflow.core.features import ProfileState, features, next_change  # features imports nothing of this module
+    timed = sorted((e for e in events if e.timestamp <= until), key=lambda e: (e.timestamp, e.message_id))
+    evaluated = RuleSet(rules.version, tuple(s for s in rules.segments if not s.predicted))
+    state = ProfileState(settings.session_timeout_us)
+    out: List[Tuple[int, Dict[str, Tuple[str, str]], str]] = []
+    before: Optional[Dict[str, Tuple[str, str]]] = None
+    i, moment = 0, None
+    while True:
+        candidates = [timed[i].timestamp] if i < len(timed) else []
+        if moment is not None:
+            edge = next_change(state, moment, settings.lifecycle)
+            if edge is not None and edge <= until:
+                candidates.append(edge)
+        if not candidates:
+            return out
+        moment = min(candidates)
+        while i < len(timed) and timed[i].timestamp <= moment:
+            state.add(timed[i])
+            i += 1
+        if since is not None and moment <= since:
+            continue  # history a run before this one recorded: only the state is built
+        now = segments_of(evaluated, settings.lifecycle, features(state, moment, settings))
+        if now != before:
+            # The cause names the event at this moment, or the edge after the latest event (so
+            # two changes of one segment at two edges after the same event have two keys).
+            latest_at, latest_id = state.last_event
+            out.append((moment, now, latest_id if latest_at == moment else f"{latest_id}@{format_ts(moment)}"))
+        before = now
 
 
 # {"open": {segment: [source, version, entered_at]}, "entries": {segment: n}, "last": order of the last row}

@@ -71,8 +71,8 @@ PREVIOUS_MEMBERSHIPS = "previous_memberships.jsonl"
 def build_pipeline(pipeline: beam.Pipeline, inputs: Sequence[str], staging_dir: str,
                    config: Dict[str, Any], as_of: Optional[int] = None,
                    previous_memberships: Optional[str] = None, identity_store: Optional[str] = None,
-                   *, identity_rules: IdentityRules, cluster_model: Optional[Dict[str, Any]] = None
-                   ) -> Dict[str, beam.PCollection]:
+                   *, identity_rules: IdentityRules, cluster_model: Optional[Dict[str, Any]] = None,
+                   previous_as_of: Optional[int] = None) -> Dict[str, beam.PCollection]:
     """Wires the batch graph into `pipeline`.
 
     Args:
@@ -86,6 +86,8 @@ def build_pipeline(pipeline: beam.Pipeline, inputs: Sequence[str], staging_dir: 
       identity_rules: from `cdpflow.core.governance.identity_rules` (the configuration with the
         warehouse's forgotten identifiers and separations; no default, so no path forgets them).
       cluster_model: the promoted cluster model's portable form, or None (no cluster segments).
+      previous_as_of: the as-of time of the run the previous memberships are from (None: a new
+        warehouse); memberships are extended in event time from there.
 
     Returns:
       The main PCollections by table name (for tests).
@@ -124,7 +126,8 @@ def build_pipeline(pipeline: beam.Pipeline, inputs: Sequence[str], staging_dir: 
     else:
         previous = pipeline | "NoPreviousMemberships" >> beam.Create([])
     segments = profiles | "AssignSegments" >> AssignSegments(
-        config["segments"], previous, as_of_pc, config["lifecycle"], cluster_model)
+        config["segments"], previous, as_of_pc, config["lifecycle"], cluster_model,
+        events=identity[EVENTS], settings=settings, since=previous_as_of)
 
     dead_letters = ((parsed[DEAD_LETTERS], normalized[DEAD_LETTERS], unique[DEAD_LETTERS], on_time[DEAD_LETTERS],
                      identity[DEAD_LETTERS])
@@ -258,6 +261,7 @@ def run_batch(inputs: Sequence[str], warehouse: str, config: Dict[str, Any], as_
                 if replayed:
                     all_inputs.append(replay_path)
             previous = wh.memberships()
+            previous_as_of = wh.latest_as_of() if previous else None
             kept_store = wh.default_identity_store()
         with open(previous_path, "wb") as handle:
             for row in previous:
@@ -267,7 +271,7 @@ def run_batch(inputs: Sequence[str], warehouse: str, config: Dict[str, Any], as_
         from cdpflow.models.registry import promoted_document, registry_for
         build_pipeline(pipeline, all_inputs, os.path.join(staging, "tables"), config, as_of,
                        previous_path if previous else None, store_path, identity_rules=rules,
-                       cluster_model=promoted_document(registry_for(config, warehouse)))
+                       cluster_model=promoted_document(registry_for(config, warehouse)), previous_as_of=previous_as_of)
         result = pipeline.run()
         result.wait_until_finish()
         counters = collect_counters(result)

@@ -181,8 +181,10 @@ SEGMENT_MEMBERSHIPS = Table("segment_memberships", "Segment membership spans; an
     _c("profile_id", "STRING", "The member profile.", "REQUIRED"),
     _c("segment", "STRING", "Segment name (lifecycle segments are named lifecycle:<stage>).", "REQUIRED"),
     _c("source", "STRING", "rule, lifecycle or model.", "REQUIRED"),
-    _c("entered_at", "TIMESTAMP", "as_of of the run that first found the profile in the segment.", "REQUIRED"),
-    _c("exited_at", "TIMESTAMP", "as_of of the run that found it no longer in the segment (null while a member)."),
+    _c("entered_at", "TIMESTAMP", "Event time the profile became a member: the event, or the window edge, lifecycle "
+       "threshold or birthday after it, that made the rule or stage true (a cluster, or a rule on predicted fields: "
+       "the time of the row that was scored; a batch run scores as of its as-of time).", "REQUIRED"),
+    _c("exited_at", "TIMESTAMP", "Event time the membership ended, the same way (null while a member)."),
     _c("model_version", "STRING", "Version of the rules or model that assigned it."),
 ), key=("profile_id", "segment", "entered_at"))
 

@@ -2,13 +2,17 @@
 
 Input: PCollection[dict] of profile rows; the previous `segment_memberships` rows (empty on a
 new warehouse) and the as-of time (singleton, UTC microseconds). Outputs:
-  `segment_memberships`: every membership span, previous history carried over, open spans
-      closed (exited_at = as_of) where the profile left the segment, new spans opened
-      (entered_at = as_of) where it entered;
-  `segment_changes`: one enter or exit record per change, with an idempotency key made from the
-      profile, segment, direction and the messageId of the profile's latest event (never from a
-      counter, so a replay of the same run produces the same keys).
-A previous member that no longer exists (absorbed by a merge) exits.
+  `segment_memberships`: every membership span, previous history carried over and extended
+      in event time: a lifecycle or rule segment is entered and exited at the moment the
+      profile's events made it so (the event, or the window edge, lifecycle threshold or
+      birthday after it: `cdpflow.core.segments.membership_timeline`), from the previous run's
+      as-of time (the whole history on a new warehouse) to this run's; clusters and rules on
+      predicted fields (clv_90d, ...) change at the run's as-of time, where rows are scored;
+  `segment_changes`: one enter or exit record per change, at the same time, with an idempotency
+      key made from the profile, segment, direction and the messageId of the event that caused
+      it (with the edge's time for an edge; never from a counter, so a replay of the same run
+      produces the same keys).
+A previous member that no longer exists (absorbed by a merge) exits at the run's as-of time.
 
 AssignSegmentsStream is the stream's: keyed by profile, it holds the open memberships in state
 (`cdpflow.core.segments.MembershipMachine`) and sends an enter or exit the moment a profile row
@@ -24,7 +28,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
 from cdpflow.core.clusters import PortableModel, cluster_name, feature_vector
-from cdpflow.core.segments import MembershipMachine, follow_rules, parse_rules, segment_change, segments_of
+from cdpflow.core.segments import (MembershipMachine, follow_rules, membership_timeline, parse_rules, segment_change,
+                                   segments_of)
 from cdpflow.core.timeutil import format_ts
 from cdpflow.transforms.stream_features import StateCoder
 
@@ -61,6 +66,7 @@ class _DiffMembershipsFn(beam.DoFn):
 
     def setup(self):
         self.rules = parse_rules(self.rules_document)
+        self.timed_rules = {s.name for s in self.rules.segments if not s.predicted}
         if self.model_document:
             self.model = PortableModel.from_dict(self.model_document)
 
@@ -74,35 +80,68 @@ class _DiffMembershipsFn(beam.DoFn):
             found[self.model.segment_of(cluster)] = ("model", self.model.version)
         return found
 
+    def _timed(self, segment: str) -> bool:
+        """Whether the profile's event timeline decides this segment (`membership_timeline`)."""
+        return segment.startswith("lifecycle:") or segment in self.timed_rules
+
     def process(self, element, as_of: int):
         profile_id, grouped = element
         profiles = list(grouped["profile"])
         profile = profiles[0] if profiles else None
         previous_rows = list(grouped["previous"])
+        timeline = next(iter(grouped["timeline"]), [])
+        held = {}  # segment -> its open span
+        for row in previous_rows:
+            if row["exited_at"] is None:
+                held[row["segment"]] = row
+            else:
+                yield row
+        # Lifecycle and rule segments change where the profile's events and window edges changed
+        # them (event time); then everything, clusters and rules on predictions included, is
+        # decided on the row as of the run's time.
+        for moment, now, cause in timeline:
+            exits = [s for s in held if self._timed(s) and s not in now]
+            enters = {s: v for s, v in now.items() if s not in held}
+            yield from self._apply(profile_id, held, exits, enters, moment, cause)
         current = self.current(profile, previous_rows)
         cause = profile["_cause_message_id"] if profile else f"absorbed-or-gone@{format_ts(as_of)}"
-        open_spans = set()
-        for row in previous_rows:
-            if row["exited_at"] is None and row["segment"] not in current:
-                row = dict(row, exited_at=as_of)
-                self.exited.inc()
-                yield pvalue.TaggedOutput(CHANGES, self.change(profile_id, row, "exit", cause, as_of))
-            elif row["exited_at"] is None:
-                open_spans.add(row["segment"])
+        yield from self._apply(profile_id, held, [s for s in held if s not in current],
+                               {s: v for s, v in current.items() if s not in held}, as_of, cause)
+        for segment in sorted(held):
+            yield held[segment]
+
+    def _apply(self, profile_id, held, exits, enters, at, cause):
+        for segment in sorted(exits):
+            row = dict(held.pop(segment), exited_at=at)
+            self.exited.inc()
+            yield pvalue.TaggedOutput(CHANGES, self.change(profile_id, row, "exit", cause, at))
             yield row
-        for segment, (source, version) in sorted(current.items()):
-            if segment in open_spans:
-                continue
+        for segment, (source, version) in sorted(enters.items()):
             row = {"profile_id": profile_id, "segment": segment, "source": source,
-                   "entered_at": as_of, "exited_at": None, "model_version": version}
+                   "entered_at": at, "exited_at": None, "model_version": version}
+            held[segment] = row
             self.entered.inc()
-            yield pvalue.TaggedOutput(CHANGES, self.change(profile_id, row, "enter", cause, as_of))
-            yield row
+            yield pvalue.TaggedOutput(CHANGES, self.change(profile_id, row, "enter", cause, at))
 
     @staticmethod
-    def change(profile_id, row, direction, cause, as_of):
-        return segment_change(profile_id, row["segment"], row["source"], direction, format_ts(as_of), cause,
+    def change(profile_id, row, direction, cause, at):
+        return segment_change(profile_id, row["segment"], row["source"], direction, format_ts(at), cause,
                               row["model_version"])
+
+
+class _TimelineFn(beam.DoFn):
+    """(profile id, its events) -> (profile id, `membership_timeline` of them)."""
+
+    def __init__(self, rules_document: Mapping[str, Any], settings, since: Optional[int]):
+        self.rules_document, self.settings, self.since = rules_document, settings, since
+        self.rules = None
+
+    def setup(self):
+        self.rules = parse_rules(self.rules_document)
+
+    def process(self, element, as_of: int):
+        profile_id, events = element
+        yield profile_id, membership_timeline(list(events), self.settings, self.rules, self.since, as_of)
 
 
 class AssignSegments(beam.PTransform):
@@ -115,9 +154,14 @@ class AssignSegments(beam.PTransform):
       lifecycle: thresholds, recorded as the lifecycle segments' model_version.
       model: the promoted cluster model's portable form (`PortableModel.to_dict`), or None: each
         profile is scored in batches and joins `cluster:<name>` (source model, its version).
+      events: the profiles' events (NormalizedEvent with profile_id), for the event-time
+        timeline; None: every change is at the as-of time.
+      settings: the FeatureSettings the timeline recomputes features with (with `events`).
+      since: the previous run's as-of time (`Warehouse.latest_as_of`); None: the whole history.
     """
 
-    def __init__(self, rules_document, previous, as_of, lifecycle, model=None):
+    def __init__(self, rules_document, previous, as_of, lifecycle, model=None, events=None, settings=None,
+                 since: Optional[int] = None):
         super().__init__()
         parse_rules(rules_document)  # fail while building the graph, not on a worker
         if model is not None:
@@ -127,14 +171,24 @@ class AssignSegments(beam.PTransform):
         self.as_of = as_of
         self.lifecycle = dict(lifecycle)
         self.model = model
+        self.events, self.settings, self.since = events, settings, since
 
     def expand(self, profiles):
         if self.model is not None:
             profiles = (profiles
                         | "BatchForClusters" >> beam.BatchElements(min_batch_size=64, max_batch_size=1024)
                         | "ScoreClusters" >> beam.ParDo(_ScoreClustersFn(self.model)))
+        if self.events is not None:
+            timelines = (self.events
+                         | "KeyEventsByProfile" >> beam.Map(lambda e: (e.profile_id, e))
+                         | "EventsPerProfile" >> beam.GroupByKey()
+                         | "Timeline" >> beam.ParDo(_TimelineFn(self.rules_document, self.settings, self.since),
+                                                    beam.pvalue.AsSingleton(self.as_of)))
+        else:
+            timelines = profiles.pipeline | "NoTimelines" >> beam.Create([])
         results = ({"profile": profiles | "KeyProfile" >> beam.Map(lambda p: (p["profile_id"], p)),
-                    "previous": self.previous | "KeyPrevious" >> beam.Map(lambda r: (r["profile_id"], r))}
+                    "previous": self.previous | "KeyPrevious" >> beam.Map(lambda r: (r["profile_id"], r)),
+                    "timeline": timelines}
                    | "JoinPrevious" >> beam.CoGroupByKey()
                    | "Diff" >> beam.ParDo(_DiffMembershipsFn(self.rules_document, self.lifecycle, self.model),
                                           beam.pvalue.AsSingleton(self.as_of))

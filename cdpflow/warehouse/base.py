@@ -83,6 +83,11 @@ class Warehouse(abc.ABC):
         return len(rows)
 
     @abc.abstractmethod
+    def latest_as_of(self) -> Optional[int]:
+        """The newest as_of of the profiles table (UTC microseconds; None when it is empty): where
+        the previous run's view of the profiles ends, and a batch run's membership history resumes."""
+
+    @abc.abstractmethod
     def memberships(self) -> List[Dict[str, Any]]:
         """The segment_memberships rows in staged form (timestamps as microseconds)."""
 

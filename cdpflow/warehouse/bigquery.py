@@ -251,6 +251,12 @@ class BigQueryWarehouse(Warehouse):
                           "LIMIT 1") if self.has_table("clv_models") else []
         return rows[0] if rows else None
 
+    def latest_as_of(self) -> Optional[int]:
+        if not self.has_table("profiles"):
+            return None
+        value = self._scalar("SELECT UNIX_MICROS(MAX(as_of)) FROM `ds`.profiles")
+        return int(value) if value is not None else None
+
     def memberships(self) -> List[Dict[str, Any]]:
         if not self.has_table("segment_memberships"):
             return []

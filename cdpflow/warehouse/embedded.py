@@ -218,6 +218,11 @@ class DuckDBWarehouse(Warehouse):
         rows = self.query("SELECT * FROM clv_models WHERE status = 'fitted' ORDER BY as_of DESC, fitted_at DESC LIMIT 1")
         return rows[0] if rows else None
 
+    def latest_as_of(self) -> Optional[int]:
+        if not self.has_table("profiles"):
+            return None
+        return self.con.execute("SELECT epoch_us(max(as_of)) FROM profiles").fetchone()[0]
+
     def memberships(self) -> List[Dict[str, Any]]:
         if not self.has_table("segment_memberships"):
             return []

@@ -163,13 +163,23 @@ def test_features_segments_and_changes_are_written(first_run):
         assert profiles == len({r["profile_id"] for r in wh.query("SELECT profile_id FROM identity_links")})
         stages = {r["lifecycle_stage"] for r in wh.query("SELECT DISTINCT lifecycle_stage FROM profiles")}
         assert {"prospect", "active"} <= stages
-        lifecycle = wh.query("SELECT count(*) AS n FROM segment_memberships WHERE source = 'lifecycle'")[0]["n"]
-        assert lifecycle == profiles  # one lifecycle segment per profile
+        lifecycle = wh.query("SELECT count(*) AS n FROM segment_memberships WHERE source = 'lifecycle' "
+                             "AND exited_at IS NULL")[0]["n"]
+        assert lifecycle == profiles  # one lifecycle segment per profile at a time
+        # A new warehouse gets each profile's whole history: a lifecycle span per stage it went
+        # through, entered and exited at its stage changes.
+        spans = wh.query("SELECT profile_id, segment, epoch_us(entered_at) AS entered, epoch_us(exited_at) AS exited "
+                         "FROM segment_memberships WHERE source = 'lifecycle'")
+        transitions = wh.query("SELECT profile_id, to_stage, epoch_us(transitioned_at) AS at FROM lifecycle_transitions")
+        assert sorted((r["profile_id"], r["segment"], r["entered"]) for r in spans) == sorted(
+            (t["profile_id"], "lifecycle:" + t["to_stage"], t["at"]) for t in transitions)
         orders = wh.query("SELECT sum(orders_total) AS n FROM profiles")[0]["n"]
         assert orders == wh.query("SELECT count(*) AS n FROM events WHERE event = 'Order Completed'")[0]["n"]
-        open_spans = wh.count("segment_memberships")
+        spans_all = wh.count("segment_memberships")
+        closed = wh.query("SELECT count(*) AS n FROM segment_memberships WHERE exited_at IS NOT NULL")[0]["n"]
     changes = [orjson.loads(l) for l in open(summary.changes_file)]
-    assert len(changes) == open_spans and {c["direction"] for c in changes} == {"enter"}
+    assert sum(c["direction"] == "enter" for c in changes) == spans_all
+    assert sum(c["direction"] == "exit" for c in changes) == closed
     assert len({c["idempotency_key"] for c in changes}) == len(changes)
 
 
