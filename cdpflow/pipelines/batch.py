@@ -308,9 +308,11 @@ def pipeline_options(runner: str, pipeline_args: Sequence[str]) -> Tuple[Any, Pi
     """
     runner_obj, args = runner_for(runner, list(pipeline_args))
     if isinstance(runner_obj, str):
+        # Checked now (Beam would refuse an unknown name only when the pipeline is built); the
+        # name itself is what the pipeline is given.
         from apache_beam.runners.runner import create_runner
         try:
-            runner_obj = create_runner(runner_obj)
+            create_runner(runner_obj)
         except (ValueError, ImportError) as err:
             raise BadInput(f"--runner {runner!r}: direct, multiprocess, prism, or a Beam runner such as "
                            f"DataflowRunner ({err})") from None
