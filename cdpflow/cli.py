@@ -339,6 +339,26 @@ def cmd_split(args) -> int:
     config = load_config(args.config, enrichment=reference_overrides(args.catalog, args.rates))
     summary = run_batch([], args.warehouse, config, runner=args.runner)
     console.print(f"profiles now: {summary.written.get('profiles', 0)}, merges: {summary.written.get('profile_merges', 0)}")
+    # Which id each part has now: a marketer looks the person up by their user id or email.
+    with open_warehouse(args.warehouse, read_only=True) as wh:
+        links = wh.identity_links()
+    held = {}
+    for row in links:
+        held.setdefault(row["profile_id"], []).append((row["identifier_type"], row["identifier_value"]))
+    where = {identifier: pid for pid, identifiers in held.items() for identifier in identifiers}
+    console.print(f"the parts of {profile_id} now:")
+    shown = set()
+    for pair in pairs:
+        for identifier in pair:
+            pid = where.get(identifier)
+            if pid is None or pid in shown:
+                continue
+            shown.add(pid)
+            users = sorted(v for t, v in held[pid] if t == "user_id")
+            # One line each, never wrapped: the ids are what a user copies from here.
+            console.print(f"  {pid}{' (the id it had)' if pid == profile_id else ''}: {len(held[pid])} identifier(s), "
+                          f"user id {', '.join(users) or '-'}, holding {identifier[0]}:{identifier[1]}",
+                          soft_wrap=True, highlight=False)
     return 0
 
 

@@ -225,15 +225,23 @@ def test_outside_the_demo_a_missing_secret_is_a_start_up_error(sample, tmp_path,
     assert query(wh, "SELECT count(*) FROM profiles")[0][0] == 0  # nothing ran
 
 
-def test_a_split_stays_split_after_a_replay(sample, base, tmp_path):
+def test_a_split_stays_split_after_a_replay(sample, base, tmp_path, capsys):
     wh = tmp_path / "split.duckdb"
     copy_warehouse(base, wh)
     survivor, absorbed = query(wh, "SELECT survivor_id, absorbed_id FROM profile_merges WHERE undone_at IS NULL "
                                    "ORDER BY merged_at LIMIT 1")[0]
     before = query(wh, "SELECT count(*) FROM profiles")[0][0]
+    capsys.readouterr()
     assert main(["identity", "split", survivor, "--merge", absorbed, *run_args(sample, wh)]) == 0
+    said = capsys.readouterr().out
     assert query(wh, "SELECT count(*) FROM identity_separations")[0][0] == 1
     (lt, lv, rt, rv), = query(wh, "SELECT left_type, left_value, right_type, right_value FROM identity_separations")
+    # The command says which id each part has now, with how many identifiers it holds.
+    for id_type, value in ((lt, lv), (rt, rv)):
+        (pid, held), = query(wh, "SELECT l.profile_id, (SELECT count(*) FROM identity_links m WHERE m.profile_id = "
+                                 "l.profile_id) FROM identity_links l WHERE identifier_type = ? AND identifier_value = ?",
+                             [id_type, value])
+        assert any(pid in line and f": {held} identifier(s)" in line for line in said.splitlines()), (pid, held, said)
 
     def apart():
         left = query(wh, "SELECT profile_id FROM identity_links WHERE identifier_type = ? AND identifier_value = ?", [lt, lv])
