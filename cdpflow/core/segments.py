@@ -31,7 +31,7 @@ import yaml
 
 from cdpflow.core.clusters import choose_scored, cluster_name
 from cdpflow.core.follow import Followed, file_digest, local_reader
-from cdpflow.core.timeutil import format_ts
+from cdpflow.core.timeutil import epoch_day, format_ts
 from cdpflow.errors import BadInput
 from cdpflow.schemas.topics import SEGMENT_CHANGES
 
@@ -283,6 +283,10 @@ def segments_of(rules: RuleSet, lifecycle: Mapping[str, int], profile: Optional[
     return found
 
 
+# Past this many events in the interval a profile's timeline is evaluated per day (see below).
+DENSE_EVENTS = 5000
+
+
 def membership_timeline(events: Sequence[Any], settings: Any, rules: RuleSet, since: Optional[int], until: int
                         ) -> List[Tuple[int, Dict[str, Tuple[str, str]], str]]:
     """When a profile's lifecycle and rule segments changed, in event time, from its events.
@@ -305,19 +309,33 @@ def membership_timeline(events: Sequence[Any], settings: Any, rules: RuleSet, si
     state = ProfileState(settings.session_timeout_us)
     out: List[Tuple[int, Dict[str, Tuple[str, str]], str]] = []
     before: Optional[Dict[str, Tuple[str, str]]] = None
+    # A profile with very many events (a bot, a shared device) is evaluated once per day with
+    # events (at its last event before the next edge) instead of at every event: recomputing its
+    # features costs as much as its days, and would cost that at each of its events.
+    dense = sum(1 for e in timed if since is None or e.timestamp > since) > DENSE_EVENTS
     i, moment = 0, None
     while True:
         candidates = [timed[i].timestamp] if i < len(timed) else []
+        edge = None
         if moment is not None:
             edge = next_change(state, moment, settings.lifecycle)
             if edge is not None and edge <= until:
                 candidates.append(edge)
+            else:
+                edge = None
         if not candidates:
             return out
         moment = min(candidates)
         while i < len(timed) and timed[i].timestamp <= moment:
             state.add(timed[i])
             i += 1
+        if dense and moment != edge and (since is None or moment > since):
+            day = epoch_day(moment)
+            while (i < len(timed) and epoch_day(timed[i].timestamp) == day
+                   and (edge is None or timed[i].timestamp < edge)):
+                state.add(timed[i])
+                moment = timed[i].timestamp
+                i += 1
         if since is not None and moment <= since:
             continue  # history a run before this one recorded: only the state is built
         now = segments_of(evaluated, settings.lifecycle, features(state, moment, settings))

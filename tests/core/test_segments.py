@@ -97,3 +97,59 @@ def test_stream_memberships_enter_and_exit_with_ordinal_keys_and_resume_from_the
     assert machine.on_row("p", row(500, "active", 10_000_000), after) == (after, [])  # a deletion wins its as_of
     early, _ = machine.on_row("p", {"profile_id": "p", "deleted": True, "as_of": 5_000_000}, None)
     assert machine.on_row("p", row(150, "new", 1_000_000), early)[1] == []
+
+
+def test_the_membership_timeline_changes_at_events_and_edges_and_a_dense_profile_per_day():
+    # Hand-worked: 300 and 250 ordered 60 and 40 days before AS_OF; high_value (revenue_365d >= 500)
+    # starts at the second order; the view-only day after does not change it.
+    from decimal import Decimal
+    from cdpflow.core import segments as seg
+    from cdpflow.core.features import FeatureSettings
+    from cdpflow.core.timeutil import US_PER_DAY, parse_ts
+    from cdpflow.schemas.records import NormalizedEvent
+    as_of = parse_ts("2026-06-30T12:00:00Z")
+
+    def ev(mid, days_ago, name="Product Viewed", revenue=None):
+        return NormalizedEvent(
+            message_id=mid, type="track", event=name, timestamp=as_of - int(days_ago * US_PER_DAY),
+            received_at=as_of, identifiers=(("user_id", "u"),), traits={}, properties={}, context={}, raw="{}",
+            schema_version="v", revenue=revenue, currency="USD" if revenue is not None else None,
+            revenue_reporting=revenue, enrichment={}, channel=None)
+
+    rules = seg.parse_rules({"version": "r1", "segments": [
+        {"name": "high_value", "when": {"revenue_365d": {"gte": 500}}},
+        {"name": "predicted", "when": {"clv_90d": {"gte": 1}}}]})
+    events = [ev("o1", 60, "Order Completed", Decimal(300)), ev("o2", 40, "Order Completed", Decimal(250)),
+              ev("v1", 39)]
+    timeline = seg.membership_timeline(events, FeatureSettings(), rules, None, as_of)
+    entered = [(at, cause) for at, now, cause in timeline if "high_value" in now]
+    assert entered[0] == (events[1].timestamp, "o2")
+    assert all("predicted" not in now for _, now, _ in timeline)  # decided where rows are scored
+    # Resuming after the second order: nothing before it is reported again.
+    later = seg.membership_timeline(events, FeatureSettings(), rules, events[1].timestamp, as_of)
+    assert later and all(at > events[1].timestamp for at, _, _ in later)
+    # A dense profile (past DENSE_EVENTS) is evaluated at the last event of each day.
+    from cdpflow.core import features as feature_module
+    calls = []
+    real = feature_module.features
+
+    def counted(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    many = [ev(f"v{i}", 10 + (i % 3) + 0.0001 * i) for i in range(seg.DENSE_EVENTS + 10)]
+    feature_module.features = counted
+    try:
+        seg.membership_timeline(many, FeatureSettings(), rules, None, as_of)
+    finally:
+        feature_module.features = real
+    days = {t // US_PER_DAY for t in calls}
+    assert len(calls) == len(set(calls)) and len(calls) < 40 and len(days) >= 3  # per day and edge, not per event
+    few = many[:50]
+    calls.clear()
+    feature_module.features = counted
+    try:
+        seg.membership_timeline(few, FeatureSettings(), rules, None, as_of)
+    finally:
+        feature_module.features = real
+    assert len(calls) >= 50  # below the threshold: at every event
