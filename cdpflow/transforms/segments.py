@@ -20,6 +20,7 @@ changes them, with an idempotency key from the entry's ordinal.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import apache_beam as beam
@@ -180,7 +181,10 @@ class AssignSegments(beam.PTransform):
                         | "ScoreClusters" >> beam.ParDo(_ScoreClustersFn(self.model)))
         if self.events is not None:
             timelines = (self.events
-                         | "KeyEventsByProfile" >> beam.Map(lambda e: (e.profile_id, e))
+                         # Without what the features never read (the raw line, properties,
+                         # context): the shuffle carries a fraction of each event.
+                         | "KeyEventsByProfile" >> beam.Map(lambda e: (e.profile_id, dataclasses.replace(
+                             e, raw="", properties={}, context={})))
                          | "EventsPerProfile" >> beam.GroupByKey()
                          | "Timeline" >> beam.ParDo(_TimelineFn(self.rules_document, self.settings, self.since),
                                                     beam.pvalue.AsSingleton(self.as_of)))
