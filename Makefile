@@ -31,11 +31,11 @@ BQ_HOME := .cache/bigquery-home
 
 .PHONY: venv run test test-fast bench prism redis-server chromium java mvn kafka flink bigquery-emulator stack stack-down clean
 
+# The editable install runs without setuptools' warning that the package's folder may shadow the
+# package (it is that folder): a first `make run` prints only what cdpflow says.
 $(VENV)/.installed: setup.py constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# Without setuptools' warning that an editable install's folder may shadow the package (it is
-	# that folder): a first `make run` prints only what cdpflow says.
 	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	# Only for its data: the CDNOW files the CLV tests reproduce the published fit on.
 	$(BIN)/pip install --quiet --no-deps lifetimes==0.11.3
