@@ -35,7 +35,7 @@ from cdpflow.core.timeutil import US_PER_SECOND, parse_ts
 from cdpflow.pipelines.stream import build_stream
 from cdpflow.runners.direct import streaming_pipeline
 from cdpflow.transforms import DEAD_LETTERS
-from cdpflow.transforms.capture import expand_inputs
+from cdpflow.transforms.capture import expand_inputs, open_event_file
 from cdpflow.transforms.features import PROFILES, TRANSITIONS
 from cdpflow.transforms.sinks import DeadLetterRows, to_json_line
 from cdpflow.warehouse import open_warehouse, warehouse_path
@@ -56,11 +56,9 @@ def arrival_order(inputs: Sequence[str]) -> List[Tuple[int, bytes]]:
     A line without a readable receivedAt (a broken one) arrives with the line before it in its
     file, so it still reaches the stream and becomes a dead letter there.
     """
-    import gzip
     timed: List[List] = []
     for path in expand_inputs(inputs):
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rb") as handle:
+        with open_event_file(path) as handle:
             previous = None
             for line in handle:
                 line = line.rstrip(b"\r\n")

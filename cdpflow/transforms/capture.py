@@ -55,10 +55,14 @@ _MARKS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
           (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
 
 
+def open_event_file(path: str):
+    """An event file opened for reading bytes (a `.gz` one decompressed)."""
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
 def _head(path: str, size: int = 4096) -> bytes:
-    opener = gzip.open if path.endswith(".gz") else open
     try:
-        with opener(path, "rb") as handle:
+        with open_event_file(path) as handle:
             return handle.read(size)
     except (OSError, EOFError) as err:  # a truncated or non-gzip .gz file
         raise BadInput(f"{path}: cannot be read ({err})") from None
@@ -87,8 +91,7 @@ def refuse_other_encodings(path: str) -> None:
 def has_event_lines(files: Sequence[str]) -> bool:
     """True if any of `files` holds a non-blank line (reads only as far as the first one)."""
     for path in files:
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rb") as handle:
+        with open_event_file(path) as handle:
             if any(line.strip() for line in handle):
                 return True
     return False
