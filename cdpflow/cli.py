@@ -310,55 +310,26 @@ def _now_us() -> int:
 
 def cmd_split(args) -> int:
     from cdpflow.config import load_config
-    from cdpflow.core.identity import profile_id_for
-    from cdpflow.pipelines.batch import reference_overrides, run_batch
-    from cdpflow.warehouse import open_warehouse
-    with open_warehouse(args.warehouse, must_exist=True) as wh:
-        profile_id = wh.resolve_profile_id(args.profile)
-        if profile_id is None:
-            err_console.print(f"no profile holds {args.profile!r}")
-            return 2
-        merges = [m for m in wh.merges_into(profile_id) if args.merge in (None, m["absorbed_id"])]
-        if not merges:
-            err_console.print(f"profile {profile_id} has no merge to undo" + (f" that absorbed {args.merge}" if args.merge else ""))
-            return 2
-        founders = {}
-        for row in wh.identity_links():
-            identifier = (row["identifier_type"], row["identifier_value"])
-            founders[profile_id_for(identifier)] = identifier
-        pairs = [(founders[m["survivor_id"]], founders[m["absorbed_id"]]) for m in merges
-                 if m["survivor_id"] in founders and m["absorbed_id"] in founders]
-        if not pairs:
-            err_console.print(f"the merges of {profile_id} name no identifiers this warehouse still holds: nothing to split")
-            return 2
-        added = wh.add_separations(pairs, _now_us(), args.reason, expected_version=wh.version())
-    if not added:
-        err_console.print(f"every merge of {profile_id} asked for is already split: nothing recorded")
-        return 2
-    console.print(f"recorded {added} separation(s) for {len(merges)} merge(s) of {profile_id}; re-deriving the warehouse")
+    from cdpflow.pipelines.batch import reference_overrides
+    from cdpflow.split import split_in_warehouse
     config = load_config(args.config, enrichment=reference_overrides(args.catalog, args.rates))
-    summary = run_batch([], args.warehouse, config, runner=args.runner)
-    console.print(f"profiles now: {summary.written.get('profiles', 0)}, merges: {summary.written.get('profile_merges', 0)}")
+    done = split_in_warehouse(args.warehouse, args.profile, config, merge=args.merge, reason=args.reason,
+                              runner=args.runner)
+    profile_id = done.profile_id
+    if done.rederived_first:
+        console.print("the identity graph kept with the warehouse was older than the warehouse: re-derived it first")
+    console.print(f"recorded {len(done.separations)} separation(s) of {profile_id}"
+                  + (f" and {len(done.names)} name(s), so the part marketers know keeps {profile_id}" if done.names else "")
+                  + "; re-derived the warehouse")
+    written = done.summary.written
+    console.print(f"profiles now: {written.get('profiles', 0)}, merges: {written.get('profile_merges', 0)}")
     # Which id each part has now: a marketer looks the person up by their user id or email.
-    with open_warehouse(args.warehouse, read_only=True) as wh:
-        links = wh.identity_links()
-    held = {}
-    for row in links:
-        held.setdefault(row["profile_id"], []).append((row["identifier_type"], row["identifier_value"]))
-    where = {identifier: pid for pid, identifiers in held.items() for identifier in identifiers}
     console.print(f"the parts of {profile_id} now:")
-    shown = set()
-    for pair in pairs:
-        for identifier in pair:
-            pid = where.get(identifier)
-            if pid is None or pid in shown:
-                continue
-            shown.add(pid)
-            users = sorted(v for t, v in held[pid] if t == "user_id")
-            # One line each, never wrapped: the ids are what a user copies from here.
-            console.print(f"  {pid}{' (the id it had)' if pid == profile_id else ''}: {len(held[pid])} identifier(s), "
-                          f"user id {', '.join(users) or '-'}, holding {identifier[0]}:{identifier[1]}",
-                          soft_wrap=True, highlight=False)
+    for pid, held in sorted(done.parts.items(), key=lambda part: part[0] != profile_id):
+        users = sorted(v for t, v in held if t == "user_id")
+        # One line each, never wrapped: the ids are what a user copies from here.
+        console.print(f"  {pid}{' (the id it had)' if pid == profile_id else ''}: {len(held)} identifier(s), "
+                      f"user id {', '.join(users) or '-'}", soft_wrap=True, highlight=False)
     return 0
 
 

@@ -204,10 +204,10 @@ class Loader:
         try:
             outcome = store.split(control.reference(command.target, self.config["default_region"]), command.id, at,
                                   merge=command.merge)
-            held = store.separations()
+            held, names = store.separations(), store.names()
         finally:
             store.close()
-        added = wh.add_separations(held, at, command.reason)
+        added = wh.add_separations(held, at, command.reason, names=names)
         if not (outcome.profiles or outcome.replayed or outcome.separations or added):
             log.warning("loader: split %s of %r: no merge to undo (unknown profile, or split already)", command.id,
                         command.target)

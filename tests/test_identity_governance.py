@@ -22,7 +22,7 @@ from cdpflow.core.governance import SuppressionKey
 from cdpflow.core.identity import IdentityRules, open_identity_store
 from cdpflow.pipelines.replay import rebuild_identity_store
 from cdpflow.warehouse import open_warehouse
-from tests.warehouse.helpers import copy_warehouse, query
+from tests.warehouse.helpers import copy_warehouse, family_split_input, query
 
 pytestmark = pytest.mark.e2e
 
@@ -256,3 +256,55 @@ def test_a_split_stays_split_after_a_replay(sample, base, tmp_path, capsys):
     # the same split again records nothing, and says so with a non-zero exit
     assert main(["identity", "split", survivor, "--merge", absorbed, *run_args(sample, wh)]) == 2
     assert query(wh, "SELECT count(*) FROM identity_separations")[0][0] == 1
+
+
+def test_a_split_leaves_the_id_with_the_part_holding_the_user_id_on_every_path(tmp_path, capsys, redis_url):
+    # A shared cookie founded a profile before the person signed in (the cookie's id sorts first,
+    # so the merge kept it); split, the id marketers know must stay with the person's part, in the
+    # warehouse, after a later batch run, and in what a replay through the streaming graph emits.
+    raw, cookie, known, moved, person = family_split_input(tmp_path)
+    wh = tmp_path / "family.duckdb"
+    assert main(["run", "--input", raw, "--warehouse", str(wh)]) == 0
+
+    def ids():
+        return {(t, v): p for t, v, p in query(wh, "SELECT identifier_type, identifier_value, profile_id FROM identity_links")}
+
+    assert set(ids().values()) == {known} and person <= set(ids())
+    capsys.readouterr()
+    assert main(["identity", "split", known, "--warehouse", str(wh)]) == 0
+    said = capsys.readouterr().out
+    after = ids()
+    assert {after[i] for i in person} == {known} and after[("anonymous_id", cookie)] == moved
+    assert f"{known} (the id it had): 4 identifier(s), user id u-ann" in said
+    assert f"{moved}: 1 identifier(s), user id -" in said
+    assert query(wh, "SELECT identifier_type, identifier_value, profile_id FROM identity_names ORDER BY 1") == [
+        ("anonymous_id", cookie, moved), ("user_id", "u-ann", known)]
+    (orders,), = query(wh, "SELECT orders_total FROM profiles WHERE profile_id = ?", [known])
+    assert orders == 1
+
+    # a later batch run: the person's new event joins the id they kept
+    later = tmp_path / "later.jsonl"
+    later.write_bytes(orjson.dumps({"type": "track", "event": "Product Viewed", "userId": "u-ann", "messageId": "fam-5",
+                                    "timestamp": "2026-10-06T10:00:00Z", "receivedAt": "2026-10-06T10:00:01Z"}) + b"\n")
+    assert main(["run", "--input", str(later), "--warehouse", str(wh)]) == 0
+    assert ids() == {**after} and query(wh, "SELECT profile_id FROM events WHERE message_id = 'fam-5'") == [(known,)]
+
+    # the streaming graph, starting on the warehouse, its identity store in Redis
+    out, store = tmp_path / "stream", f"{redis_url}?prefix=gov-split-{uuid.uuid4().hex}"
+    assert main(["replay", "--input", raw, str(later), "--out", str(out), "--warehouse", str(wh),
+                 "--identity-store", store]) == 0
+    rows = [orjson.loads(l) for p in glob.glob(str(out / "profiles" / "*.jsonl")) for l in open(p)]
+    assert {r["profile_id"] for r in rows if r.get("orders_total")} == {known}
+    assert {r["profile_id"] for r in rows} == {known, moved}
+    replayed = open_identity_store(store)
+    try:
+        assert {replayed.profile_of(i) for i in person} == {known}
+        assert replayed.profile_of(("anonymous_id", cookie)) == moved
+    finally:
+        replayed.flush()
+        replayed.close()
+
+    # forgetting the person drops the governance rows that name their identifiers in the clear
+    assert main(["forget", "user_id:u-ann", "--warehouse", str(wh)]) == 0
+    assert query(wh, "SELECT count(*) FROM identity_separations")[0][0] == 0
+    assert query(wh, "SELECT identifier_value FROM identity_names") == [(cookie,)]

@@ -109,10 +109,12 @@ class GovernanceState:
     Attributes:
       suppressed: (key id, hash) of every forgotten identifier.
       separations: pairs of identifiers that manual splits keep apart.
+      names: (identifier, profile id, at µs): the ids manual splits gave founding identifiers.
     """
 
     suppressed: FrozenSet[Tuple[str, str]] = frozenset()
     separations: FrozenSet[Separation] = frozenset()
+    names: FrozenSet[Tuple[Tuple[str, str], str, int]] = frozenset()
 
     @property
     def key_ids(self) -> FrozenSet[str]:
@@ -134,7 +136,7 @@ def identity_rules(config: Mapping[str, Any], state: GovernanceState, key: Suppr
             f"suppression secret is key {key.key_id}: configure the secret those hashes were made with")
     return IdentityRules.from_config(
         config["identity"], state.separations, frozenset(h for _, h in state.suppressed),
-        suppression_keys=(LEGACY_KEY, key) if key.key_id != LEGACY_KEY_ID else (LEGACY_KEY,))
+        suppression_keys=(LEGACY_KEY, key) if key.key_id != LEGACY_KEY_ID else (LEGACY_KEY,), names=state.names)
 
 
 def identifiers_of_raw(raw: str, default_region: str) -> List[Identifier]:

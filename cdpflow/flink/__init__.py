@@ -149,8 +149,18 @@ def job_spec(bootstrap: str, warehouse: str, config: Dict[str, Any], identity_st
     with open_warehouse(warehouse) as wh:
         key = governance.suppression_key(config, wh.demo_key_file())
         state = wh.governance()
-        governance.identity_rules(config, state, key)  # refuses hashes of a key it cannot match, now
+        rules = governance.identity_rules(config, state, key)  # refuses hashes of a key it cannot match, now
         model = wh.latest_clv_model()
+    # As `cdpflow stream` does at its start: the store the job resolves against forgets whoever the
+    # warehouse forgot and applies its splits (separations and the names they gave) since it was used.
+    from cdpflow.core.identity import open_identity_store
+    store = open_identity_store(identity_store, rules)
+    try:
+        if not store.is_empty():
+            store.purge(rules)
+            store.separate(rules.separations, "warehouse separations", int(time.time() * 1_000_000), names=rules.names)
+    finally:
+        store.close()
     enrichment = config.get("enrichment") or {}
     reference = {}
     for name in ("catalog", "rates"):
@@ -170,7 +180,8 @@ def job_spec(bootstrap: str, warehouse: str, config: Dict[str, Any], identity_st
         # path or gs://: TaskManagers read it themselves)
         "registry": _absolute(registry_for(config, warehouse)),
         "checkpoint_ms": checkpoint_ms,
-        "governance": {"suppressed": sorted(state.suppressed), "separations": sorted(state.separations)},
+        "governance": {"suppressed": sorted(state.suppressed), "separations": sorted(state.separations),
+                       "names": sorted(state.names)},
         "suppression_secret": key.secret.decode() if key.secret else None,
         "python": str(flink_venv() / "bin" / "python"), "jars": [str(j) for j in connector_jars()],
     }

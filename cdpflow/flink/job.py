@@ -109,7 +109,8 @@ def _rules(spec: Dict[str, Any]):
     from cdpflow.core.governance import SuppressionKey, identity_rules, GovernanceState, LEGACY_KEY_ID
     gov = spec["governance"]
     state = GovernanceState(frozenset((k or LEGACY_KEY_ID, h) for k, h in gov["suppressed"]),
-                            frozenset((tuple(a), tuple(b)) for a, b in gov["separations"]))
+                            frozenset((tuple(a), tuple(b)) for a, b in gov["separations"]),
+                            frozenset((tuple(i), pid, int(at)) for i, pid, at in gov.get("names", ())))
     secret = spec.get("suppression_secret")
     key = SuppressionKey.from_secret(secret) if secret else SuppressionKey(LEGACY_KEY_ID)
     return identity_rules(spec["config"], state, key)

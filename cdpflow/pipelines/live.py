@@ -152,8 +152,9 @@ def prepare(warehouse: str, config: Dict[str, Any], identity_store: Optional[str
         fresh = probe.is_empty()
         if not fresh:
             probe.purge(rules)  # forgotten since the store was last used: gone from it too
-            # split in the warehouse since (`cdpflow identity split`): apart in the store too
-            probe.separate(rules.separations, "warehouse separations", int(time.time() * 1_000_000))
+            # split in the warehouse since (`cdpflow identity split`): apart in the store too, and
+            # its profiles named as the split named them
+            probe.separate(rules.separations, "warehouse separations", int(time.time() * 1_000_000), names=rules.names)
     finally:
         probe.close()
     if fresh and identity_history:

@@ -124,6 +124,16 @@ IDENTITY_SEPARATIONS = Table("identity_separations", "Pairs of identifiers a man
     _c("reason", "STRING", "Why, as given to the command."),
 ))
 
+IDENTITY_NAMES = Table("identity_names", "Profile ids a manual split gave founding identifiers, so that the part "
+                       "marketers know (the one holding the user id, else most identifiers) keeps the profile's id.", (
+    _c("identifier_type", "STRING", "A founding identifier (the one a profile's id is the hash of).", "REQUIRED"),
+    _c("identifier_value", "STRING", "", "REQUIRED"),
+    _c("profile_id", "STRING", "The id a profile it founds has from `created_at` on (the latest row for an "
+       "identifier holds).", "REQUIRED"),
+    _c("created_at", "TIMESTAMP", "When the split gave the name.", "REQUIRED"),
+    _c("reason", "STRING", "Why, as given to the split."),
+))
+
 _WINDOW_METRICS = (
     ("orders", "INT64", "Orders (Order Completed)"),
     ("revenue", "NUMERIC", "Revenue of those orders in the reporting currency"),
@@ -249,5 +259,5 @@ STREAM_OFFSETS = Table("stream_offsets", "Where the loader has read each Kafka p
 
 ALL_TABLES: Dict[str, Table] = {t.name: t for t in (
     EVENTS, IDENTITY_LINKS, PROFILE_MERGES, IDENTITY_CONFLICTS, PROFILES, SEGMENT_MEMBERSHIPS, DEAD_LETTERS,
-    IDENTITY_SUPPRESSIONS, IDENTITY_SEPARATIONS, CLV_MODELS, LIFECYCLE_TRANSITIONS, OUTBOX, WAREHOUSE_META,
+    IDENTITY_SUPPRESSIONS, IDENTITY_SEPARATIONS, IDENTITY_NAMES, CLV_MODELS, LIFECYCLE_TRANSITIONS, OUTBOX, WAREHOUSE_META,
     STREAM_OFFSETS)}

@@ -292,7 +292,10 @@ class BigQueryWarehouse(Warehouse):
             "SELECT identifier_hash, key_id FROM `ds`.identity_suppressions"))
         separations = frozenset(((r[0], r[1]), (r[2], r[3])) for r in self._run(
             "SELECT left_type, left_value, right_type, right_value FROM `ds`.identity_separations"))
-        return GovernanceState(suppressed, separations)
+        names = frozenset(((r[0], r[1]), r[2], int(r[3])) for r in self._run(
+            "SELECT identifier_type, identifier_value, profile_id, UNIX_MICROS(created_at) FROM `ds`.identity_names")
+        ) if self.has_table("identity_names") else frozenset()
+        return GovernanceState(suppressed, separations, names)
 
     def demo_key_file(self) -> Optional[str]:
         return companion_path(self.uri, ".suppression.key")
@@ -628,6 +631,11 @@ class BigQueryWarehouse(Warehouse):
             for n, (id_type, value) in enumerate(identifiers):
                 statements.append(f"DELETE FROM `ds`.identity_conflicts WHERE identifier_type = @t{n} AND "
                                   f"identifier_value = @v{n}")
+                # governance rows holding the identifier in the clear (another identifier's name stays)
+                statements.append(f"DELETE FROM `ds`.identity_separations WHERE (left_type = @t{n} AND left_value = "
+                                  f"@v{n}) OR (right_type = @t{n} AND right_value = @v{n})")
+                statements.append(f"DELETE FROM `ds`.identity_names WHERE identifier_type = @t{n} AND "
+                                  f"identifier_value = @v{n}")
             if letters:
                 statements.append("DELETE FROM `ds`.dead_letters WHERE dead_letter_id IN UNNEST(@letters)")
             if exits:
@@ -667,19 +675,26 @@ class BigQueryWarehouse(Warehouse):
             self._drop([staging])
         return new
 
-    def add_separations(self, pairs, now_us: int, reason: str, expected_version: Optional[int] = None) -> int:
+    def add_separations(self, pairs, now_us: int, reason: str, expected_version: Optional[int] = None,
+                        names=()) -> int:
         have = {((r[0], r[1]), (r[2], r[3])) for r in self._run(
             "SELECT left_type, left_value, right_type, right_value FROM `ds`.identity_separations")}
         rows = [{"left_type": lt, "left_value": lv, "right_type": rt, "right_value": rv, "created_at": now_us,
                  "reason": reason} for (lt, lv), (rt, rv) in pairs if ((lt, lv), (rt, rv)) not in have]
-        if not rows:
+        held = self.governance().names
+        named = [{"identifier_type": t, "identifier_value": v, "profile_id": pid, "created_at": int(at),
+                  "reason": reason} for (t, v), pid, at in sorted(set((tuple(i), p, int(a)) for i, p, a in names))
+                 if ((t, v), pid, int(at)) not in held]
+        if not rows and not named:
             self._transaction([], expected_version)
             return 0
-        staging = self._stage("identity_separations", rows, uuid.uuid4().hex[:12])
+        tag = uuid.uuid4().hex[:12]
+        staged = [(table, self._stage(table, batch, tag)) for table, batch in
+                  (("identity_separations", rows), ("identity_names", named)) if batch]
         try:
-            self._transaction([self._append_new("identity_separations", staging, None)], expected_version)
+            self._transaction([self._append_new(table, staging, None) for table, staging in staged], expected_version)
         finally:
-            self._drop([staging])
+            self._drop([staging for _, staging in staged])
         return len(rows)
 
     # The stream's loader ------------------------------------------------------------------------

@@ -554,7 +554,10 @@ class DuckDBWarehouse(Warehouse):
             "SELECT identifier_hash, key_id FROM identity_suppressions").fetchall())
         separations = frozenset(((a, b), (c, d)) for a, b, c, d in self.con.execute(
             "SELECT left_type, left_value, right_type, right_value FROM identity_separations").fetchall())
-        return GovernanceState(suppressed, separations)
+        names = frozenset(((t, v), pid, at) for t, v, pid, at in self.con.execute(
+            "SELECT identifier_type, identifier_value, profile_id, epoch_us(created_at) FROM identity_names").fetchall()
+        ) if self.has_table("identity_names") else frozenset()  # (a warehouse older than names, opened read-only)
+        return GovernanceState(suppressed, separations, names)
 
     def forget(self, identifier: str, now_us: int, key: SuppressionKey,
                expected_version: Optional[int] = None) -> Optional[Dict[str, Any]]:
@@ -616,6 +619,15 @@ class DuckDBWarehouse(Warehouse):
                 conflicts += self.con.execute(
                     f"DELETE FROM identity_conflicts WHERE list_has_any(profiles, [{marks}])", ids).fetchone()[0]
             counts["identity_conflicts"] = conflicts
+            # Governance rows that hold their identifiers in the clear go too (the hashes keep the
+            # person out; another identifier's name stays, so no profile takes a forgotten id).
+            for id_type, value in identifiers:
+                for table, where in (("identity_separations", "(left_type = ? AND left_value = ?) OR "
+                                      "(right_type = ? AND right_value = ?)"),
+                                     ("identity_names", "identifier_type = ? AND identifier_value = ?")):
+                    params = [id_type, value] * where.count("AND")
+                    counts[table] = counts.get(table, 0) + self.con.execute(
+                        f"DELETE FROM {table} WHERE {where}", params).fetchone()[0]
             counts["dead_letters"] = self._delete_dead_letters(self._dead_letters_holding(wanted))
             # Their messages go too, delivered or not (the exits below tell the destinations).
             counts["outbox"] = self.con.execute(
@@ -668,10 +680,18 @@ class DuckDBWarehouse(Warehouse):
             self.con.executemany("DELETE FROM dead_letters WHERE dead_letter_id = ?", [(d,) for d in dead_letter_ids])
         return len(dead_letter_ids)
 
-    def add_separations(self, pairs, now_us: int, reason: str, expected_version: Optional[int] = None) -> int:
-        """Records pairs of identifiers that must stay in different profiles; returns how many were new."""
+    def add_separations(self, pairs, now_us: int, reason: str, expected_version: Optional[int] = None,
+                        names=()) -> int:
+        """Records pairs of identifiers that must stay in different profiles, and the names the
+        split gave founders ((identifier, profile id, at µs), kept once); returns how many pairs were new."""
         added = 0
         with self._transaction(expected_version):
+            for (t, v), pid, at in names:
+                self.con.execute(
+                    "INSERT INTO identity_names BY NAME SELECT ? AS identifier_type, ? AS identifier_value, ? AS "
+                    "profile_id, make_timestamp(?) AS created_at, ? AS reason WHERE NOT EXISTS (SELECT 1 FROM "
+                    "identity_names WHERE identifier_type = ? AND identifier_value = ? AND profile_id = ? AND "
+                    "created_at = make_timestamp(?))", [t, v, pid, at, reason, t, v, pid, at])
             for (lt, lv), (rt, rv) in pairs:
                 exists = self.con.execute(
                     "SELECT count(*) FROM identity_separations WHERE left_type = ? AND left_value = ? "

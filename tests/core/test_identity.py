@@ -5,6 +5,7 @@ started through `cdpflow stack` (the `redis_url` fixture). `new_store(rules)` op
 empty store of the backend under test; `shared_store(rules, worker)` opens one more connection
 to the same store, as a second process would.
 """
+import dataclasses
 import uuid
 
 import pytest
@@ -74,6 +75,10 @@ def test_without_limits_the_partition_is_the_union_find_in_any_arrival_order(bac
     order.shuffle(arrival)
     store = resolve_all(backend[0](UNLIMITED), arrival, chunk)
     assert store.partition() == components_of([ids for _, ids in events])
+
+
+def ids_of(store):
+    return {(link["identifier_type"], link["identifier_value"]): link["profile_id"] for link in store.links()}
 
 
 def event_time_order(events):
@@ -333,6 +338,19 @@ def test_a_split_of_the_live_graph_equals_a_run_with_the_separation_from_the_sta
     after = {node_key(i): store.profile_of(i) for group in store.partition() for i in group}
     assert {k for k in after if after[k] != before[k]} <= set(outcome.moves)
     assert all(after[k] == p for k, p in outcome.moves.items())
+    # the id marketers know stays with the part holding the user id (else most identifiers)
+    held = {p: [] for p in outcome.profiles}
+    for link in store.links():
+        if link["profile_id"] in held:
+            held[link["profile_id"]].append(link["identifier_type"])
+    assert target in held
+    assert ("user_id" in held[target], len(held[target])) == max(("user_id" in h, len(h)) for h in held.values())
+    # and a run from scratch with the separations and names in force (a batch re-derivation)
+    # gives every identifier the same id
+    fresh = new_store(dataclasses.replace(UNLIMITED, separations=frozenset(store.separations()),
+                                          names=frozenset(store.names())))
+    resolve_all(fresh, ordered)
+    assert ids_of(fresh) == ids_of(store)
     # more traffic, through the other worker, in time order after the split
     tail = [(f"n{index}", (31 + day) * DAY, ids) for index, (day, ids) in enumerate(later)]
     tail.sort(key=lambda e: (e[1], e[0]))
@@ -377,3 +395,83 @@ def test_a_forget_with_hashes_is_honoured_by_every_connection_from_its_next_batc
     assert other.resolve("2", 2, [("email", "gone@x.com"), ("anonymous_id", "g2")]).status == SUPPRESSED
     assert other.resolve("3", 3, [("anonymous_id", "g1")]).status == OK  # only what was forgotten
     assert store.profile_of(("anonymous_id", "g2")) is None
+
+
+def a_cookie_named_before(pid):
+    """A cookie whose profile id sorts before `pid` (ids are hashes: found by trying)."""
+    return next(("anonymous_id", f"c{n}") for n in range(1000) if profile_id_for(("anonymous_id", f"c{n}")) < pid)
+
+
+def test_after_a_split_the_part_with_the_user_id_keeps_the_id_on_every_path(backend):
+    # A family's cookie founded a profile first (its id is the smaller), then the person's account
+    # merged into it. Split, the account's part must keep the id the profile had (the one a
+    # marketer knows), and a fresh re-derivation (batch) and an older store that learns the split
+    # from the warehouse (stream) must give every identifier the same id.
+    new_store, shared_store = backend
+    person = [("user_id", "u1"), ("email", "ann@x.com"), ("phone", "+15550001111")]
+    cookie = a_cookie_named_before(profile_id_for(person[0]))
+    events = [("1", 1, [cookie]), ("2", 2, person), ("3", 3, [cookie, person[0]])]
+    store = new_store(IdentityRules())
+    for mid, ts, ids in events:
+        store.resolve(mid, ts, ids)
+    known = store.profile_of(person[0])
+    assert known == profile_id_for(cookie) == store.profile_of(cookie)
+    stale = new_store(IdentityRules())  # a second store (a stream's) that never saw the split
+    for mid, ts, ids in events:
+        stale.resolve(mid, ts, ids)
+    other = shared_store(IdentityRules(), worker=2)
+
+    outcome = store.split(known, "cmd", 10)
+    fragment = store.profile_of(cookie)
+    assert [store.profile_of(i) for i in person] == [known] * 3 and fragment != known
+    assert sorted(outcome.profiles) == sorted([known, fragment])
+    assert sorted(outcome.names) == sorted([(cookie, profile_id_for(person[0]), 10), (person[0], known, 10)])
+    assert fragment == profile_id_for(person[0])
+    # every identifier that changed profile is among the moves (the cookie left)
+    assert outcome.moves[node_key(cookie)] == fragment
+    assert all(outcome.moves.get(node_key(i), known) == known for i in person)
+    assert store.identifier_count(known) == 3 and store.identifier_count(fragment) == 1
+    # the same command again changes nothing
+    assert store.split(known, "cmd", 11).moves == {}
+    # another worker of the store attributes the person's next event to the known id
+    assert other.resolve("4", 20, [("email", "ann@x.com")]).profile_id == known
+
+    links = ids_of(store)
+    # batch: a run from scratch with the separation and the names in force from the start
+    fresh = new_store(IdentityRules.from_config({}, separations=store.separations(), names=store.names()))
+    for mid, ts, ids in events + [("4", 20, [("email", "ann@x.com")])]:
+        fresh.resolve(mid, ts, ids)
+    assert ids_of(fresh) == links
+    # stream: a store that learns the separation and names afterwards renames what it holds
+    learned = stale.separate(store.separations(), "warehouse", 30, names=store.names())
+    assert {node_key(cookie): fragment}.items() <= learned.moves.items()
+    assert ids_of(stale) == links
+    assert stale.separate(store.separations(), "warehouse", 31, names=store.names()).moves == {}
+    # a later merge of the person still finds its founders by their names: splitting it again works
+    store.resolve("5", 40, [("email", "ann@x.com"), ("loyalty_id", "L1")])
+    store.resolve("6", 41, [("loyalty_id", "L1"), ("anonymous_id", "zz")])
+    assert store.profile_of(("loyalty_id", "L1")) == known
+
+    # forget: the names and separations that hold the person's identifiers go with them (the
+    # cookie keeps its name: its profile must not take the forgotten profile's id)
+    store.forget(person)
+    assert store.separations() == [] and store.names() == [(cookie, fragment, 10)]
+    assert store.profile_of(cookie) == fragment
+
+
+def test_a_split_leaves_the_id_where_the_part_with_most_identifiers_already_holds_it(backend):
+    store = backend[0](IdentityRules())
+    person = [("email", "bo@x.com"), ("phone", "+15550002222"), ("anonymous_id", "b1")]
+    cookie = a_cookie_named_before(min(profile_id_for(i) for i in person))
+    # the cookie founds first but the person's identifiers join it one by one: no merge to undo
+    # but the one that brought the phone's own profile
+    store.resolve("1", 1, person[:1])
+    store.resolve("2", 2, [person[1], person[2]])
+    store.resolve("3", 3, [person[0], person[1]])
+    known = store.profile_of(person[0])
+    outcome = store.split(known, "cmd", 10)
+    parts = {store.profile_of(i) for i in person}
+    assert len(parts) == 2 and known in parts
+    biggest = max(parts, key=store.identifier_count)
+    assert biggest == known and outcome.names == []
+    del cookie

@@ -543,12 +543,14 @@ def _order(now_us, minutes_ago, message_id, anonymous_id, email, order_id, reven
                                               "category": "outdoor"}]})
 
 
-def family_before_the_computer(now_us, ann, bob):
-    """Ann and Bob, each on a device of their own, with orders: two profiles."""
+def family_before_the_computer(now_us, ann, bob, signed_in=None):
+    """Ann and Bob, each on a device of their own, with orders: two profiles. `signed_in`: "ann" or
+    "bob" identifies with a user id too."""
+    ids = {name: {"userId": f"{name}-account"} if name == signed_in else {} for name in ("ann", "bob")}
     return [
-        _crafted(now_us, 300, "ann-1", "identify", "ann-laptop", traits={"email": ann, "first_name": "Ann"}),
+        _crafted(now_us, 300, "ann-1", "identify", "ann-laptop", traits={"email": ann, "first_name": "Ann"}, **ids["ann"]),
         _order(now_us, 290, "ann-2", "ann-laptop", ann, "A-1", 120.0),
-        _crafted(now_us, 280, "bob-1", "identify", "bob-phone", traits={"email": bob, "first_name": "Bob"}),
+        _crafted(now_us, 280, "bob-1", "identify", "bob-phone", traits={"email": bob, "first_name": "Bob"}, **ids["bob"]),
         _order(now_us, 270, "bob-2", "bob-phone", bob, "B-1", 80.0),
         _order(now_us, 260, "bob-3", "bob-phone", bob, "B-2", 35.0),
     ]
@@ -566,7 +568,9 @@ def test_a_split_on_the_control_topic_reaches_the_running_stream_the_warehouse_a
     # part them at once and keep them apart (a manual_split conflict), and the warehouse must
     # equal a batch run over the raw topic with the recorded separation from the start: the
     # two people's identifier sets, every profile column and their open segments, and everyone
-    # else as in the other end-to-end tests; the change topic nets to the warehouse.
+    # else as in the other end-to-end tests; the change topic nets to the warehouse. The one of
+    # them who signed in (a user id) is the person whose profile id the merge lost: the split
+    # gives it back to them (the id marketers know), in the stream's warehouse as in the batch.
     from cdpflow.io.kafka_producer import producer, send_all
     from cdpflow.schemas.topics import CONTROL
     from cdpflow.warehouse import open_warehouse
@@ -575,7 +579,9 @@ def test_a_split_on_the_control_topic_reaches_the_running_stream_the_warehouse_a
     send_live(traffic, broker)
     now = int(time.time() * 1_000_000)
     ann, bob = "ann.split@family.org", "bob.split@family.org"
-    _send_events(broker, tmp_path / "before.jsonl", family_before_the_computer(now, ann, bob))
+    from cdpflow.core.identity import profile_id_for
+    absorbed = "bob" if profile_id_for(("email", ann)) < profile_id_for(("email", bob)) else "ann"
+    _send_events(broker, tmp_path / "before.jsonl", family_before_the_computer(now, ann, bob, signed_in=absorbed))
     # long enough for Prism to start and merge them on a slow machine; the run ends at `until`
     started = time.monotonic()
     until = (int(time.time() * 1_000_000) + 70_000_000) // 1_000_000 * 1_000_000
@@ -645,9 +651,15 @@ def test_a_split_on_the_control_topic_reaches_the_running_stream_the_warehouse_a
     live = tables(warehouse)
     ann_ids = next(ids for ids in live["ids"].values() if ("email", ann) in ids)
     bob_ids = next(ids for ids in live["ids"].values() if ("email", bob) in ids)
-    assert ann_ids == {("email", ann), ("anonymous_id", "ann-laptop")}
-    assert bob_ids == {("email", bob), ("anonymous_id", "bob-phone")}
+    account = {("user_id", f"{absorbed}-account")}
+    assert ann_ids == {("email", ann), ("anonymous_id", "ann-laptop")} | (account if absorbed == "ann" else set())
+    assert bob_ids == {("email", bob), ("anonymous_id", "bob-phone")} | (account if absorbed == "bob" else set())
+    ids_of = {frozenset(ids): pid for pid, ids in live["ids"].items()}
+    signed_in = frozenset(ann_ids if absorbed == "ann" else bob_ids)
+    assert ids_of[signed_in] == merged  # the id marketers knew stays with the signed-in person
     con = duckdb.connect(str(warehouse), read_only=True)
+    names = [((t, v), pid, at) for t, v, pid, at in con.execute(
+        "SELECT identifier_type, identifier_value, profile_id, epoch_us(created_at) FROM identity_names").fetchall()]
     separations = con.execute("SELECT left_type, left_value, right_type, right_value FROM identity_separations").fetchall()
     refused = con.execute("SELECT cause_message_id FROM identity_conflicts WHERE rule = 'manual_split'").fetchall()
     con.close()
@@ -657,11 +669,13 @@ def test_a_split_on_the_control_topic_reaches_the_running_stream_the_warehouse_a
     # the reference: a batch run over the raw topic, the separation recorded before it starts
     batch_path = tmp_path / "batch.duckdb"
     with open_warehouse(str(batch_path)) as wh:
-        wh.add_separations([((a, b), (c, d)) for a, b, c, d in separations], now, "family computer")
+        wh.add_separations([((a, b), (c, d)) for a, b, c, d in separations], now, "family computer", names=names)
     assert main(["run", "--input", str(tmp_path / "raw.jsonl"), "--warehouse", str(batch_path), "--as-of",
                  format_ts(until), "--catalog", str(traffic / "catalog.csv"), "--rates", str(traffic / "rates.csv")]) == 0
     batch = tables(batch_path)
+    assert len(names) == 2
     assert_same_as_batch(live, batch, conflicted_on_purpose=2)
+    assert {frozenset(ids): pid for pid, ids in batch["ids"].items()}[signed_in] == merged
     for ids in (frozenset(ann_ids), frozenset(bob_ids)):
         assert ids in batch["profiles"], sorted(ids)
         ours, theirs = live["profiles"][ids], batch["profiles"][ids]

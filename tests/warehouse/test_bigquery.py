@@ -288,3 +288,29 @@ def test_rows_bigquery_refuses_become_dead_letters_and_the_rest_land_once(bigque
         assert sorted(orjson.loads(r["raw"])["messageId"] for r in letters) == ["m1", "m3"]
         assert sorted(r["identifiers"][0][1] for r in letters) == ["u1", "u3"]
         assert all("BigQuery refused the events row" in r["error"] for r in letters)
+
+
+def test_a_split_in_bigquery_gives_the_parts_the_ids_a_split_in_duckdb_gives_and_a_forget_clears_it(
+        bigquery_emulator, tmp_path, monkeypatch):
+    # The split's governance (separations and the names that keep the person's id) is written
+    # and read by the BigQuery backend as by DuckDB; a forget deletes the rows naming the person.
+    from tests.warehouse.helpers import family_split_input, query
+    monkeypatch.setenv("CDPFLOW_STATE_DIR", str(tmp_path / "state"))
+    raw, cookie, known, moved, person = family_split_input(tmp_path)
+    client = _client(bigquery_emulator)
+    uri, local = bigquery_emulator.warehouse_uri("split_test"), tmp_path / "split.duckdb"
+    for warehouse in (uri, local):
+        assert main(["run", "--input", raw, "--warehouse", str(warehouse)]) == 0
+        assert main(["identity", "split", known, "--warehouse", str(warehouse)]) == 0
+
+    def sql(text):
+        return sorted(tuple(r.values()) for r in client.query(text.replace("ds.", "`local.split_test`.")).result())
+
+    links = sql("SELECT identifier_type, identifier_value, profile_id FROM ds.identity_links")
+    assert links == sorted(query(local, "SELECT identifier_type, identifier_value, profile_id FROM identity_links"))
+    assert {p for t, v, p in links if (t, v) in person} == {known}
+    assert sql("SELECT identifier_type, identifier_value, profile_id FROM ds.identity_names") == [
+        ("anonymous_id", cookie, moved), ("user_id", "u-ann", known)]
+    assert main(["forget", "user_id:u-ann", "--warehouse", uri]) == 0
+    assert sql("SELECT COUNT(*) FROM ds.identity_separations") == [(0,)]
+    assert sql("SELECT identifier_value FROM ds.identity_names") == [(cookie,)]

@@ -15,7 +15,9 @@ The model:
 - a node per identifier (type, normalised value);
 - a profile is a set of nodes; profiles are named by their *founders*: the identifiers that
   created them (`p_` + hash of the founder), and a profile's id is the smallest founder id in it,
-  so a union keeps the smaller id (the survivor) and replays give the same ids;
+  so a union keeps the smaller id (the survivor) and replays give the same ids; a split can
+  rename two founders (they swap ids, recorded as governance like the separations) so that the
+  part marketers know, the one holding the user id or most identifiers, keeps the id;
 - every accepted event adds a *link set* (its identifiers that ended in one profile); profiles
   are the connected components of the link sets, which is what a split re-derives.
 
@@ -49,14 +51,15 @@ import json
 from typing import Callable, Dict, FrozenSet, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple, TypeVar
 
 from cdpflow.core.identity.rules import (BLOCKED, OK, SUPPRESSED, Decision, IdentityRules, key_identifier,
-                                             node_key, profile_id_for)
+                                             node_key)
 from cdpflow.schemas.records import Identifier
 
 T = TypeVar("T")
 # A node as backends return it: (type, value, owner, founder, quarantined, first_seen, last_seen).
 NodeRow = Tuple[str, str, str, int, int, int, int]
 Event = Tuple[str, int, Sequence[Identifier]]
-SEPARATION, SUPPRESSION = "separation", "suppression"
+SEPARATION, SUPPRESSION, NAME = "separation", "suppression", "name"
+Held = Tuple[FrozenSet[str], FrozenSet[str], FrozenSet[str]]  # separation, suppression and name items
 
 
 def separation_item(left: Identifier, right: Identifier) -> str:
@@ -64,24 +67,37 @@ def separation_item(left: Identifier, right: Identifier) -> str:
     return json.dumps(sorted([node_key(tuple(left)), node_key(tuple(right))]))
 
 
-def _with_held(rules: IdentityRules, held: Tuple[FrozenSet[str], FrozenSet[str]]) -> IdentityRules:
-    separations, hashes = held
-    if not separations and not hashes:
+def name_item(identifier: Identifier, profile_id: str, at: int) -> str:
+    """How a store holds a name a split gave a founder: [node key, profile id, recorded at µs] as JSON."""
+    return json.dumps([node_key(tuple(identifier)), profile_id, int(at)])
+
+
+def _name_of_item(item: str) -> Tuple[Identifier, str, int]:
+    key, pid, at = json.loads(item)
+    return key_identifier(key), pid, at
+
+
+def _with_held(rules: IdentityRules, held: Held) -> IdentityRules:
+    separations, hashes, names = held
+    if not separations and not hashes and not names:
         return rules
     pairs = frozenset(tuple(key_identifier(k) for k in json.loads(item)) for item in separations)
-    return dataclasses.replace(rules, separations=rules.separations | pairs, suppressed=rules.suppressed | hashes)
+    return dataclasses.replace(rules, separations=rules.separations | pairs, suppressed=rules.suppressed | hashes,
+                               names=rules.names | frozenset(_name_of_item(i) for i in names))
 
 
 class SplitOutcome(NamedTuple):
     """What a split did: `epoch` and `moves` as `resolve_batch_with_moves` reports them (a repeat
     of a command already applied gets the moves it made then in `replayed`), the separations it
-    recorded, and the profiles the split profile now consists of (empty: nothing to split)."""
+    recorded, the profiles the split profile now consists of (empty: nothing to split), and the
+    names it gave founders (identifier, profile id, at) so the part marketers know keeps its id."""
 
     epoch: int
     moves: Dict[str, str]
     replayed: List[Tuple[int, str, str]]
     separations: List[Tuple[Identifier, Identifier]]
     profiles: List[str]
+    names: List[Tuple[Identifier, str, int]] = []
 
 
 class IdentityStore(abc.ABC):
@@ -99,7 +115,7 @@ class IdentityStore(abc.ABC):
         # split or a forget on any path), read at the start of every batch: every worker of a
         # running stream honours it from its next batch on, not when it next re-reads the
         # warehouse. `rules` is what the caller gave plus what the store holds.
-        self._held: Tuple[FrozenSet[str], FrozenSet[str]] = (frozenset(), frozenset())
+        self._held: Held = (frozenset(), frozenset(), frozenset())
         self.rules = rules
         self.worker = worker
         self._changed: Set[str] = set()  # profile ids (founders) whose root the open batch changed
@@ -286,10 +302,13 @@ class IdentityStore(abc.ABC):
     @abc.abstractmethod
     def _governance_items(self, kind: str) -> Set[str]:
         """What the store holds of one kind of governance: `separation` (a JSON pair of node
-        keys, sorted) or `suppression` (a forgotten identifier's keyed hash)."""
+        keys, sorted), `suppression` (a forgotten identifier's keyed hash) or `name` (`name_item`)."""
 
     @abc.abstractmethod
     def _add_governance_item(self, kind: str, item: str) -> None: ...
+
+    @abc.abstractmethod
+    def _delete_governance_item(self, kind: str, item: str) -> None: ...
 
     def _prefetch(self, events: Sequence[Event]) -> None:
         """Inside a batch, before it resolves: a backend may read ahead what the batch will read."""
@@ -314,7 +333,7 @@ class IdentityStore(abc.ABC):
         self._add_conflict(identifier, sorted(set(profiles)), rule, cause, ts)
 
     def _found(self, identifier: Identifier, ts: int) -> str:
-        pid = profile_id_for(identifier)
+        pid = self.rules.profile_id(identifier)
         key = node_key(identifier)
         self._put_profile(pid, pid, key)
         self._insert_node(key, pid, 1, ts)
@@ -433,9 +452,12 @@ class IdentityStore(abc.ABC):
         self.replayed_moves = replayed
         return decisions, epoch, moves
 
+    def _held_now(self) -> Held:
+        return tuple(frozenset(self._governance_items(kind)) for kind in (SEPARATION, SUPPRESSION, NAME))
+
     def _sync_governance(self) -> None:
-        """Inside a batch: takes up the separations and suppressions the store holds now."""
-        held = (frozenset(self._governance_items(SEPARATION)), frozenset(self._governance_items(SUPPRESSION)))
+        """Inside a batch: takes up the separations, suppressions and names the store holds now."""
+        held = self._held_now()
         if held != self._held:
             self._held = held
             self._rules = _with_held(self._given_rules, held)
@@ -588,7 +610,13 @@ class IdentityStore(abc.ABC):
         Returns:
           The ids of the profiles it now consists of.
         """
-        founders = self._pids_of_root(root)
+        return self._rederive([root], cause, ts, why, record_refusals)
+
+    def _rederive(self, roots: Sequence[str], cause: str, ts: int, why: str, record_refusals: bool = False
+                  ) -> List[str]:
+        """`split_profile` over the profiles of several roots together (which a renaming needs:
+        the two parts whose founders swapped names are re-derived at once)."""
+        founders = sorted({pid for root in roots for pid in self._pids_of_root(root)})
         self._changed.update(founders)
         nodes = {k: self._get_node(k) for pid in founders for k in self._keys_of_owner(pid)}
         parent = {k: k for k in nodes}
@@ -630,27 +658,35 @@ class IdentityStore(abc.ABC):
         components: Dict[str, List[str]] = {}
         for k in sorted(nodes):
             components.setdefault(find(k), []).append(k)
-        self._delete_counts(root)
-        new_roots = []
+        for root in roots:
+            self._delete_counts(root)
+        new_roots, named = [], set()
         for keys in components.values():
             own_founders = [k for k in keys if nodes[k][3]]
             if not own_founders:
                 promoted = min(keys, key=lambda k: self.rules.rank(key_identifier(k)))
-                pid = profile_id_for(key_identifier(promoted))
-                self._put_profile(pid, pid, promoted)
                 self._set_node_flag(promoted, "founder", 1)
-                self._changed.add(pid)
                 own_founders = [promoted]
-            founder_pids = {profile_id_for(key_identifier(k)) for k in own_founders}
+            # A founder's profile id is its name (its hash unless a split renamed it).
+            founder_pids = {self.rules.name_of_key(k): k for k in own_founders}
             new_root = min(founder_pids)
             new_roots.append(new_root)
-            for p in sorted(founder_pids):
-                self._set_profile_root(p, new_root)
+            for p, k in sorted(founder_pids.items()):
+                self._put_profile(p, new_root, k)
+            named.update(founder_pids)
+            self._changed.update(founder_pids)
+            own_pid = {k: p for p, k in founder_pids.items()}
             for k in keys:
-                if nodes[k][2] not in founder_pids:
-                    self._set_node_owner(k, new_root)
-                    self._changed.add(new_root)
+                # A founder is owned by its own id (also after a renaming); any other node by a
+                # founder of its part.
+                owner = own_pid.get(k, nodes[k][2] if nodes[k][2] in founder_pids else new_root)
+                if nodes[k][2] != owner:
+                    self._set_node_owner(k, owner)
+                    self._changed.add(owner)
                 self._bump(new_root, nodes[k][0])
+        for pid in founders:
+            if pid not in named:  # (a founder renamed away, its old id named by none)
+                self._delete_profile(pid)
         for seq, survivor, absorbed in self._open_merges_by_survivors(founders):
             if self._root_of_pid(survivor) != self._root_of_pid(absorbed):
                 self._undo_merge(seq, ts, f"{why} ({cause})")
@@ -666,18 +702,26 @@ class IdentityStore(abc.ABC):
         return sorted(tuple(key_identifier(k) for k in json.loads(item))
                       for item in self._governance_items(SEPARATION))
 
-    def separate(self, pairs: Iterable[Tuple[Identifier, Identifier]], cause: str, ts: int) -> SplitOutcome:
-        """Keeps each pair of identifiers apart from now on, splitting any profile that holds both.
+    def names(self) -> List[Tuple[Identifier, str, int]]:
+        """The names splits gave founders that the store holds: (identifier, profile id, at)."""
+        return sorted(_name_of_item(item) for item in self._governance_items(NAME))
 
-        For separations recorded elsewhere (the warehouse's, by `cdpflow identity split`) that a
-        store kept across runs has not applied yet. A pair the store holds already changes nothing.
+    def separate(self, pairs: Iterable[Tuple[Identifier, Identifier]], cause: str, ts: int,
+                 names: Iterable[Tuple[Identifier, str, int]] = ()) -> SplitOutcome:
+        """Keeps each pair of identifiers apart from now on, splitting any profile that holds both,
+        and gives founders the names a split gave them (renaming the profiles they found).
+
+        For separations and names recorded elsewhere (the warehouse's, by `cdpflow identity
+        split`) that a store kept across runs has not applied yet. What the store holds already
+        changes nothing.
         """
         items = sorted({separation_item(a, b) for a, b in pairs})
+        named = sorted({name_item(i, pid, at) for i, pid, at in names})
 
         def work():
             self._changed = set()
             self._sync_governance()
-            return self._separate_now(items, cause, ts)
+            return self._separate_now(items, cause, ts, named)
 
         try:
             return self._atomically(work)
@@ -713,14 +757,20 @@ class IdentityStore(abc.ABC):
                 founder_key = {}
                 for pid in founders:
                     for key in self._keys_of_owner(pid):
-                        if profile_id_for(key_identifier(key)) == pid:
+                        if self.rules.name_of_key(key) == pid:
                             founder_key[pid] = key
                 for _, survivor, absorbed in self._open_merges_by_survivors(founders):
                     if merge in (None, absorbed) and survivor in founder_key and absorbed in founder_key:
                         pairs.append((key_identifier(founder_key[survivor]), key_identifier(founder_key[absorbed])))
-            outcome = self._separate_now(sorted({separation_item(a, b) for a, b in pairs}), f"split {command_id}", ts)
-            self._set_meta("command:" + command_id, outcome.epoch if outcome.moves else 0)
-            return outcome
+            items = sorted({separation_item(a, b) for a, b in pairs})
+            new = [i for i in items if i not in self._held[0]]
+            cause = f"split {command_id}"
+            profiles = self._apply_separations(new, cause, ts)
+            names = self._keep_known_id(root, profiles, cause, ts) if profiles else []
+            epoch, moves = self._close_epoch(True)
+            self._set_meta("command:" + command_id, epoch if moves else 0)
+            return SplitOutcome(epoch, moves, [], [tuple(key_identifier(k) for k in json.loads(i)) for i in new],
+                                profiles, names)
 
         try:
             outcome = self._atomically(work)
@@ -729,13 +779,57 @@ class IdentityStore(abc.ABC):
         self.replayed_moves = outcome.replayed
         return outcome
 
-    def _separate_now(self, items: Sequence[str], cause: str, ts: int) -> SplitOutcome:
-        """Inside a batch (governance synced): applies the separations the store does not hold yet
-        and closes the epoch; what `separate` and `split` share."""
+    def _separate_now(self, items: Sequence[str], cause: str, ts: int, names: Sequence[str] = ()) -> SplitOutcome:
+        """Inside a batch (governance synced): applies the separations and names the store does
+        not hold yet and closes the epoch."""
         new = [i for i in items if i not in self._held[0]]
         profiles = self._apply_separations(new, cause, ts)
+        new_names = [i for i in names if i not in self._held[2]]
+        if new_names:
+            profiles = sorted(set(profiles) | set(self._apply_names(new_names, cause, ts)))
         epoch, moves = self._close_epoch(True)
-        return SplitOutcome(epoch, moves, [], [tuple(key_identifier(k) for k in json.loads(i)) for i in new], profiles)
+        return SplitOutcome(epoch, moves, [], [tuple(key_identifier(k) for k in json.loads(i)) for i in new], profiles,
+                            [_name_of_item(i) for i in new_names])
+
+    def _apply_names(self, items: Sequence[str], cause: str, ts: int) -> List[str]:
+        """Inside a batch: records names and re-derives the profiles of the founders they name
+        together (a swap renames two profiles at once); returns those profiles' ids now."""
+        for item in items:
+            self._add_governance_item(NAME, item)
+        self._sync_governance()
+        roots = sorted({self._root(key) for key in (json.loads(i)[0] for i in items) if self._get_node(key) is not None})
+        return self._rederive(roots, cause, ts, "naming after a split") if roots else []
+
+    def _keep_known_id(self, old_id: str, parts: Sequence[str], cause: str, ts: int) -> List[Tuple[Identifier, str, int]]:
+        """Inside a split, after it: the part marketers know keeps the id the profile had.
+
+        That is the part holding a user id, else the one holding most identifiers (on a tie,
+        the part that has the id already). The id belongs to whichever part holds the founder
+        it hashes from, so when another part is the keeper the two founders swap names: the
+        keeper's founder takes `old_id`, the other part's founder the keeper's id. The names
+        are governance like the separations (held by the store, recorded in the warehouse), so
+        every path and every later re-derivation gives the parts the same ids.
+        """
+        if old_id not in parts or len(parts) < 2:
+            return []
+
+        def weight(part):
+            counts = self._counts_of(part)
+            return counts.get("user_id", 0) > 0, sum(counts.values()), part == old_id
+
+        keeper = max(parts, key=weight)
+        if keeper == old_id:
+            return []
+        founder_of = {}
+        for part in (old_id, keeper):
+            for key in self._keys_of_owner(part):
+                if self.rules.name_of_key(key) == part and self._get_node(key)[3]:
+                    founder_of[part] = key
+        if len(founder_of) < 2:
+            return []
+        names = [(key_identifier(founder_of[old_id]), keeper, ts), (key_identifier(founder_of[keeper]), old_id, ts)]
+        self._apply_names([name_item(*n) for n in names], cause, ts)
+        return names
 
     def _reference_root(self, reference) -> Optional[str]:
         if isinstance(reference, str):
@@ -772,7 +866,8 @@ class IdentityStore(abc.ABC):
         """Removes every trace of the profiles holding these identifiers; returns the identifiers removed.
 
         Nodes, founders, counts, link sets, decisions of the events attributed to them, merges,
-        conflicts, fan-out rows and recorded moves all go, in one transaction. Their events, if
+        conflicts, fan-out rows, recorded moves and the separations and names that hold their
+        identifiers all go, in one transaction. Their events, if
         replayed, meet the suppression check and are not attributed: the caller records the
         hashes in the warehouse, and `hashes` (the same keyed hashes) are kept by the store too,
         so every worker resolving against it refuses the person from its next batch on.
@@ -804,6 +899,12 @@ class IdentityStore(abc.ABC):
                 self._delete_profile(pid)
             for root in roots:
                 self._delete_counts(root)
+            # Separations and names hold identifiers in the clear: theirs go too (the hashes
+            # keep the person out, so there is nothing left for them to keep apart or name).
+            for kind, keys_of in ((SEPARATION, json.loads), (NAME, lambda i: json.loads(i)[:1])):
+                for item in self._governance_items(kind):
+                    if keys.intersection(keys_of(item)):
+                        self._delete_governance_item(kind, item)
             return len(present)
 
         return self._atomically(work)
@@ -816,8 +917,7 @@ class IdentityStore(abc.ABC):
     def governed_rules(self) -> IdentityRules:
         """The store's rules with the separations and forgotten hashes it holds now (for readers
         outside a batch, such as the sidecar, that must honour a forget made while they run)."""
-        held = (frozenset(self._governance_items(SEPARATION)), frozenset(self._governance_items(SUPPRESSION)))
-        return _with_held(self._given_rules, held)
+        return _with_held(self._given_rules, self._held_now())
 
     def warehouse_version(self) -> Optional[int]:
         """The warehouse version this store was last made to agree with (None: never stamped)."""

@@ -29,7 +29,8 @@ Layout (every key under a prefix, `cdpflow:identity` by default; `?prefix=` in t
   {p}:decided_in           hash     messageId -> epoch
   {p}:fanout:{key}         hash     account -> [first_ts, last_ts]
   {p}:fanout_of:{account}  set      nodes whose fan-out rows name this account
-  {p}:gov:{kind}           set      separations (JSON node-key pairs) and suppressed hashes the store holds
+  {p}:gov:{kind}           set      separations (JSON node-key pairs), suppressed hashes and founders' names
+                                    (JSON [node key, profile id, at]) the store holds
 """
 from __future__ import annotations
 
@@ -491,6 +492,9 @@ class RedisIdentityStore(IdentityStore):
 
     def _add_governance_item(self, kind, item):
         self.batch.sadd(self.k("gov", kind), item)
+
+    def _delete_governance_item(self, kind, item):
+        self.batch.srem(self.k("gov", kind), item)
 
     # fan-out ---------------------------------------------------------------------------
     def _fanout_upsert(self, rows):

@@ -61,12 +61,15 @@ class IdentityRules:
     quarantine_max_profiles: int = 3
     quarantine_window_days: float = 90
     separations: FrozenSet[Tuple[Identifier, Identifier]] = frozenset()
+    # (identifier, profile id, recorded at µs): the id a founder names once a split gave the
+    # part marketers know the surviving id; the latest entry for an identifier wins.
+    names: FrozenSet[Tuple[Identifier, str, int]] = frozenset()
     suppressed: FrozenSet[str] = frozenset()  # identifier_hash values
     suppression_keys: Tuple = ()  # SuppressionKeys the hashes were made with (default: the legacy salt)
 
     @classmethod
     def from_config(cls, section: Optional[Mapping] = None, separations=(), suppressed=(),
-                    suppression_keys: Tuple = ()) -> "IdentityRules":
+                    suppression_keys: Tuple = (), names=()) -> "IdentityRules":
         section = dict(section or {})
         quarantine = section.get("quarantine") or {}
         return cls(
@@ -78,6 +81,7 @@ class IdentityRules:
             quarantine_max_profiles=int(quarantine.get("max_profiles", 3)),
             quarantine_window_days=float(quarantine.get("window_days", 90)),
             separations=frozenset((tuple(a), tuple(b)) for a, b in separations),
+            names=frozenset((tuple(i), pid, int(at)) for i, pid, at in names),
             suppressed=frozenset(suppressed),
             suppression_keys=tuple(suppression_keys),
         )
@@ -89,6 +93,18 @@ class IdentityRules:
         compiled = {t: [re.compile(p) for p in patterns] for t, patterns in self.blocked.items()}
         object.__setattr__(self, "_blocked", compiled)
         object.__setattr__(self, "_rank", {t: i for i, t in enumerate(self.priority)})
+        named = {}
+        for identifier, pid, _ in sorted(self.names, key=lambda n: (n[2], n[1], n[0])):
+            named[node_key(tuple(identifier))] = pid
+        object.__setattr__(self, "_named", named)
+
+    def profile_id(self, identifier: Identifier) -> str:
+        """The id of a profile this identifier founds: its name if a split gave it one, else its hash."""
+        return self._named.get(node_key(tuple(identifier))) or profile_id_for(identifier)
+
+    def name_of_key(self, key: str) -> str:
+        """`profile_id` for a node key."""
+        return self._named.get(key) or profile_id_for(key_identifier(key))
 
     def rank(self, identifier: Identifier):
         """Sort key: priority of the type, then type and value (a total, deterministic order)."""

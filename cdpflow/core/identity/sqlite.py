@@ -304,6 +304,9 @@ class SQLiteIdentityStore(IdentityStore):
     def _add_governance_item(self, kind, item):
         self.db.execute("INSERT OR IGNORE INTO governance(kind, item) VALUES (?, ?)", (kind, item))
 
+    def _delete_governance_item(self, kind, item):
+        self.db.execute("DELETE FROM governance WHERE kind = ? AND item = ?", (kind, item))
+
     # fan-out -------------------------------------------------------------------------
     def _fanout_upsert(self, rows):
         self.db.executemany(
