@@ -612,13 +612,18 @@ class IdentityStore(abc.ABC):
         """
         return self._rederive([root], cause, ts, why, record_refusals)
 
-    def _rederive(self, roots: Sequence[str], cause: str, ts: int, why: str, record_refusals: bool = False
-                  ) -> List[str]:
-        """`split_profile` over the profiles of several roots together (which a renaming needs:
-        the two parts whose founders swapped names are re-derived at once)."""
+    def _rederive(self, roots: Sequence[str], cause: str, ts: int, why: str, record_refusals: bool = False,
+                  rename_only: bool = False) -> List[str]:
+        """`split_profile` over the profiles of several roots together. `rename_only` keeps each
+        root's profile as it is and only names it (and owns its nodes) by its founders' names now:
+        what a renaming needs, the two profiles whose founders swapped names at once."""
         founders = sorted({pid for root in roots for pid in self._pids_of_root(root)})
         self._changed.update(founders)
         nodes = {k: self._get_node(k) for pid in founders for k in self._keys_of_owner(pid)}
+        if rename_only:
+            components = {root: sorted(k for pid in self._pids_of_root(root) for k in self._keys_of_owner(pid))
+                          for root in roots}
+            return self._name_components(roots, founders, nodes, components, [], cause, ts, why, False)
         parent = {k: k for k in nodes}
         members = {k: {k} for k in nodes}  # component root -> its node keys
 
@@ -658,6 +663,11 @@ class IdentityStore(abc.ABC):
         components: Dict[str, List[str]] = {}
         for k in sorted(nodes):
             components.setdefault(find(k), []).append(k)
+        return self._name_components(roots, founders, nodes, components, refused, cause, ts, why, record_refusals)
+
+    def _name_components(self, roots, founders, nodes, components, refused, cause, ts, why, record_refusals
+                         ) -> List[str]:
+        """The end of `_rederive`: each component becomes a profile named by its founders' names."""
         for root in roots:
             self._delete_counts(root)
         new_roots, named = [], set()
@@ -798,7 +808,7 @@ class IdentityStore(abc.ABC):
             self._add_governance_item(NAME, item)
         self._sync_governance()
         roots = sorted({self._root(key) for key in (json.loads(i)[0] for i in items) if self._get_node(key) is not None})
-        return self._rederive(roots, cause, ts, "naming after a split") if roots else []
+        return self._rederive(roots, cause, ts, "naming after a split", rename_only=True) if roots else []
 
     def _keep_known_id(self, old_id: str, parts: Sequence[str], cause: str, ts: int) -> List[Tuple[Identifier, str, int]]:
         """Inside a split, after it: the part marketers know keeps the id the profile had.
