@@ -16,6 +16,8 @@ Plain Python, no Beam: used by the batch and streaming transforms and by the ben
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import heapq
 import math
 from dataclasses import dataclass, field
 from datetime import date
@@ -71,6 +73,17 @@ class FeatureSettings:
                    engagement_scale=float(engagement.get("scale", 5)),
                    allowed_lateness_us=int(section.get("allowed_lateness_hours", 72) * 3600 * US_PER_SECOND),
                    max_future_skew_us=int(section.get("max_future_skew_hours", 24) * 3600 * US_PER_SECOND))
+
+
+def slim_for_features(event: NormalizedEvent) -> NormalizedEvent:
+    """The event with only what `ProfileState.add` reads (for a shuffle of events per profile):
+    no raw line, properties or context, the user id alone of its identifiers, and only the
+    products' categories of its enrichment."""
+    products = event.enrichment.get("products") if event.event in CATEGORY_EVENTS else None
+    return dataclasses.replace(
+        event, raw="", properties={}, context={}, schema_version="",
+        identifiers=tuple(i for i in event.identifiers if i[0] == "user_id"),
+        enrichment={"products": [{"category": p.get("category")} for p in products]} if products else {})
 
 
 def is_interaction(event: NormalizedEvent) -> bool:
@@ -331,6 +344,42 @@ def next_change(state: ProfileState, after: int, thresholds: Mapping[str, int] =
     return best
 
 
+class ChangeClock:
+    """`next_change` for a state built in event-time order, kept as it grows: a heap of the moments
+    the data added so far changes at (each day with data leaving each window, each order passing
+    each lifecycle threshold), so asking costs a pop instead of a scan of every day and order.
+
+    `add(ts, is_order)` after each event is folded into the state; `next(state, after)` with
+    `after` never decreasing gives what `next_change(state, after, thresholds)` gives.
+    """
+
+    def __init__(self, thresholds: Mapping[str, int] = DEFAULT_LIFECYCLE):
+        self.offsets = sorted({0, *(thresholds[k] * US_PER_DAY
+                                    for k in ("new_days", "active_days", "at_risk_days", "churned_days"))})
+        self.days: set = set()
+        self.heap: List[int] = []
+
+    def add(self, ts: int, is_order: bool) -> None:
+        day = epoch_day(ts)
+        if day not in self.days:
+            self.days.add(day)
+            for w in WINDOWS:
+                heapq.heappush(self.heap, (day + w) * US_PER_DAY)
+        if is_order:
+            for offset in self.offsets:
+                heapq.heappush(self.heap, ts + offset)
+
+    def next(self, state: ProfileState, after: int) -> Optional[int]:
+        heap = self.heap
+        while heap and heap[0] <= after:
+            heapq.heappop(heap)
+        best = heap[0] if heap else None
+        birthday = _next_birthday(state, after)
+        if birthday is not None and (best is None or birthday < best):
+            best = birthday
+        return best
+
+
 def _next_birthday(state: ProfileState, after: int) -> Optional[int]:
     """The start (UTC) of the first day after `after` on which `age` (from a birthday trait) grows."""
     age = state.traits.get("age", (None, None, None))[2]
@@ -358,7 +407,10 @@ def _next_birthday(state: ProfileState, after: int) -> Optional[int]:
 def features(state: ProfileState, as_of: int, settings: FeatureSettings = FeatureSettings()) -> Dict[str, Any]:
     """The profile's features and main traits as of a time (events after it must not be in the state)."""
     today = epoch_day(as_of)
-    sums = {w: [0, Decimal(0), 0, 0, 0, 0, 0] for w in WINDOWS}
+    # Each day is added to the shortest window holding it, then the windows are summed shortest
+    # first (they are nested): a timeline evaluates this at every event, so it is kept lean.
+    within = [[0, Decimal(0), 0, 0, 0, 0, 0] for _ in WINDOWS]
+    longest = WINDOWS[-1]
     orders_total, revenue_total = 0, Decimal(0)
     categories: Dict[str, int] = {}
     for day, values in state.days.items():
@@ -367,14 +419,21 @@ def features(state: ProfileState, as_of: int, settings: FeatureSettings = Featur
         age = today - day
         if age < 0:
             continue
-        for w in WINDOWS:
-            if age < w:
-                acc = sums[w]
-                for i in range(_COUNTS):
-                    acc[i] += values[i]
         if age < AFFINITY_WINDOW and values[CATEGORIES]:
             for category, n in values[CATEGORIES].items():
                 categories[category] = categories.get(category, 0) + n
+        if age >= longest:
+            continue
+        k = 0
+        while age >= WINDOWS[k]:
+            k += 1
+        acc = within[k]
+        for i in range(_COUNTS):
+            acc[i] += values[i]
+    sums, running = {}, [0, Decimal(0), 0, 0, 0, 0, 0]
+    for w, acc in zip(WINDOWS, within):
+        running = [a + b for a, b in zip(running, acc)]
+        sums[w] = running
     session_starts = [epoch_day(run[0]) for run in state.runs if run[0] <= as_of]
     traits = {k: v[2] for k, v in sorted(state.traits.items())}
     interests = traits.get("interests")

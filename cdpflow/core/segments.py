@@ -303,10 +303,17 @@ def membership_timeline(events: Sequence[Any], settings: Any, rules: RuleSet, si
       events: the profile's NormalizedEvents (any order; those after `until` are left out).
       settings: `cdpflow.core.features.FeatureSettings`.
     """
-    from cdpflow.core.features import ProfileState, features, next_change  # features imports nothing of this module
+    from cdpflow.core.features import ChangeClock, ProfileState, features  # features imports nothing of this module
     timed = sorted((e for e in events if e.timestamp <= until), key=lambda e: (e.timestamp, e.message_id))
     evaluated = RuleSet(rules.version, tuple(s for s in rules.segments if not s.predicted))
     state = ProfileState(settings.session_timeout_us)
+    clock = ChangeClock(settings.lifecycle)  # next_change, kept as the state grows
+
+    def add(event):
+        orders = len(state.orders)
+        state.add(event)
+        clock.add(event.timestamp, len(state.orders) > orders)
+
     out: List[Tuple[int, Dict[str, Tuple[str, str]], str]] = []
     before: Optional[Dict[str, Tuple[str, str]]] = None
     # A profile with very many events (a bot, a shared device) is evaluated once per day with
@@ -318,7 +325,7 @@ def membership_timeline(events: Sequence[Any], settings: Any, rules: RuleSet, si
         candidates = [timed[i].timestamp] if i < len(timed) else []
         edge = None
         if moment is not None:
-            edge = next_change(state, moment, settings.lifecycle)
+            edge = clock.next(state, moment)
             if edge is not None and edge <= until:
                 candidates.append(edge)
             else:
@@ -327,13 +334,13 @@ def membership_timeline(events: Sequence[Any], settings: Any, rules: RuleSet, si
             return out
         moment = min(candidates)
         while i < len(timed) and timed[i].timestamp <= moment:
-            state.add(timed[i])
+            add(timed[i])
             i += 1
         if dense and moment != edge and (since is None or moment > since):
             day = epoch_day(moment)
             while (i < len(timed) and epoch_day(timed[i].timestamp) == day
                    and (edge is None or timed[i].timestamp < edge)):
-                state.add(timed[i])
+                add(timed[i])
                 moment = timed[i].timestamp
                 i += 1
         if since is not None and moment <= since:

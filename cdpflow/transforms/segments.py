@@ -20,7 +20,6 @@ changes them, with an idempotency key from the entry's ordinal.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import apache_beam as beam
@@ -29,6 +28,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
 from cdpflow.core.clusters import PortableModel, cluster_name, feature_vector
+from cdpflow.core.features import slim_for_features
 from cdpflow.core.segments import (MembershipMachine, follow_rules, membership_timeline, parse_rules, segment_change,
                                    segments_of)
 from cdpflow.core.timeutil import format_ts
@@ -182,9 +182,8 @@ class AssignSegments(beam.PTransform):
         if self.events is not None:
             timelines = (self.events
                          # Without what the features never read (the raw line, properties,
-                         # context): the shuffle carries a fraction of each event.
-                         | "KeyEventsByProfile" >> beam.Map(lambda e: (e.profile_id, dataclasses.replace(
-                             e, raw="", properties={}, context={})))
+                         # context, most identifiers): the shuffle carries a fraction of each event.
+                         | "KeyEventsByProfile" >> beam.Map(lambda e: (e.profile_id, slim_for_features(e)))
                          | "EventsPerProfile" >> beam.GroupByKey()
                          | "Timeline" >> beam.ParDo(_TimelineFn(self.rules_document, self.settings, self.since),
                                                     beam.pvalue.AsSingleton(self.as_of)))

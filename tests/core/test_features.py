@@ -183,3 +183,37 @@ def test_age_from_birthday():
     assert age_at({"birthday": "1990-06-30"}, AS_OF) == 36
     assert age_at({"age": 41, "birthday": "1990-06-30"}, AS_OF) == 41
     assert age_at({"birthday": "garbage"}, AS_OF) is None
+
+
+def _history(spec):
+    events = []
+    for i, (minute, kind, channel) in enumerate(spec):
+        name = {"order": "Order Completed", "open": "Email Opened", "view": "Product Viewed", "track": "Signed In"}.get(kind)
+        events.append(ev(f"m{i}", minute / (24 * 60), type_="page" if kind == "page" else "track", name=name,
+                         channel=channel, revenue=Decimal(i) if kind == "order" else None,
+                         products=[{"category": f"c{i % 3}", "name": "x", "price": 1}],
+                         ids=(("user_id", f"u{i % 2}"), ("anonymous_id", f"a{i}")),
+                         traits={"birthday": "1990-07-04"} if i == 0 else {}))
+    return sorted(events, key=lambda e: (e.timestamp, e.message_id))
+
+
+@settings(max_examples=150, deadline=None)
+@given(_EVENTS, st.lists(st.integers(0, 400 * 24), min_size=1, max_size=20))
+def test_the_change_clock_answers_as_next_change_while_the_state_grows(spec, probes):
+    # The timeline asks for the next change at moments that never go back, folding events in
+    # between; the clock must give what a full scan gives at every step (and slim events the
+    # same features as whole ones, which is what the timeline's shuffle carries).
+    from cdpflow.core.features import ChangeClock, slim_for_features
+    events = _history(spec)
+    state, slim, clock = ProfileState(), ProfileState(), ChangeClock()
+    moments = sorted({e.timestamp for e in events} | {events[0].timestamp + h * 3_600_000_000 for h in probes})
+    i = 0
+    for moment in moments:
+        while i < len(events) and events[i].timestamp <= moment:
+            orders = len(state.orders)
+            state.add(events[i])
+            slim.add(slim_for_features(events[i]))
+            clock.add(events[i].timestamp, len(state.orders) > orders)
+            i += 1
+        assert clock.next(state, moment) == next_change(state, moment)
+        assert repr(features(slim, moment)) == repr(features(state, moment))
