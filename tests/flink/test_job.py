@@ -176,8 +176,14 @@ def test_the_flink_job_equals_the_batch_run_exactly_once_across_a_taskmanager_ki
     assert len(seen) == 2 and all(r > 0 for r, _ in seen.values()), seen
     assert seen[0][1] != seen[1][1], f"both subtasks ran in one Python process: {seen}"
     # what the stages after identity did shows too (counts kept by the workers, reported as gauges)
+    # (a gauge shows once the subtask's worker has reported it: asked again until then)
     features = _vertex(jobmanager, job_id, "ProfileFeatures")
-    rows = [_metric(jobmanager, job_id, features, subtask, "cdpflow.rows") for subtask in (0, 1)]
+    deadline = time.monotonic() + 60
+    while True:
+        rows = [_metric(jobmanager, job_id, features, subtask, "cdpflow.rows") for subtask in (0, 1)]
+        if (None not in rows and sum(rows) > 0) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert None not in rows and sum(rows) > 0, rows
     # while a Python job runs, the JobManager and the Python workers listen on 127.0.0.1 only, and
     # so do the TaskManagers' Flink ports; what a TaskManager opens for its Python workers (Beam's

@@ -673,9 +673,10 @@ def test_a_split_on_the_control_topic_reaches_the_running_stream_the_warehouse_a
     assert main(["run", "--input", str(tmp_path / "raw.jsonl"), "--warehouse", str(batch_path), "--as-of",
                  format_ts(until), "--catalog", str(traffic / "catalog.csv"), "--rates", str(traffic / "rates.csv")]) == 0
     batch = tables(batch_path)
-    assert len(names) == 2
+    assert len(names) == 2  # the loader recorded the names the live split gave
+    # (ids are compared in the live warehouse only: the stream founds profiles in arrival order, a
+    # batch run in event-time order, so their ids can differ; they are compared by identifier sets)
     assert_same_as_batch(live, batch, conflicted_on_purpose=2)
-    assert {frozenset(ids): pid for pid, ids in batch["ids"].items()}[signed_in] == merged
     for ids in (frozenset(ann_ids), frozenset(bob_ids)):
         assert ids in batch["profiles"], sorted(ids)
         ours, theirs = live["profiles"][ids], batch["profiles"][ids]
