@@ -51,8 +51,12 @@ def split_in_warehouse(warehouse: str, profile: str, config: Dict[str, Any], mer
     """
     from cdpflow.core import governance
     from cdpflow.core.identity import open_identity_store, sqlite_path
-    from cdpflow.pipelines.batch import run_batch
+    from cdpflow.pipelines.batch import check_reference_data, pipeline_options, run_batch
     from cdpflow.warehouse import open_warehouse
+    # What the re-derivation needs is checked before anything is recorded: a split recorded but
+    # not re-derived would leave the warehouse's tables behind its governance.
+    check_reference_data(config)
+    pipeline_options(runner, [])
 
     def read():
         with open_warehouse(warehouse, must_exist=True) as wh:

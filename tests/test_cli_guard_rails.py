@@ -113,6 +113,9 @@ def _bad_cases(root, sample, wh):
         ("identity report", ["identity", "report", "--truth", str(bad / "none.csv"), "--warehouse", str(wh)],
          "none.csv"),
         ("identity split", ["identity", "split", "nobody", "--warehouse", missing], "no warehouse at"),
+        # checked before the split is recorded (the warehouse is left as it was: see the test)
+        ("identity split", ["identity", "split", "anyone", "--warehouse", str(wh), "--catalog", str(bad / "none.csv")],
+         "none.csv"),
         ("forget", ["forget", "nobody@example.com", "--warehouse", missing], "no warehouse at"),
         ("publish", ["publish", "--warehouse", missing], "no warehouse at"),
         ("train", ["train", "--warehouse", missing], "no warehouse at"),
@@ -142,8 +145,12 @@ def test_every_command_says_what_is_wrong_with_common_bad_input_without_a_traceb
         if code != 2 or words.replace(" ", "") not in said.replace(" ", "") or "Traceback" in said:
             failures.append(f"{command}: {argv[1:4]} exited {code}, said {said[-300:]!r} (wanted {words!r})")
     assert not failures, "\n".join(failures)
-    # Commands that change a warehouse never create one at a mistyped path.
+    # Commands that change a warehouse never create one at a mistyped path, and a split whose
+    # re-derivation could not run recorded nothing.
     assert not os.path.exists(missing)
+    con = duckdb.connect(str(wh), read_only=True)
+    assert con.execute("SELECT count(*) FROM identity_separations").fetchone()[0] == 0
+    con.close()
     assert json.loads((root / "bad" / "array.json").read_text())  # a file named as --out is left alone
 
 

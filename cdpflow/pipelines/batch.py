@@ -229,11 +229,7 @@ def run_batch(inputs: Sequence[str], warehouse: str, config: Dict[str, Any], as_
       ConcurrentWriteError: another command committed after this run read the warehouse.
     """
     started = time.time()
-    # Reference data is read here once before the workers read it: a missing or broken file is
-    # a clear error now, not a failure deep inside the pipeline.
-    enrichment = config.get("enrichment") or {}
-    load_catalog(enrichment.get("catalog"))
-    Rates.load(enrichment.get("rates"), config["reporting_currency"])
+    check_reference_data(config)
     # The inputs and the runner too, before the warehouse is opened (or created).
     if inputs and not has_event_lines(expand_inputs(inputs)):
         raise BadInput(f"no event lines in {', '.join(inputs)}")
@@ -297,6 +293,15 @@ def run_batch(inputs: Sequence[str], warehouse: str, config: Dict[str, Any], as_
                           staged_as_of[0]["as_of"] if staged_as_of else as_of, sizes, changes_file, dead_letter_rows)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_reference_data(config: Dict[str, Any]) -> None:
+    """Reads the catalog and the rates once, before the workers read them (and before a command
+    records anything): a missing or broken file is a clear error now, not a failure deep inside
+    the pipeline or after a split was recorded."""
+    enrichment = config.get("enrichment") or {}
+    load_catalog(enrichment.get("catalog"))
+    Rates.load(enrichment.get("rates"), config["reporting_currency"])
 
 
 def pipeline_options(runner: str, pipeline_args: Sequence[str]) -> Tuple[Any, PipelineOptions]:
