@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sqlite3
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ def split_in_warehouse(warehouse: str, profile: str, config: Dict[str, Any], mer
     """
     from cdpflow.core import governance
     from cdpflow.core.identity import open_identity_store, sqlite_path
-    from cdpflow.pipelines.batch import check_reference_data, pipeline_options, run_batch
+    from cdpflow.pipelines.batch import check_reference_data, keep_identity_store, pipeline_options, run_batch
     from cdpflow.warehouse import open_warehouse
     # What the re-derivation needs is checked before anything is recorded: a split recorded but
     # not re-derived would leave the warehouse's tables behind its governance.
@@ -80,7 +79,8 @@ def split_in_warehouse(warehouse: str, profile: str, config: Dict[str, Any], mer
     work = tempfile.mkdtemp(prefix="cdpflow-split-")
     try:
         copy = os.path.join(work, "identity.sqlite")
-        _copy_sqlite(kept, copy)
+        # (the copy is how a run keeps its graph; the stamp it writes is the one the graph has)
+        keep_identity_store(kept, copy, version)
         store = open_identity_store("sqlite://" + copy, rules)
         try:
             now = int(time.time() * 1_000_000)
@@ -119,14 +119,3 @@ def _agrees(store_file: Optional[str], version: int) -> bool:
         return store.warehouse_version() == version
     finally:
         store.close()
-
-
-def _copy_sqlite(source: str, destination: str) -> None:
-    # SQLite's online backup (WAL included): the split works on a copy, the kept graph is
-    # replaced by the re-derivation's own.
-    src, dst = sqlite3.connect(source), sqlite3.connect(destination)
-    try:
-        src.backup(dst)
-    finally:
-        src.close()
-        dst.close()

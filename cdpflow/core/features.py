@@ -298,9 +298,14 @@ def lifecycle_stage(state: ProfileState, as_of: int, thresholds: Mapping[str, in
     return stage_at(state.orders, as_of, thresholds)
 
 
+def _stage_offsets(thresholds: Mapping[str, int]) -> List[int]:
+    """How long after an order the lifecycle stage can change: at the order and at each threshold."""
+    return sorted({0, *(thresholds[k] * US_PER_DAY for k in ("new_days", "active_days", "at_risk_days", "churned_days"))})
+
+
 def _stage_points(state: ProfileState, thresholds: Mapping[str, int]) -> List[int]:
-    offsets = sorted({thresholds[k] * US_PER_DAY for k in ("new_days", "active_days", "at_risk_days", "churned_days")})
-    return sorted({o + offset for o in state.orders for offset in (0, *offsets)})
+    offsets = _stage_offsets(thresholds)
+    return sorted({o + offset for o in state.orders for offset in offsets})
 
 
 def lifecycle_transitions(state: ProfileState, since: Optional[int], until: int,
@@ -338,10 +343,13 @@ def next_change(state: ProfileState, after: int, thresholds: Mapping[str, int] =
             if best is None or point < best:
                 best = point
             break
+    return _or_birthday(best, state, after)
+
+
+def _or_birthday(best: Optional[int], state: ProfileState, after: int) -> Optional[int]:
+    """The earlier of `best` and the next birthday after `after` (None: neither)."""
     birthday = _next_birthday(state, after)
-    if birthday is not None and (best is None or birthday < best):
-        best = birthday
-    return best
+    return birthday if birthday is not None and (best is None or birthday < best) else best
 
 
 class ChangeClock:
@@ -354,8 +362,7 @@ class ChangeClock:
     """
 
     def __init__(self, thresholds: Mapping[str, int] = DEFAULT_LIFECYCLE):
-        self.offsets = sorted({0, *(thresholds[k] * US_PER_DAY
-                                    for k in ("new_days", "active_days", "at_risk_days", "churned_days"))})
+        self.offsets = _stage_offsets(thresholds)
         self.days: set = set()
         self.heap: List[int] = []
 
@@ -373,11 +380,7 @@ class ChangeClock:
         heap = self.heap
         while heap and heap[0] <= after:
             heapq.heappop(heap)
-        best = heap[0] if heap else None
-        birthday = _next_birthday(state, after)
-        if birthday is not None and (best is None or birthday < best):
-            best = birthday
-        return best
+        return _or_birthday(heap[0] if heap else None, state, after)
 
 
 def _next_birthday(state: ProfileState, after: int) -> Optional[int]:

@@ -677,14 +677,12 @@ class BigQueryWarehouse(Warehouse):
 
     def add_separations(self, pairs, now_us: int, reason: str, expected_version: Optional[int] = None,
                         names=()) -> int:
-        have = {((r[0], r[1]), (r[2], r[3])) for r in self._run(
-            "SELECT left_type, left_value, right_type, right_value FROM `ds`.identity_separations")}
+        held = self.governance()
         rows = [{"left_type": lt, "left_value": lv, "right_type": rt, "right_value": rv, "created_at": now_us,
-                 "reason": reason} for (lt, lv), (rt, rv) in pairs if ((lt, lv), (rt, rv)) not in have]
-        held = self.governance().names
+                 "reason": reason} for (lt, lv), (rt, rv) in pairs if ((lt, lv), (rt, rv)) not in held.separations]
         named = [{"identifier_type": t, "identifier_value": v, "profile_id": pid, "created_at": int(at),
                   "reason": reason} for (t, v), pid, at in sorted(set((tuple(i), p, int(a)) for i, p, a in names))
-                 if ((t, v), pid, int(at)) not in held]
+                 if ((t, v), pid, int(at)) not in held.names]
         if not rows and not named:
             self._transaction([], expected_version)
             return 0

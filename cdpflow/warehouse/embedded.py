@@ -621,13 +621,14 @@ class DuckDBWarehouse(Warehouse):
             counts["identity_conflicts"] = conflicts
             # Governance rows that hold their identifiers in the clear go too (the hashes keep the
             # person out; another identifier's name stays, so no profile takes a forgotten id).
+            counts["identity_separations"] = counts["identity_names"] = 0
             for id_type, value in identifiers:
-                for table, where in (("identity_separations", "(left_type = ? AND left_value = ?) OR "
-                                      "(right_type = ? AND right_value = ?)"),
-                                     ("identity_names", "identifier_type = ? AND identifier_value = ?")):
-                    params = [id_type, value] * where.count("AND")
-                    counts[table] = counts.get(table, 0) + self.con.execute(
-                        f"DELETE FROM {table} WHERE {where}", params).fetchone()[0]
+                counts["identity_separations"] += self.con.execute(
+                    "DELETE FROM identity_separations WHERE (left_type = ? AND left_value = ?) OR "
+                    "(right_type = ? AND right_value = ?)", [id_type, value, id_type, value]).fetchone()[0]
+                counts["identity_names"] += self.con.execute(
+                    "DELETE FROM identity_names WHERE identifier_type = ? AND identifier_value = ?",
+                    [id_type, value]).fetchone()[0]
             counts["dead_letters"] = self._delete_dead_letters(self._dead_letters_holding(wanted))
             # Their messages go too, delivered or not (the exits below tell the destinations).
             counts["outbox"] = self.con.execute(

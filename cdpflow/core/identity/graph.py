@@ -617,12 +617,14 @@ class IdentityStore(abc.ABC):
         """`split_profile` over the profiles of several roots together. `rename_only` keeps each
         root's profile as it is and only names it (and owns its nodes) by its founders' names now:
         what a renaming needs, the two profiles whose founders swapped names at once."""
-        founders = sorted({pid for root in roots for pid in self._pids_of_root(root)})
+        root_of = {pid: root for root in roots for pid in self._pids_of_root(root)}
+        founders = sorted(root_of)
         self._changed.update(founders)
         nodes = {k: self._get_node(k) for pid in founders for k in self._keys_of_owner(pid)}
         if rename_only:
-            components = {root: sorted(k for pid in self._pids_of_root(root) for k in self._keys_of_owner(pid))
-                          for root in roots}
+            components: Dict[str, List[str]] = {root: [] for root in roots}
+            for k in sorted(nodes):
+                components[root_of[nodes[k][2]]].append(k)  # (a node's owner is a founder of its root)
             return self._name_components(roots, founders, nodes, components, [], cause, ts, why, False)
         parent = {k: k for k in nodes}
         members = {k: {k} for k in nodes}  # component root -> its node keys
@@ -660,7 +662,7 @@ class IdentityStore(abc.ABC):
                 low, high = min(a, b), max(a, b)
                 parent[high] = low
                 members[low] |= members.pop(high)
-        components: Dict[str, List[str]] = {}
+        components = {}
         for k in sorted(nodes):
             components.setdefault(find(k), []).append(k)
         return self._name_components(roots, founders, nodes, components, refused, cause, ts, why, record_refusals)
